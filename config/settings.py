@@ -1,0 +1,250 @@
+"""One settings tree for the whole service, read from the environment and `.env`.
+
+Every variable starts with ``RELIABLE_``; nested groups use ``__``
+(``RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS=60``). ``environment`` picks safe defaults
+for the values a deployment does not set. Secrets are ``SecretStr`` so they never
+print; :func:`load_settings` turns a bad value into a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RELIABLE_"
+NESTED_DELIMITER = "__"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TESTING = "testing"
+    PRODUCTION = "production"
+
+
+class RedisSettings(BaseModel):
+    """The state store. No URL means: start an embedded Redis (development and testing)."""
+
+    url: SecretStr | None = None
+    key_prefix: str = Field("rel", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    data_dir: str = ".data"
+    socket_timeout_seconds: float = Field(5.0, gt=0)
+
+
+class BrokerSettings(BaseModel):
+    """The Celery broker. No URL means: the same Redis as the state store."""
+
+    url: SecretStr | None = None
+    queue: str = "reliable"
+    # Must exceed the longest task plus the longest in-worker countdown; long waits are
+    # parked in Redis instead, so one hour is plenty.
+    visibility_timeout_seconds: int = Field(3600, ge=10)
+    # How often kombu sweeps for messages whose visibility timeout passed (kombu 5.7).
+    unacked_restore_interval_seconds: int = Field(10, ge=1)
+    global_keyprefix: str = ""
+
+
+class WorkerSettings(BaseModel):
+    concurrency: int = Field(2, ge=1)
+    prefetch_multiplier: int = Field(1, ge=1)
+    soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
+    default_soft_time_limit_seconds: float | None = Field(300.0, gt=0)
+    default_time_limit_seconds: float | None = Field(330.0, gt=0)
+
+
+class IdempotencySettings(BaseModel):
+    lease_ttl_seconds: float = Field(60.0, gt=0)
+    # Completed keys are remembered this long by default (tasks override per task).
+    # Must exceed the broker visibility timeout plus the longest deferral.
+    result_ttl_seconds: int = Field(86_400, ge=60)
+
+
+class RetrySettings(BaseModel):
+    strategy: Literal["exponential", "linear", "fixed", "fibonacci", "decorrelated"] = (
+        "exponential"
+    )
+    base_delay_seconds: float = Field(1.0, ge=0)
+    max_delay_seconds: float = Field(300.0, ge=0)
+    max_attempts: int = Field(5, ge=1)
+    max_elapsed_seconds: float | None = Field(None, gt=0)
+    jitter: Literal["none", "full", "equal"] = "full"
+    # Fleet-wide retry budget: retries may be at most this share of calls per window.
+    budget_ratio: float = Field(0.2, ge=0)
+    budget_window_seconds: int = Field(60, ge=1)
+    budget_min_retries: int = Field(10, ge=0)
+
+
+class DeferralSettings(BaseModel):
+    mover_interval_seconds: float = Field(0.2, gt=0)
+    # A mover that published but died before confirming is taken over after this.
+    claim_timeout_seconds: float = Field(30.0, gt=0)
+    # Re-check a key held by another delivery after this many seconds.
+    in_progress_recheck_seconds: float = Field(1.0, gt=0)
+    batch_size: int = Field(100, ge=1)
+
+
+class DeliverySettings(BaseModel):
+    # A message redelivered more than this many times goes to the DLQ as poison.
+    max_redeliveries: int = Field(5, ge=0)
+
+
+class DlqSettings(BaseModel):
+    max_entries: int = Field(100_000, ge=1)
+    max_redrives: int = Field(3, ge=0)
+    max_age_days: int = Field(14, ge=1)
+
+
+class LedgerSettings(BaseModel):
+    max_len: int = Field(1_000_000, ge=100)
+
+
+class ProviderSettings(BaseModel):
+    payment_base_url: str = "http://127.0.0.1:8099"
+    notification_base_url: str = "http://127.0.0.1:8099"
+    export_base_url: str = "http://127.0.0.1:8099"
+    payment_api_key: SecretStr | None = None
+    notification_api_key: SecretStr | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class LogSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_output: bool = True
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Read it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        env_file=".env",
+        extra="ignore",
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    redis: RedisSettings = RedisSettings()
+    broker: BrokerSettings = BrokerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
+    retry: RetrySettings = RetrySettings()
+    deferral: DeferralSettings = DeferralSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    dlq: DlqSettings = DlqSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    providers: ProviderSettings = ProviderSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        env = str(data.get("environment") or Environment.DEVELOPMENT.value).lower()
+        defaults = ENVIRONMENT_DEFAULTS.get(env, {})
+        return _deep_merge(defaults, data)
+
+    @model_validator(mode="after")
+    def _environment_rules(self) -> Settings:
+        if self.environment is Environment.PRODUCTION and self.redis.url is None:
+            raise ValueError(
+                "production needs RELIABLE_REDIS__URL: an embedded Redis is for development"
+                " and tests only"
+            )
+        vt = self.broker.visibility_timeout_seconds
+        hard = self.worker.default_time_limit_seconds
+        if hard is not None and hard >= vt:
+            raise ValueError(
+                f"RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS ({vt}) must exceed the longest"
+                f" task (RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS={hard})"
+            )
+        if self.idempotency.result_ttl_seconds <= vt:
+            raise ValueError(
+                "RELIABLE_IDEMPOTENCY__RESULT_TTL_SECONDS must exceed the broker visibility"
+                f" timeout ({vt} s), or a redelivered duplicate could run again"
+            )
+        return self
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log/DLQ masker."""
+        found: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, SecretStr):
+                value = node.get_secret_value()
+                if value:
+                    found.append(value)
+                    found.extend(_url_password(value))
+            elif isinstance(node, BaseModel):
+                for name in type(node).model_fields:
+                    walk(getattr(node, name))
+
+        walk(self)
+        return sorted(set(found), key=len, reverse=True)
+
+
+# Safe defaults per environment; anything set explicitly wins.
+ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Human-readable logs, quick retries, leases that lapse soon after a crash.
+    "development": {
+        "log": {"json_output": False},
+        "retry": {"base_delay_seconds": 0.5, "max_delay_seconds": 30.0},
+        "idempotency": {"lease_ttl_seconds": 30.0},
+    },
+    # Fast, deterministic runs: no jitter, short delays and leases.
+    "testing": {
+        "log": {"level": "DEBUG"},
+        "retry": {"jitter": "none", "base_delay_seconds": 0.2, "max_delay_seconds": 2.0},
+        "idempotency": {"lease_ttl_seconds": 10.0, "result_ttl_seconds": 7200},
+    },
+    # Conservative: JSON logs, full jitter, long leases; an explicit Redis URL is required.
+    "production": {
+        "log": {"json_output": True, "level": "INFO"},
+        "retry": {"jitter": "full"},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _url_password(url: str) -> list[str]:
+    """The password part of a URL such as ``redis://:pw@host``, so it is masked alone too."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return []
+    return [password] if password else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
+    variable = ENV_PREFIX + NESTED_DELIMITER.join(path).upper() if path else "settings"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{variable}: {error.get('msg', 'invalid value')}{got_text}"
+
+
+class SettingsError(SystemExit):
+    """A configuration value is invalid; the message names the variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; on a bad value exit with a message naming each wrong variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        message = "invalid configuration:\n  " + "\n  ".join(lines)
+        raise SettingsError(message) from None

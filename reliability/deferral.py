@@ -1,0 +1,146 @@
+"""Deferral that survives the broker: waiting messages are parked in Redis, not in workers.
+
+Celery's countdown/ETA messages wait unacked inside a worker: on Redis they are
+redelivered after the visibility timeout (a second copy runs), on RabbitMQ the channel
+is closed after ``consumer_timeout``. So every wait — retry delays, re-checks of a key
+in progress, breaker and limiter deferrals — parks the message in a sorted set by due
+time, and one mover (the maintenance leader) republishes it when due. Each published
+copy carries the parked entry's defer id and its own publish id; admission lets only
+the first copy admitted (and that copy's own redeliveries) run.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from reliability import scripts
+from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.deferral")
+
+
+@dataclass
+class ParkedMessage:
+    """Everything needed to publish the message again, as the same logical work."""
+
+    task: str
+    task_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    retries: int
+    headers: dict[str, Any]
+    routing: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    root_id: str | None = None
+    reason: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ParkedMessage:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def of(cls, delivery: Delivery, *, retries: int, reason: str,
+           extra_headers: dict[str, Any] | None = None) -> ParkedMessage:
+        headers = delivery.producer_headers()
+        headers.update(extra_headers or {})
+        return cls(
+            task=delivery.name,
+            task_id=delivery.task_id,
+            args=list(delivery.args),
+            kwargs=dict(delivery.kwargs),
+            retries=retries,
+            headers=headers,
+            routing={k: v for k, v in delivery.routing.items() if v not in (None, "")},
+            parent_id=delivery.parent_id,
+            root_id=delivery.root_id,
+            reason=reason,
+        )
+
+
+class Publisher(Protocol):
+    """What the mover needs from a Celery app."""
+
+    def send_task(self, name: str, args: Any = ..., kwargs: Any = ..., **options: Any) -> Any: ...
+
+
+class Mover:
+    """Republishes parked messages when due. Safe to run anywhere; meant for one leader."""
+
+    def __init__(self, store: Store, app: Publisher, *, claim_seconds: float = 30.0,
+                 batch_size: int = 100) -> None:
+        self.store = store
+        self.app = app
+        self.claim_seconds = claim_seconds
+        self.batch_size = batch_size
+
+    def pending(self) -> int:
+        return int(self.store.call("parked count", lambda c: c.zcard(self.store.keys.parked)))
+
+    def next_due(self) -> float | None:
+        rows = self.store.call(
+            "parked peek", lambda c: c.zrange(self.store.keys.parked, 0, 0, withscores=True)
+        )
+        return float(rows[0][1]) if rows else None
+
+    def move_due(self, now: float | None = None) -> int:
+        """Publish every due entry (up to one batch); returns how many were published."""
+        keys = self.store.keys
+        flat = self.store.run(
+            scripts.CLAIM_PARKED,
+            [keys.parked, keys.parked_msgs],
+            ["" if now is None else now, self.batch_size, self.claim_seconds],
+            "claim parked",
+        )
+        moved = 0
+        for index in range(0, len(flat), 2):
+            park_id, raw = flat[index], flat[index + 1]
+            try:
+                message = ParkedMessage.from_json(raw)
+            except (ValueError, TypeError) as exc:
+                log.error("parked_message_unreadable", park_id=park_id, error=str(exc))
+                continue
+            self.publish(message, park_id)
+            self.store.call("confirm parked", lambda c, p=park_id: _confirm(c, keys, p))
+            moved += 1
+        return moved
+
+    def publish(self, message: ParkedMessage, park_id: str) -> None:
+        headers = dict(message.headers)
+        headers[DEFER_ID] = park_id
+        headers[PUBLISH_ID] = uuid.uuid4().hex
+        options: dict[str, Any] = {}
+        routing = message.routing
+        if routing.get("routing_key"):
+            options["routing_key"] = routing["routing_key"]
+        if routing.get("exchange"):
+            options["exchange"] = routing["exchange"]
+        if routing.get("priority") is not None:
+            options["priority"] = routing["priority"]
+        self.app.send_task(
+            message.task,
+            args=message.args,
+            kwargs=message.kwargs,
+            task_id=message.task_id,
+            retries=message.retries,
+            headers=headers,
+            parent_id=message.parent_id,
+            root_id=message.root_id,
+            **options,
+        )
+
+
+def _confirm(client: Any, keys: Any, park_id: str) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(keys.parked, park_id)
+    pipe.hdel(keys.parked_msgs, park_id)
+    pipe.execute()

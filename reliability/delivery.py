@@ -1,0 +1,168 @@
+"""What the pipeline knows about one delivery of a task message.
+
+A :class:`Delivery` is built once per delivery from Celery's request: the producer's
+headers (DESIGN §7), the internal headers our parked copies carry, and the broker's
+delivery info. The task body reaches it through :func:`current`, e.g. to send the
+idempotency key, fencing number and correlation id downstream.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from reliability.deadline import parse_deadline
+
+# Producer contract: plain Celery apps set these with apply_async(headers=...).
+IDEMPOTENCY_KEY = "idempotency_key"
+CORRELATION_ID = "correlation_id"
+DEADLINE = "deadline"
+TENANT_ID = "tenant_id"
+
+# Internal headers carried by the copies the service itself publishes.
+DEFER_ID = "rel_defer"  # the parked entry a copy was published from
+PUBLISH_ID = "rel_pub"  # which publication of that entry this copy is
+FIRST_ATTEMPT_AT = "rel_first"  # epoch seconds of the first attempt (max elapsed)
+PREVIOUS_DELAY = "rel_prev_delay"  # last retry delay (decorrelated jitter)
+REDRIVE_COUNT = "rel_redrive"  # how many times the DLQ re-enqueued this work
+
+# Where ReliableRequest keeps values Celery's request dict would otherwise lose.
+REQUEST_CORRELATION_ID = "rel_correlation_id"
+
+INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT)
+PRODUCER_HEADERS = (IDEMPOTENCY_KEY, CORRELATION_ID, DEADLINE, TENANT_ID)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Delivery:
+    """One delivery of one task message, as the pipeline sees it."""
+
+    task_id: str
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    correlation_id: str = ""
+    idempotency_header: str | None = None
+    deadline: datetime | None = None
+    deadline_header: str | None = None
+    tenant_id: str | None = None
+    defer_id: str | None = None
+    publish_id: str | None = None
+    first_attempt_at: float | None = None
+    previous_delay: float | None = None
+    redrive_count: int = 0
+    delivery_tag: str = ""
+    redelivered: bool = False
+    hostname: str = ""
+    routing: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+    root_id: str | None = None
+    # Filled in by the pipeline as it goes.
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    fence: int = 0
+    admitted_at: float | None = None
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first attempt; Celery's ``retries`` counts the ones before."""
+        return self.retries + 1
+
+    @property
+    def owner(self) -> str:
+        """The lease owner token: unique per delivery, computable by the worker's parent."""
+        return f"{self.hostname}:{self.delivery_tag}:{self.task_id}"
+
+    @classmethod
+    def from_request(cls, request: Any, name: str, args: Any, kwargs: Any) -> Delivery:
+        """Build from a Celery ``Context`` (pool child) or a request dict (worker parent)."""
+        get = request.get
+        info = get("delivery_info") or {}
+        deadline_header = _text(get(DEADLINE))
+        return cls(
+            task_id=str(get("id") or get("task_id") or ""),
+            name=name,
+            args=tuple(args or ()),
+            kwargs=dict(kwargs or {}),
+            retries=int(get("retries") or 0),
+            # Celery overwrites `correlation_id` with the AMQP property (the task id); the
+            # request keeps the producer's header under REQUEST_CORRELATION_ID.
+            correlation_id=_text(get(REQUEST_CORRELATION_ID)) or uuid.uuid4().hex,
+            idempotency_header=_text(get(IDEMPOTENCY_KEY)),
+            deadline=parse_deadline(deadline_header),
+            deadline_header=deadline_header,
+            tenant_id=_text(get(TENANT_ID)),
+            defer_id=_text(get(DEFER_ID)),
+            publish_id=_text(get(PUBLISH_ID)),
+            first_attempt_at=_number(get(FIRST_ATTEMPT_AT)),
+            previous_delay=_number(get(PREVIOUS_DELAY)),
+            redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),
+            delivery_tag=str(info.get("delivery_tag") or ""),
+            redelivered=bool(info.get("redelivered")),
+            hostname=str(get("hostname") or ""),
+            routing={
+                "exchange": info.get("exchange") or "",
+                "routing_key": info.get("routing_key") or "",
+                "priority": info.get("priority"),
+            },
+            parent_id=_text(get("parent_id")),
+            root_id=_text(get("root_id")),
+        )
+
+    def producer_headers(self) -> dict[str, Any]:
+        """Headers a copy of this message must carry to be the same logical work."""
+        headers: dict[str, Any] = {CORRELATION_ID: self.correlation_id}
+        if self.idempotency_header:
+            headers[IDEMPOTENCY_KEY] = self.idempotency_header
+        if self.deadline_header:
+            headers[DEADLINE] = self.deadline_header
+        if self.tenant_id:
+            headers[TENANT_ID] = self.tenant_id
+        if self.redrive_count:
+            headers[REDRIVE_COUNT] = self.redrive_count
+        return headers
+
+
+_current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "reliable_delivery", default=None
+)
+
+
+def current() -> Delivery | None:
+    """The delivery whose body is running in this context, if any."""
+    return _current.get()
+
+
+def activate(delivery: Delivery | None) -> contextvars.Token[Delivery | None]:
+    return _current.set(delivery)
+
+
+def deactivate(token: contextvars.Token[Delivery | None]) -> None:
+    _current.reset(token)
+
+
+def outgoing_headers() -> dict[str, str]:
+    """HTTP headers a task body sends downstream: key, fencing number, correlation id."""
+    delivery = current()
+    if delivery is None:
+        return {}
+    headers = {"X-Correlation-ID": delivery.correlation_id}
+    if delivery.idempotency_key:
+        headers["Idempotency-Key"] = delivery.idempotency_key
+        headers["X-Fencing-Token"] = str(delivery.fence)
+    return headers

@@ -1,0 +1,198 @@
+"""The dead-letter queue: failed work kept with everything needed to understand and redo it.
+
+Entries live in Redis (a hash of JSON envelopes plus an index by failure time), written
+in the same script that settles the delivery and records the ledger outcome. The size
+is bounded by policy (``max_entries``; the oldest are evicted, logged and counted).
+Redrive re-enqueues with the same idempotency key and correlation id, removes the
+entry only after the publish succeeded, and is capped per entry.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from reliability.delivery import REDRIVE_COUNT
+from reliability.errors import ReliabilityError
+from reliability.store import Store
+
+
+class FailureClass(StrEnum):
+    TRANSIENT = "transient"  # retryable, but attempts (or max elapsed time) ran out
+    PERMANENT = "permanent"  # retrying cannot help (4xx, give-up-on errors)
+    EXPIRED = "expired"  # past its deadline or Celery `expires`
+    POISON = "poison"  # invalid, undecodable, unknown task, redelivered too often
+    CONFLICT = "conflict"  # same idempotency key, different arguments
+    RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"  # fleet-wide retry budget refused
+
+
+class RedriveRefused(ReliabilityError):
+    """The entry was redriven as often as the policy allows (or no longer exists)."""
+
+
+@dataclass
+class DeadLetter:
+    """One DLQ envelope. Secrets are masked before it is built (see the pipeline)."""
+
+    task_name: str
+    task_id: str
+    failure_class: str
+    reason: str = ""
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    tenant_id: str | None = None
+    exception_type: str | None = None
+    exception_message: str | None = None
+    traceback: str | None = None
+    attempts: int = 1
+    first_failure_at: float = field(default_factory=time.time)
+    last_failure_at: float = field(default_factory=time.time)
+    worker_host: str = field(default_factory=socket.gethostname)
+    redrive_count: int = 0
+    headers: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)
+    raw_body: str | None = None  # for messages that could not be decoded (base64, capped)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeadLetter:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Filter:
+    """Which entries a list, redrive or purge applies to."""
+
+    failure_class: str | None = None
+    task_name: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, entry: DeadLetter) -> bool:
+        return (
+            (self.failure_class is None or entry.failure_class == self.failure_class)
+            and (self.task_name is None or entry.task_name == self.task_name)
+            and (self.since is None or entry.last_failure_at >= self.since)
+            and (self.until is None or entry.last_failure_at <= self.until)
+        )
+
+
+Publish = Callable[[DeadLetter, dict[str, Any]], str]
+
+
+class DeadLetterQueue:
+    """Read and administer the DLQ (writes happen in the settle scripts)."""
+
+    def __init__(self, store: Store, *, max_entries: int = 100_000, max_redrives: int = 3) -> None:
+        self.store = store
+        self.max_entries = max_entries
+        self.max_redrives = max_redrives
+
+    def add(self, entry: DeadLetter, ledger: Any, attempt: int = 1) -> int:
+        """Write an entry for work that never reached a task; returns evictions."""
+        from reliability import scripts
+
+        keys = self.store.keys
+        return int(self.store.run(
+            scripts.DEAD_LETTER,
+            ["", keys.leases, "", keys.ledger, "", keys.dlq, keys.dlq_index],
+            ["", "", "", 1, entry.id, entry.to_json(), self.max_entries, 1, ledger.max_len,
+             entry.task_id, entry.task_name, attempt, entry.failure_class],
+            "dead_letter",
+        ))
+
+    def count(self) -> int:
+        return int(self.store.call("dlq count", lambda c: c.zcard(self.store.keys.dlq_index)))
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        raw = self.store.call("dlq get", lambda c: c.hget(self.store.keys.dlq, entry_id))
+        return DeadLetter.from_json(raw) if raw else None
+
+    def iter(self, where: Filter | None = None, *, newest_first: bool = True,
+             batch: int = 500) -> Iterator[DeadLetter]:
+        where = where or Filter()
+        keys = self.store.keys
+        start = 0
+        while True:
+            ids = self.store.call(
+                "dlq list",
+                lambda c, s=start: c.zrange(keys.dlq_index, s, s + batch - 1, desc=newest_first),
+            )
+            if not ids:
+                return
+            raws = self.store.call("dlq list", lambda c, i=ids: c.hmget(keys.dlq, i))
+            for raw in raws:
+                if raw:
+                    entry = DeadLetter.from_json(raw)
+                    if where.matches(entry):
+                        yield entry
+            start += batch
+
+    def list(self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
+             ) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        for index, entry in enumerate(self.iter(where)):
+            if index >= offset + limit:
+                break
+            if index >= offset:
+                out.append(entry)
+        return out
+
+    def remove(self, entry_id: str) -> bool:
+        keys = self.store.keys
+
+        def _remove(c: Any) -> bool:
+            pipe = c.pipeline(transaction=True)
+            pipe.hdel(keys.dlq, entry_id)
+            pipe.zrem(keys.dlq_index, entry_id)
+            return bool(pipe.execute()[0])
+
+        return self.store.call("dlq remove", _remove)
+
+    def redrive(self, entry_id: str, publish: Publish) -> str:
+        """Re-enqueue one entry; returns the new task id. Removed only after publishing."""
+        entry = self.get(entry_id)
+        if entry is None:
+            raise RedriveRefused(f"no DLQ entry {entry_id}")
+        if entry.redrive_count >= self.max_redrives:
+            raise RedriveRefused(
+                f"entry {entry_id} was redriven {entry.redrive_count} times"
+                f" (max {self.max_redrives})"
+            )
+        # The producer's headers carry its idempotency key as sent (a derived key is
+        # derived again from the same arguments), so the redriven task keys the same.
+        headers = dict(entry.headers)
+        if entry.correlation_id:
+            headers["correlation_id"] = entry.correlation_id
+        headers[REDRIVE_COUNT] = entry.redrive_count + 1
+        new_task_id = publish(entry, headers)
+        self.remove(entry_id)
+        return new_task_id
+
+    def redrive_matching(self, where: Filter, publish: Publish) -> tuple[list[str], list[str]]:
+        """Redrive every matching entry: (new task ids, refused entry ids)."""
+        done: list[str] = []
+        refused: list[str] = []
+        for entry in list(self.iter(where)):
+            try:
+                done.append(self.redrive(entry.id, publish))
+            except RedriveRefused:
+                refused.append(entry.id)
+        return done, refused
+
+    def purge(self, where: Filter | None = None) -> int:
+        ids = [entry.id for entry in self.iter(where)]
+        return sum(1 for entry_id in ids if self.remove(entry_id))

@@ -1,0 +1,115 @@
+"""The outcome ledger: a Redis stream with one entry per delivery outcome.
+
+Every delivery of a reliable task ends in exactly one entry, written in the same
+script as the state change it reports (so the ledger never disagrees with the store).
+Tests and operators reconcile sent task ids against it: "0 lost" is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from reliability import scripts
+from reliability.store import Store
+
+
+class Outcome(StrEnum):
+    """What one delivery ended as. The first five settle the task for good."""
+
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"  # duplicate of a completed idempotency key: stored result returned
+    DEAD_LETTERED = "dead_lettered"
+    REVOKED = "revoked"
+    SUPERSEDED = "superseded"  # a stale holder finished after its successor took over
+    RETRIED = "retried"  # parked for a later attempt
+    DEFERRED = "deferred"  # parked without spending an attempt (key in progress, ...)
+    DUPLICATE_DELIVERY = "duplicate_delivery"  # another copy of this delivery already ran
+    REQUEUED = "requeued"  # the pool child died; the broker redelivers the message
+
+
+FINAL = frozenset(
+    {Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.DEAD_LETTERED, Outcome.REVOKED}
+)
+
+
+@dataclass
+class Reconciliation:
+    """Sent task ids sorted by what the ledger says became of them."""
+
+    settled: dict[str, str] = field(default_factory=dict)  # task id -> final outcome
+    pending: list[str] = field(default_factory=list)  # seen, not yet final
+    missing: list[str] = field(default_factory=list)  # never seen at all
+
+    @property
+    def lost(self) -> int:
+        return len(self.pending) + len(self.missing)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.settled.values() if o == outcome)
+
+
+class Ledger:
+    """Write and read the outcome stream."""
+
+    def __init__(self, store: Store, max_len: int = 1_000_000) -> None:
+        self.store = store
+        self.max_len = max_len
+
+    @property
+    def key(self) -> str:
+        return self.store.keys.ledger
+
+    def record(self, task_id: str, name: str, outcome: Outcome | str, attempt: int = 1,
+               detail: str = "") -> None:
+        """One entry for an outcome decided outside the settle scripts (revoked, ...)."""
+        self.store.run(
+            scripts.RECORD,
+            [self.key],
+            ["", self.max_len, task_id, name, str(outcome), attempt, detail],
+            "ledger record",
+        )
+
+    def entries(self, start: str = "-", count: int | None = None) -> list[dict[str, Any]]:
+        rows = self.store.call(
+            "ledger read", lambda c: c.xrange(self.key, min=start, max="+", count=count)
+        )
+        return [{"id": entry_id, **fields} for entry_id, fields in rows]
+
+    def tail(self, count: int = 50) -> list[dict[str, Any]]:
+        rows = self.store.call("ledger read", lambda c: c.xrevrange(self.key, count=count))
+        return [{"id": entry_id, **fields} for entry_id, fields in rows]
+
+    def outcomes(self, task_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
+        wanted = set(task_ids) if task_ids is not None else None
+        found: dict[str, list[str]] = {}
+        last = "-"
+        while True:
+            batch = self.entries(start=last, count=10_000)
+            if last != "-" and batch and batch[0]["id"] == last:
+                batch = batch[1:]
+            if not batch:
+                return found
+            for row in batch:
+                tid = row.get("task_id", "")
+                if wanted is None or tid in wanted:
+                    found.setdefault(tid, []).append(row.get("outcome", ""))
+            last = batch[-1]["id"]
+
+    def reconcile(self, task_ids: Iterable[str]) -> Reconciliation:
+        ids = list(task_ids)
+        seen = self.outcomes(ids)
+        result = Reconciliation()
+        for tid in ids:
+            outcomes = seen.get(tid)
+            if not outcomes:
+                result.missing.append(tid)
+                continue
+            final = [o for o in outcomes if o in FINAL]
+            if final:
+                result.settled[tid] = final[0]
+            else:
+                result.pending.append(tid)
+        return result

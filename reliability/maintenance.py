@@ -1,0 +1,100 @@
+"""Fleet maintenance run by exactly one worker: the parked-message mover and the reaper.
+
+Every worker's main process runs a :class:`Maintenance` thread; a leader lease in
+Redis (``SET NX PX``, renewed by its holder) lets one of them do the work, so the fleet
+has one mover and one reaper, and another worker takes over within one lease TTL
+when the leader dies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+
+import structlog
+
+from reliability import metrics
+from reliability.deferral import Mover
+from reliability.errors import BackendUnavailable
+from reliability.reaper import Reaper
+from reliability.scripts import compose
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.maintenance")
+
+# KEYS leader   ARGV now, identity, ttl_ms  -> 1 when the caller leads
+LEAD = compose(body="""
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+""")
+
+
+class Maintenance(threading.Thread):
+    """Leader-elected loop: move due parked messages, reap lapsed leases."""
+
+    def __init__(self, store: Store, mover: Mover, reaper: Reaper | None, *,
+                 interval: float = 0.2, leader_ttl: float = 5.0,
+                 reap_every: float = 1.0) -> None:
+        super().__init__(name="reliable-maintenance", daemon=True)
+        self.store = store
+        self.mover = mover
+        self.reaper = reaper
+        self.interval = interval
+        self.leader_ttl = leader_ttl
+        self.reap_every = reap_every
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leading = False
+        self._stop = threading.Event()
+        self._since_reap = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def lead(self) -> bool:
+        keys = self.store.keys
+        leading = bool(self.store.run(
+            LEAD, [keys.leader], ["", self.identity, int(self.leader_ttl * 1000)], "lead"
+        ))
+        if leading != self.leading:
+            log.info("maintenance_leader_changed", leading=leading, identity=self.identity)
+        self.leading = leading
+        return leading
+
+    def tick(self) -> None:
+        if not self.lead():
+            return
+        while self.mover.move_due() >= self.mover.batch_size:
+            pass
+        metrics.PARKED.set(self.mover.pending())
+        self._since_reap += self.interval
+        if self.reaper is not None and self._since_reap >= self.reap_every:
+            self._since_reap = 0.0
+            self.reaper.reap()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except BackendUnavailable as exc:
+                log.warning("maintenance_store_unavailable", error=str(exc))
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("maintenance_tick_failed")
+                self._stop.wait(1.0)
+            self._stop.wait(self.interval if self.leading else self.leader_ttl / 3)
+        if self.leading:
+            try:
+                self.store.call("resign", lambda c: c.delete(self.store.keys.leader)
+                                if c.get(self.store.keys.leader) == self.identity else 0)
+            except BackendUnavailable:
+                pass

@@ -1,0 +1,393 @@
+"""The life of one delivery of a ``ReliableTask`` (DESIGN §4), in one visible order.
+
+1. context: task id, name, attempt, correlation id, tenant bound to every log line;
+2. local checks (no Redis): an unreadable or passed deadline, arguments that fail the
+   task's ``args_model`` -> dead letter;
+3. admission, one Lua call for every guard that takes part (delivery record on
+   redelivery, defer id on a parked copy, idempotency lease when keyed); a delivery
+   needing none of them costs no round trip;
+4. the body, under Celery's time limits (shortened to the deadline by the request);
+5. the outcome, one more Lua call: success records the result, closes the lease and
+   the delivery and appends the ledger; a failure is retried by parking the message
+   (policy delay, fleet-wide retry budget) or dead-lettered, never both, never neither.
+
+Deliberate control flow (defer, skip, dead-letter) ends in Celery's own ``Ignore`` /
+``Retry`` or in the task's failure, so Flower and result backends see the truth.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from celery.exceptions import Ignore, Reject, Retry
+from pydantic import ValidationError
+
+from reliability import admission, idempotency, metrics, scripts
+from reliability.admission import Part, Verdict
+from reliability.deadline import remaining_seconds, validate_deadline
+from reliability.deferral import ParkedMessage
+from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, Delivery, activate, deactivate
+from reliability.dlq import DeadLetter, FailureClass
+from reliability.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    IdempotencyConflict,
+    PermanentError,
+    PoisonMessage,
+)
+from reliability.ledger import Outcome
+from reliability.runtime import Runtime, get_runtime
+
+if TYPE_CHECKING:
+    from reliability.task import ReliableTask
+
+log = structlog.get_logger("reliability.pipeline")
+
+
+class RetryRequested(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by ``ReliableTask.retry``: another attempt, after ``countdown`` if given."""
+
+    def __init__(self, exc: BaseException | None, countdown: float | None) -> None:
+        super().__init__(str(exc) if exc else "retry requested")
+        self.exc = exc
+        self.countdown = countdown
+
+
+def pipeline_for(task: ReliableTask) -> Pipeline:
+    found = task.__dict__.get("_reliable_pipeline")
+    if found is None:
+        found = Pipeline(task)
+        task.__dict__["_reliable_pipeline"] = found
+    return found
+
+
+def classify(exc: BaseException, retryable: bool) -> FailureClass:
+    if isinstance(exc, IdempotencyConflict):
+        return FailureClass.CONFLICT
+    if isinstance(exc, PoisonMessage):
+        return FailureClass.POISON
+    if isinstance(exc, DeadlineExceeded):
+        return FailureClass.EXPIRED
+    return FailureClass.TRANSIENT if retryable else FailureClass.PERMANENT
+
+
+class Pipeline:
+    """Runs deliveries of one task through the guards."""
+
+    def __init__(self, task: ReliableTask) -> None:
+        self.task = task
+        self.signature = inspect.signature(task.run)
+
+    # -- entry -------------------------------------------------------------------------
+
+    def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        rt = get_runtime()
+        d = Delivery.from_request(self.task.request, self.task.name, args, kwargs)
+        if d.first_attempt_at is None:
+            d.first_attempt_at = time.time()
+        context = {"task_id": d.task_id, "task_name": d.name, "attempt": d.attempt,
+                   "correlation_id": d.correlation_id}
+        if d.tenant_id:
+            context["tenant_id"] = d.tenant_id
+        token = activate(d)
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                return self._execute(rt, d)
+        finally:
+            deactivate(token)
+
+    def _execute(self, rt: Runtime, d: Delivery) -> Any:
+        self._check_locally(rt, d)
+        verdict = self._admit(rt, d)
+        if not verdict.runs:
+            return self._refused(rt, d, verdict)
+        d.fence = verdict.fence
+        held = None
+        if d.idempotency_key:
+            held = rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence, self._lease_seconds(rt))
+        try:
+            result = self.task.run(*d.args, **d.kwargs)
+        except RetryRequested as request:
+            error = request.exc or RuntimeError("retry requested by the task")
+            return self._failed(rt, d, error, countdown=request.countdown)
+        except (Ignore, Reject, Retry):
+            self._release(rt, d)
+            raise
+        except Exception as exc:
+            return self._failed(rt, d, exc)
+        finally:
+            if held is not None:
+                rt.leases.drop(held)
+        return self._succeeded(rt, d, result)
+
+    # -- 2. local checks ------------------------------------------------------------------
+
+    def _check_locally(self, rt: Runtime, d: Delivery) -> None:
+        unreadable = validate_deadline(d.deadline_header)
+        if unreadable:
+            self.dead_letter(rt, d, FailureClass.POISON, reason=unreadable, ran=False)
+            raise PoisonMessage(unreadable)
+        left = remaining_seconds(d.deadline)
+        if left is not None and left <= 0:
+            reason = f"deadline {d.deadline_header} passed {-left:.3f}s before the task started"
+            self.dead_letter(rt, d, FailureClass.EXPIRED, reason=reason, ran=False)
+            raise DeadlineExceeded(reason)
+        model = self.task.args_model
+        arguments = None
+        if model is not None:
+            arguments = idempotency.bind_arguments(self.signature, d.args, d.kwargs)
+            try:
+                model.model_validate(arguments)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
+                    for e in exc.errors(include_url=False, include_input=False)
+                )
+                reason = f"invalid arguments: {problems}"
+                self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
+                raise PoisonMessage(reason) from None
+        self.identify(d, arguments)
+
+    def identify(self, d: Delivery, arguments: dict[str, Any] | None = None) -> None:
+        """Set the delivery's idempotency key and fingerprint when the task is keyed."""
+        if self.task.keyed or d.idempotency_header:
+            if arguments is None:
+                arguments = idempotency.bind_arguments(self.signature, d.args, d.kwargs)
+            d.idempotency_key = idempotency.derive_key(
+                d.name, arguments, d.idempotency_header, self.task.idempotency_key_args
+            )
+            d.fingerprint = idempotency.fingerprint(arguments)
+
+    # -- 3. admission ---------------------------------------------------------------------
+
+    def _admit(self, rt: Runtime, d: Delivery) -> Verdict:
+        keys = rt.store.keys
+        cfg = rt.config
+        tag = self.task.tag
+        parts: list[Part] = []
+        if d.redelivered:
+            parts.append(Part(admission.DELIVERY, [self._delivery_key(rt, d)],
+                              [cfg.max_redeliveries]))
+        if d.defer_id:
+            parts.append(Part(admission.DEFER, [keys.defer(tag, d.defer_id)],
+                              [d.publish_id or "", self._delivery_ttl_ms(rt)]))
+        if d.idempotency_key:
+            parts.append(Part(
+                idempotency.FRAGMENT,
+                [self._idem_key(rt, d), keys.leases],
+                [d.fingerprint, d.owner, self._lease_seconds(rt), self._result_ttl(rt),
+                 d.delivery_tag],
+            ))
+        if not parts:
+            return Verdict("run")
+        fragments, part_keys, part_args = admission.flatten(parts)
+        script = admission.assemble(fragments)
+        reply = self._store(rt, "admission", lambda: rt.store.run(
+            script,
+            [keys.ledger, *part_keys],
+            ["", cfg.ledger_max_len, d.task_id, d.name, d.attempt, self._delivery_ttl_ms(rt),
+             *part_args],
+            "admission",
+        ))
+        return admission.parse(reply)
+
+    def _refused(self, rt: Runtime, d: Delivery, verdict: Verdict) -> Any:
+        decision = verdict.decision
+        if decision == "done":
+            log.info("task_skipped_idempotent", idempotency_key=d.idempotency_key)
+            metrics.OUTCOMES.labels(d.name, Outcome.SKIPPED).inc()
+            return json.loads(verdict.detail) if verdict.detail else None
+        if decision == "duplicate":
+            log.info("task_duplicate_delivery_skipped", settled_as=verdict.detail)
+            metrics.OUTCOMES.labels(d.name, Outcome.DUPLICATE_DELIVERY).inc()
+            raise Ignore()
+        if decision == "busy":
+            delay = min(rt.config.recheck_seconds, max(float(verdict.detail), 0.05))
+            message = ParkedMessage.of(d, retries=d.retries, reason="idempotency key in progress",
+                                       extra_headers=self._carried_headers(d))
+            self._park(rt, d, message, delay, mode="defer", outcome=Outcome.DEFERRED,
+                       detail="in_progress")
+            log.info("task_deferred_in_progress", idempotency_key=d.idempotency_key,
+                     recheck_in=round(delay, 3))
+            raise Ignore()
+        if decision == "conflict":
+            reason = f"idempotency key {d.idempotency_key} holds different arguments"
+            self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
+            raise IdempotencyConflict(reason)
+        if decision == "poison":
+            reason = f"delivered {verdict.detail} times (max redeliveries {rt.config.max_redeliveries})"
+            self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
+            raise PoisonMessage(reason)
+        raise RuntimeError(f"unknown admission verdict {decision!r}")
+
+    # -- 5. outcomes ----------------------------------------------------------------------
+
+    def _succeeded(self, rt: Runtime, d: Delivery, result: Any) -> Any:
+        keys = rt.store.keys
+        cfg = rt.config
+        outcome = self._store(rt, "completion", lambda: rt.store.run(
+            scripts.COMPLETE,
+            [self._idem_key(rt, d) if d.idempotency_key else "", keys.leases,
+             self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag)],
+            ["", d.owner, str(d.fence), json.dumps(result, default=str), self._result_ttl(rt),
+             self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id, d.name, d.attempt,
+             cfg.budget_window_seconds],
+            "completion",
+        ))
+        metrics.OUTCOMES.labels(d.name, outcome).inc()
+        if outcome == Outcome.SUPERSEDED:
+            log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
+                        fence=d.fence)
+            raise Ignore()
+        return result
+
+    def _failed(self, rt: Runtime, d: Delivery, exc: BaseException,
+                countdown: float | None = None) -> Any:
+        decision, delay = self.settle_failure(rt, d, exc, countdown=countdown, ran=True)
+        if decision == Outcome.RETRIED:
+            raise Retry(exc=exc, when=delay)
+        raise exc
+
+    def settle_failure(self, rt: Runtime, d: Delivery, exc: BaseException, *,
+                       countdown: float | None = None, ran: bool = True
+                       ) -> tuple[Outcome, float | None]:
+        """Park the message for another attempt, or dead-letter it: exactly one of them.
+
+        Used by the pool child after the body failed, and by the worker's parent when the
+        child hit its hard time limit.
+        """
+        policy = self.task.retry_policy or rt.config.retry_policy
+        first = d.first_attempt_at or time.time()
+        if countdown is not None:
+            delay: float | None = countdown if d.attempt < policy.max_attempts else None
+        else:
+            delay = policy.decide(d.attempt, exc, time.time() - first, d.previous_delay)
+        if delay is None:
+            failure = classify(exc, policy.is_retryable(exc) and not isinstance(exc, PermanentError))
+            self.dead_letter(rt, d, failure, exc=exc, ran=ran)
+            return Outcome.DEAD_LETTERED, None
+        message = ParkedMessage.of(
+            d, retries=d.retries + 1, reason=f"retry after {type(exc).__name__}",
+            extra_headers={**self._carried_headers(d), FIRST_ATTEMPT_AT: first,
+                           PREVIOUS_DELAY: delay},
+        )
+        reply = self._park(rt, d, message, delay, mode="retry", outcome=Outcome.RETRIED,
+                           detail=type(exc).__name__)
+        if reply[0] == "refused":
+            self.dead_letter(rt, d, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
+            return Outcome.DEAD_LETTERED, None
+        metrics.OUTCOMES.labels(d.name, Outcome.RETRIED).inc()
+        log.warning("task_retry_scheduled", delay_seconds=round(delay, 3),
+                    error_type=type(exc).__name__, error=rt.masker.text(str(exc)))
+        return Outcome.RETRIED, delay
+
+    def _park(self, rt: Runtime, d: Delivery, message: ParkedMessage, delay: float, *,
+              mode: str, outcome: Outcome, detail: str) -> list[Any]:
+        keys = rt.store.keys
+        cfg = rt.config
+        return self._store(rt, "park", lambda: rt.store.run(
+            scripts.PARK,
+            # Release only a lease this delivery holds (a deferral holds none).
+            [self._idem_key(rt, d) if d.idempotency_key and d.fence else "", keys.leases,
+             self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag),
+             keys.parked, keys.parked_msgs],
+            ["", d.owner, str(d.fence) if d.fence else "", mode, cfg.budget_window_seconds,
+             cfg.budget_ratio, cfg.budget_min_retries, message.id, delay, message.to_json(),
+             self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id, d.name, d.attempt,
+             str(outcome), detail],
+            "park",
+        ))
+
+    def dead_letter(self, rt: Runtime, d: Delivery, failure: FailureClass, *,
+                     exc: BaseException | None = None, reason: str = "", ran: bool) -> None:
+        keys = rt.store.keys
+        cfg = rt.config
+        masker = rt.masker
+        now = time.time()
+        entry = DeadLetter(
+            task_name=d.name,
+            task_id=d.task_id,
+            failure_class=str(failure),
+            reason=masker.text(reason or (str(exc) if exc else "")),
+            args=masker.data(list(d.args)),
+            kwargs=masker.data(dict(d.kwargs)),
+            idempotency_key=d.idempotency_key,
+            correlation_id=d.correlation_id,
+            tenant_id=d.tenant_id,
+            exception_type=type(exc).__name__ if exc else None,
+            exception_message=masker.text(str(exc)) if exc else None,
+            traceback=masker.text("".join(traceback.format_exception(exc))) if exc else None,
+            attempts=d.attempt,
+            first_failure_at=d.first_attempt_at or now,
+            last_failure_at=now,
+            redrive_count=d.redrive_count,
+            headers=masker.data(d.producer_headers()),
+            routing=d.routing,
+        )
+        holds = bool(d.idempotency_key and d.fence)
+        evicted = self._store(rt, "dead_letter", lambda: rt.store.run(
+            scripts.DEAD_LETTER,
+            [self._idem_key(rt, d) if holds else "", keys.leases, self._delivery_key(rt, d),
+             keys.ledger, keys.budget(self.task.tag) if ran else "", keys.dlq, keys.dlq_index],
+            ["", d.owner if holds else "", str(d.fence), cfg.budget_window_seconds, entry.id,
+             entry.to_json(), cfg.dlq_max_entries, self._delivery_ttl_ms(rt), cfg.ledger_max_len,
+             d.task_id, d.name, d.attempt, str(failure)],
+            "dead_letter",
+        ))
+        metrics.DEAD_LETTERS.labels(d.name, str(failure)).inc()
+        metrics.OUTCOMES.labels(d.name, Outcome.DEAD_LETTERED).inc()
+        log.error("task_dead_lettered", failure_class=str(failure), dlq_id=entry.id,
+                  reason=entry.reason, error_type=entry.exception_type)
+        if evicted:
+            metrics.DLQ_EVICTIONS.inc(int(evicted))
+            log.warning("dlq_evicted_oldest", count=int(evicted), max_entries=cfg.dlq_max_entries)
+
+    def _release(self, rt: Runtime, d: Delivery) -> None:
+        if d.idempotency_key and d.fence:
+            self._store(rt, "release", lambda: self.release(rt, d))
+            log.info("idempotency_lock_released_on_error", idempotency_key=d.idempotency_key)
+
+    def release(self, rt: Runtime, d: Delivery) -> bool:
+        """Release the delivery's lease (any fence of its owner when ``d.fence`` is 0)."""
+        return bool(rt.store.run(
+            scripts.RELEASE, [self._idem_key(rt, d), rt.store.keys.leases],
+            ["", d.owner, str(d.fence) if d.fence else ""], "release",
+        ))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:
+        """Run a store operation; if the store stays away, hand the message back unacked."""
+        try:
+            return rt.wait_for_store(operation, fn)
+        except BackendUnavailable as exc:
+            log.error("task_requeued_store_unavailable", operation=operation, error=str(exc))
+            raise Reject(exc, requeue=True) from exc
+
+    def _carried_headers(self, d: Delivery) -> dict[str, Any]:
+        carried: dict[str, Any] = {}
+        if d.first_attempt_at is not None:
+            carried[FIRST_ATTEMPT_AT] = d.first_attempt_at
+        if d.previous_delay is not None:
+            carried[PREVIOUS_DELAY] = d.previous_delay
+        return carried
+
+    def _idem_key(self, rt: Runtime, d: Delivery) -> str:
+        return rt.store.keys.idem(self.task.tag, d.idempotency_key or "")
+
+    def _delivery_key(self, rt: Runtime, d: Delivery) -> str:
+        return rt.store.keys.delivery(self.task.tag, d.task_id, d.retries, d.publish_id or "0")
+
+    def _lease_seconds(self, rt: Runtime) -> float:
+        return self.task.lease_ttl or rt.config.lease_seconds
+
+    def _result_ttl(self, rt: Runtime) -> int:
+        return int(self.task.idempotency_ttl or rt.config.result_ttl_seconds)
+
+    def _delivery_ttl_ms(self, rt: Runtime) -> int:
+        return int(rt.config.delivery_ttl_seconds * 1000)

@@ -1,0 +1,150 @@
+"""``ReliableRequest``: the worker parent's side of a delivery.
+
+Some endings are seen only by the parent process, never by the task code in the pool
+child: the hard time limit (the child is killed), a lost child (SIGKILL, OOM), a
+revoked or expired message. On each of them this request writes the outcome — DLQ
+entry, parked retry, ledger record, released lease — *before* Celery acks or requeues
+the message. It also shortens the soft time limit to the message's deadline, where
+Celery reads the limits, so prefork enforces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import TimeLimitExceeded
+from celery.worker.request import Request
+from celery.worker.state import task_ready
+
+from reliability import metrics
+from reliability.deadline import parse_deadline, soft_limit
+from reliability.delivery import CORRELATION_ID, DEADLINE, REQUEST_CORRELATION_ID, Delivery
+from reliability.dlq import FailureClass
+from reliability.errors import BackendUnavailable, DeadlineExceeded
+from reliability.ledger import Outcome
+from reliability.runtime import get_runtime
+
+log = structlog.get_logger("reliability.request")
+
+
+class ReliableRequest(Request):  # type: ignore[misc]
+    """Celery's request plus the parent-side endings of the pipeline."""
+
+    _reliable_limits: tuple[Any, Any] = (None, None)
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        headers = kwargs.get("headers")
+        source = message.headers if headers is None else headers
+        correlation_id = (source or {}).get(CORRELATION_ID)
+        super().__init__(message, *args, **kwargs)
+        # Celery replaces `correlation_id` with the AMQP property and drops the delivery
+        # tag; keep both for the pool child (log context, lease owner token).
+        self._request_dict[REQUEST_CORRELATION_ID] = correlation_id
+        self._delivery_info["delivery_tag"] = message.delivery_tag
+
+    @property
+    def time_limits(self) -> tuple[Any, Any]:
+        """(hard, soft), the soft limit shortened to the deadline when one is set."""
+        hard, soft = self._reliable_limits
+        deadline = parse_deadline(self._request_dict.get(DEADLINE))
+        if deadline is None:
+            return hard, soft
+        base = soft or self._task.soft_time_limit or self._app.conf.task_soft_time_limit
+        return hard, soft_limit(base, deadline)
+
+    @time_limits.setter
+    def time_limits(self, value: tuple[Any, Any]) -> None:
+        self._reliable_limits = tuple(value)  # type: ignore[assignment]
+
+    # -- parent-side endings ---------------------------------------------------------------
+
+    def _delivery(self) -> Delivery:
+        from reliability.pipeline import pipeline_for
+
+        d = Delivery.from_request(self._request_dict, self._task.name, self.args, self.kwargs)
+        pipeline_for(self._task).identify(d)
+        return d
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft and self._task.acks_late:
+            try:
+                self._settle_hard_timeout(timeout)
+            except BackendUnavailable as exc:
+                log.error("task_timeout_unrecorded_requeued", task_id=self.id, error=str(exc))
+                task_ready(self)
+                self.reject(requeue=True)
+                return
+        super().on_timeout(soft, timeout)
+
+    def _settle_hard_timeout(self, timeout: float) -> None:
+        from reliability.pipeline import pipeline_for
+
+        rt = get_runtime()
+        d = self._delivery()
+        pipeline = pipeline_for(self._task)
+        if d.idempotency_key:
+            pipeline.release(rt, d)
+        outcome, delay = pipeline.settle_failure(
+            rt, d, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True
+        )
+        log.warning("task_hard_time_limit", task_id=self.id, task_name=self.name,
+                    settled_as=str(outcome), retry_in=delay)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> None:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
+            self._child_lost(exc)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _child_lost(self, exc: BaseException) -> None:
+        """Release the dead child's lease now, so the redelivered copy need not wait."""
+        if self._already_revoked or self._already_cancelled:
+            return
+        try:
+            from reliability.pipeline import pipeline_for
+
+            rt = get_runtime()
+            d = self._delivery()
+            released = bool(d.idempotency_key) and pipeline_for(self._task).release(rt, d)
+            rt.ledger.record(d.task_id, d.name, Outcome.REQUEUED, d.attempt, type(exc).__name__)
+        except BackendUnavailable as error:
+            # The lease lapses by itself within its TTL; the message is requeued anyway.
+            log.error("lease_release_failed_child_lost", task_id=self.id, error=str(error))
+            return
+        metrics.OUTCOMES.labels(self._task.name, Outcome.REQUEUED).inc()
+        log.warning("task_child_lost_requeued", task_id=self.id, task_name=self.name,
+                    lease_released=released, error=str(exc))
+
+    def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
+                          expired: bool) -> None:
+        try:
+            self._settle_revoked(reason, terminated, expired)
+        except BackendUnavailable as exc:
+            log.error("task_revoke_unrecorded_requeued", task_id=self.id, error=str(exc))
+            task_ready(self)
+            self._already_revoked = True
+            self.reject(requeue=True)
+            return
+        super()._announce_revoked(reason, terminated, signum, expired)
+
+    def _settle_revoked(self, reason: str, terminated: bool, expired: bool) -> None:
+        from reliability.pipeline import pipeline_for
+
+        rt = get_runtime()
+        d = self._delivery()
+        pipeline = pipeline_for(self._task)
+        if terminated and d.idempotency_key:
+            pipeline.release(rt, d)
+        if expired:
+            pipeline.dead_letter(
+                rt, d, FailureClass.EXPIRED,
+                exc=DeadlineExceeded(f"message expired before it ran ({reason})"), ran=False,
+            )
+            return
+        rt.ledger.record(d.task_id, d.name, Outcome.REVOKED, d.attempt, reason)
+        metrics.OUTCOMES.labels(self._task.name, Outcome.REVOKED).inc()
+        log.warning("task_revoked", task_id=self.id, task_name=self.name, reason=reason,
+                    terminated=terminated)

@@ -1,0 +1,101 @@
+"""The objects a worker process shares: store, ledger, DLQ, lease keeper, masker, knobs.
+
+The worker builds one :class:`Runtime` from settings at start-up and installs it with
+:func:`set_runtime`; tasks, signal handlers and admin tools reach it through
+:func:`get_runtime`. The library itself never reads settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from reliability import metrics
+from reliability.dlq import DeadLetterQueue
+from reliability.errors import BackendUnavailable, ConfigurationError
+from reliability.lease import LeaseKeeper
+from reliability.ledger import Ledger
+from reliability.retry import RetryPolicy
+from reliability.security import Masker
+from reliability.store import Store
+
+T = TypeVar("T")
+log = structlog.get_logger("reliability.runtime")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Pipeline knobs, with the defaults a task inherits unless it declares otherwise."""
+
+    lease_seconds: float = 60.0
+    result_ttl_seconds: int = 86_400
+    max_redeliveries: int = 5
+    # Delivery records outlive any redelivery: the visibility timeout plus a margin.
+    delivery_ttl_seconds: float = 3600 + 600
+    ledger_max_len: int = 1_000_000
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    budget_ratio: float = 0.2
+    budget_min_retries: int = 10
+    budget_window_seconds: int = 60
+    recheck_seconds: float = 1.0
+    dlq_max_entries: int = 100_000
+    dlq_max_redrives: int = 3
+    # How long a task waits for an unreachable store before handing its message back.
+    store_wait_seconds: float = 30.0
+
+
+class Runtime:
+    """Per-deployment reliability objects; per-process clients are created lazily."""
+
+    def __init__(self, store: Store, config: RuntimeConfig | None = None,
+                 masker: Masker | None = None) -> None:
+        self.store = store
+        self.config = config or RuntimeConfig()
+        self.masker = masker or Masker()
+        self.ledger = Ledger(store, self.config.ledger_max_len)
+        self.dlq = DeadLetterQueue(store, max_entries=self.config.dlq_max_entries,
+                                   max_redrives=self.config.dlq_max_redrives)
+        self.leases = LeaseKeeper(store)
+
+    def wait_for_store(self, operation: str, fn: Callable[[], T],
+                       seconds: float | None = None) -> T:
+        """Call ``fn``; while the store is unreachable, retry with backoff for a while.
+
+        Never a silent pass: every failed attempt is logged and counted, and after
+        ``seconds`` the last :class:`BackendUnavailable` propagates.
+        """
+        limit = self.config.store_wait_seconds if seconds is None else seconds
+        deadline = time.monotonic() + limit
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except BackendUnavailable as exc:
+                metrics.STORE_UNAVAILABLE.labels(operation).inc()
+                left = deadline - time.monotonic()
+                log.warning("state_store_unavailable", operation=operation, error=str(exc),
+                            retry_in=round(min(delay, max(left, 0)), 3))
+                if left <= 0:
+                    raise
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 2.0)
+
+
+_runtime: Runtime | None = None
+
+
+def set_runtime(runtime: Runtime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    if _runtime is None:
+        raise ConfigurationError(
+            "no reliability runtime installed: import worker.app (or call set_runtime)"
+        )
+    return _runtime

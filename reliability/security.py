@@ -1,0 +1,82 @@
+"""Secrets never leave: masking for logs, DLQ entries, reports and API responses.
+
+A :class:`Masker` knows every configured secret value and replaces it wherever it
+appears in text or nested data; :func:`mask_secret` shortens one value for display
+(seed 000). :func:`run_security_checks` warns about missing or weak secrets at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import structlog
+
+MASK = "***"
+# Secrets shorter than this are not masked by value (too likely to hit innocent text);
+# the settings validation refuses them in production instead.
+MIN_SECRET_LENGTH = 4
+# Keys whose values are masked whatever they contain.
+SENSITIVE_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|authorization)", re.I)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@",
+                              re.I)
+
+
+def mask_secret(value: str, visible_chars: int = 4) -> str:
+    """``"sk_live_1234567890abcdef"`` -> ``"***cdef"``; short values are fully masked."""
+    if not value or len(value) <= visible_chars * 2:
+        return MASK
+    return MASK + value[-visible_chars:]
+
+
+class Masker:
+    """Replaces every configured secret value, and URL passwords, with ``***``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        values = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH},
+                        key=len, reverse=True)
+        self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
+
+    def text(self, value: str) -> str:
+        if self._pattern is not None:
+            value = self._pattern.sub(MASK, value)
+        return _URL_CREDENTIALS.sub(r"\g<scheme>\g<user>:" + MASK + "@", value)
+
+    def data(self, value: Any, key: str = "") -> Any:
+        """A copy of nested data with secrets masked (values under sensitive keys too)."""
+        if key and SENSITIVE_KEY.search(key) and isinstance(value, str | bytes) and value:
+            return MASK
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {k: self.data(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.data(v) for v in value]
+        return value
+
+    def processor(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        """A structlog processor: the last step before rendering."""
+        return {k: self.data(v, k) for k, v in event_dict.items()}
+
+
+def run_security_checks(settings: Any, *, production: bool) -> list[str]:
+    """Warn (log) about missing or weak secrets; returns the warnings."""
+    log = structlog.get_logger("reliability.security")
+    warnings: list[str] = []
+    providers = settings.providers
+    for name in ("payment_api_key", "notification_api_key"):
+        secret = getattr(providers, name)
+        value = secret.get_secret_value() if secret is not None else ""
+        if not value:
+            warnings.append(f"providers.{name} is not set")
+        elif len(value) < 16:
+            warnings.append(f"providers.{name} is shorter than 16 characters")
+    redis_url = settings.redis.url.get_secret_value() if settings.redis.url else ""
+    if production and redis_url and "@" not in redis_url and "unix" not in redis_url:
+        warnings.append("redis.url has no password: production Redis should require AUTH")
+    for warning in warnings:
+        log.warning("security_check_warning", problem=warning)
+    if not warnings:
+        log.info("security_checks_passed")
+    return warnings

@@ -1,0 +1,124 @@
+"""``ReliableTask``: a Celery task whose every delivery runs through the guard pipeline.
+
+A task author declares guards in a few words on the decorator::
+
+    @app.task(base=ReliableTask, name="payments.charge", idempotency_key_args=("payment_id",),
+              retry_policy=RetryPolicy(max_attempts=5), args_model=ChargeArgs)
+    def charge(payment_id: str, amount: int, currency: str) -> dict: ...
+
+Each option belongs to one guard; an option no guard owns (a typo such as
+``idempotency_tll``) fails at import time instead of silently switching a safeguard
+off. The pipeline itself lives in :mod:`reliability.pipeline`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from celery import Task
+from pydantic import BaseModel
+
+from reliability.errors import ConfigurationError, PermanentError
+from reliability.retry import RetryPolicy
+
+# Options each guard owns, with what they mean (the README's options table).
+GUARD_OPTIONS: dict[str, str] = {
+    "idempotent": "idempotency: key every call (from the header, key args or all args)",
+    "idempotency_key_args": "idempotency: argument names that form the key",
+    "idempotency_ttl": "idempotency: seconds a completed key is remembered",
+    "lease_ttl": "idempotency: seconds a lease lives without renewal",
+    "retry_policy": "retry: the RetryPolicy (default: from settings)",
+    "args_model": "validation: a pydantic model the arguments must satisfy",
+    "dependency": "the downstream this task calls; its Redis hash tag",
+}
+
+# Celery options that would bypass the pipeline's own retry and deferral.
+REFUSED_CELERY_OPTIONS = {
+    "autoretry_for": "use retry_policy: Celery's autoretry waits inside the worker",
+    "rate_limit": "Celery's rate_limit is per worker; use the fleet-wide limiter",
+}
+
+_CELERY_DECORATOR_KEYS = {"run", "_decorated", "_decorated_fun", "__wrapped__", "__header__"}
+# Execution options Celery reads from the task class without defining them on Task.
+_CELERY_EXEC_OPTIONS = {"queue", "routing_key", "exchange", "delivery_mode", "compression",
+                        "immediate", "mandatory", "pydantic", "pydantic_strict",
+                        "pydantic_context", "pydantic_dump_kwargs"}
+
+
+class ReliableTask(Task):  # type: ignore[misc]
+    """Base class for tasks that run through the reliability pipeline."""
+
+    Request = "reliability.request:ReliableRequest"
+    # Expected failures: logged without a traceback by Celery.
+    throws = (PermanentError,)
+    acks_late = True
+    reject_on_worker_lost = True
+
+    idempotent: ClassVar[bool] = False
+    idempotency_key_args: ClassVar[Sequence[str]] = ()
+    idempotency_ttl: ClassVar[int | None] = None
+    lease_ttl: ClassVar[float | None] = None
+    retry_policy: ClassVar[RetryPolicy | None] = None
+    args_model: ClassVar[type[BaseModel] | None] = None
+    dependency: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_decorated"):
+            _check_options(cls)
+
+    @property
+    def tag(self) -> str:
+        """The Redis hash tag shared by this task's admission keys."""
+        return self.dependency or self.name
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.idempotent or self.idempotency_key_args)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            return super().__call__(*args, **kwargs)
+        from reliability.pipeline import pipeline_for
+
+        return pipeline_for(self).execute(args, kwargs)
+
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
+              throw: bool = True, eta: Any = None, countdown: float | None = None,
+              max_retries: int | None = None, **options: Any) -> Any:
+        """Ask for another attempt: parked in Redis by the pipeline, never a countdown."""
+        from reliability.pipeline import RetryRequested
+
+        raise RetryRequested(exc, countdown)
+
+
+def _check_options(cls: type[ReliableTask]) -> None:
+    name = cls.__dict__.get("name") or cls.__name__
+    known = set(dir(Task)) | set(GUARD_OPTIONS) | _CELERY_DECORATOR_KEYS | _CELERY_EXEC_OPTIONS
+    for option in cls.__dict__:
+        if option.startswith("__") and option.endswith("__"):
+            continue
+        if option in REFUSED_CELERY_OPTIONS:
+            raise ConfigurationError(f"task {name}: {option} — {REFUSED_CELERY_OPTIONS[option]}")
+        if option not in known:
+            close = difflib.get_close_matches(option, list(GUARD_OPTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(f"task {name}: unknown option {option!r}{hint}")
+    run = cls.__dict__.get("run")
+    fn = getattr(run, "__func__", run)
+    if fn is not None and cls.__dict__.get("idempotency_key_args"):
+        params = set(inspect.signature(fn).parameters)
+        missing = [a for a in cls.__dict__["idempotency_key_args"] if a not in params]
+        if missing:
+            raise ConfigurationError(
+                f"task {name}: idempotency_key_args {missing} are not parameters of the task"
+            )
+    policy = cls.__dict__.get("retry_policy")
+    if policy is not None and not isinstance(policy, RetryPolicy):
+        raise ConfigurationError(f"task {name}: retry_policy must be a RetryPolicy")
+    model = cls.__dict__.get("args_model")
+    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ConfigurationError(f"task {name}: args_model must be a pydantic model class")

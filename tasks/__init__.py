@@ -1,0 +1,1 @@
+"""Business tasks, written the way a task author writes them: small and declarative."""

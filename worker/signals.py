@@ -1,0 +1,75 @@
+"""Signal wiring: logging, start-up checks, context propagation, fleet maintenance.
+
+Signal handlers only observe and prepare; they never gate a task (Celery swallows their
+errors) — gating is the task class's job. Closures are connected with ``weak=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+
+from config import Environment, Settings
+from reliability import delivery
+from reliability.deadline import format_deadline
+from reliability.deferral import Mover
+from reliability.logs import configure_logging
+from reliability.maintenance import Maintenance
+from reliability.reaper import Reaper, kombu_restorer
+from reliability.runtime import Runtime
+from reliability.security import run_security_checks
+
+log = structlog.get_logger("worker")
+
+
+def propagate_context(headers: dict[str, Any] | None) -> None:
+    """Child tasks inherit the correlation id and what is left of the deadline."""
+    parent = delivery.current()
+    if parent is None or headers is None:
+        return
+    headers.setdefault(delivery.CORRELATION_ID, parent.correlation_id)
+    if parent.deadline is not None and not headers.get(delivery.DEADLINE):
+        headers[delivery.DEADLINE] = format_deadline(parent.deadline)
+    if parent.tenant_id and not headers.get(delivery.TENANT_ID):
+        headers[delivery.TENANT_ID] = parent.tenant_id
+
+
+def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
+    state: dict[str, Maintenance] = {}
+
+    def setup_logging(**_: Any) -> None:
+        configure_logging(settings.log.level, settings.log.json_output, runtime.masker)
+
+    def on_worker_init(**_: Any) -> None:
+        run_security_checks(settings, production=settings.environment is Environment.PRODUCTION)
+        log.info("worker_configured", environment=str(settings.environment),
+                 queue=settings.broker.queue, key_prefix=settings.redis.key_prefix,
+                 broker=runtime.masker.text(str(app.conf.broker_url)))
+
+    def on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        propagate_context(headers)
+
+    def on_worker_ready(sender: Any = None, **_: Any) -> None:
+        broker = str(app.conf.broker_url)
+        reaper = (Reaper(runtime.store, kombu_restorer(app))
+                  if broker.startswith(("redis", "rediss", "unix")) else None)
+        mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
+                      batch_size=settings.deferral.batch_size)
+        maintenance = Maintenance(runtime.store, mover, reaper,
+                                  interval=settings.deferral.mover_interval_seconds)
+        maintenance.start()
+        state["maintenance"] = maintenance
+
+    def on_worker_shutdown(**_: Any) -> None:
+        maintenance = state.pop("maintenance", None)
+        if maintenance is not None:
+            maintenance.stop()
+            maintenance.join(timeout=5)
+
+    signals.setup_logging.connect(setup_logging, weak=False)
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.before_task_publish.connect(on_publish, weak=False)
+    signals.worker_ready.connect(on_worker_ready, weak=False)
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
