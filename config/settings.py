@@ -40,7 +40,7 @@ class BrokerSettings(BaseModel):
     queue: str = "reliable"
     # Must exceed the longest task plus the longest in-worker countdown; long waits are
     # parked in Redis instead, so one hour is plenty.
-    visibility_timeout_seconds: int = Field(3600, ge=10)
+    visibility_timeout_seconds: int = Field(3600, ge=1)
     # How often kombu sweeps for messages whose visibility timeout passed (kombu 5.7).
     unacked_restore_interval_seconds: int = Field(10, ge=1)
     global_keyprefix: str = ""
@@ -48,6 +48,8 @@ class BrokerSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
+    # Extra modules of tasks to load beside the built-in ones (comma separated in env).
+    task_modules: list[str] = Field(default_factory=list)
     prefetch_multiplier: int = Field(1, ge=1)
     soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
     default_soft_time_limit_seconds: float | None = Field(300.0, gt=0)

@@ -8,6 +8,7 @@ when the leader dies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -93,8 +94,6 @@ class Maintenance(threading.Thread):
                 self._stop.wait(1.0)
             self._stop.wait(self.interval if self.leading else self.leader_ttl / 3)
         if self.leading:
-            try:
+            with contextlib.suppress(BackendUnavailable):
                 self.store.call("resign", lambda c: c.delete(self.store.keys.leader)
                                 if c.get(self.store.keys.leader) == self.identity else 0)
-            except BackendUnavailable:
-                pass

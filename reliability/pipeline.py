@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("reliability.pipeline")
 
 
-class RetryRequested(Exception):  # noqa: N818 - control flow, not an error
+class RetryRequested(Exception):
     """Raised by ``ReliableTask.retry``: another attempt, after ``countdown`` if given."""
 
     def __init__(self, exc: BaseException | None, countdown: float | None) -> None:
@@ -220,7 +220,8 @@ class Pipeline:
             self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
             raise IdempotencyConflict(reason)
         if decision == "poison":
-            reason = f"delivered {verdict.detail} times (max redeliveries {rt.config.max_redeliveries})"
+            reason = (f"delivered {verdict.detail} times"
+                      f" (max redeliveries {rt.config.max_redeliveries})")
             self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
             raise PoisonMessage(reason)
         raise RuntimeError(f"unknown admission verdict {decision!r}")
@@ -268,7 +269,8 @@ class Pipeline:
         else:
             delay = policy.decide(d.attempt, exc, time.time() - first, d.previous_delay)
         if delay is None:
-            failure = classify(exc, policy.is_retryable(exc) and not isinstance(exc, PermanentError))
+            retryable = policy.is_retryable(exc) and not isinstance(exc, PermanentError)
+            failure = classify(exc, retryable)
             self.dead_letter(rt, d, failure, exc=exc, ran=ran)
             return Outcome.DEAD_LETTERED, None
         message = ParkedMessage.of(

@@ -1,19 +1,13 @@
 """Retry policy: whether a failure is worth another try, and how long to wait before it.
 
-One frozen :class:`RetryPolicy` serves both kinds of retry, so they cannot disagree:
-
-* **Celery task retries**: the pipeline calls :meth:`RetryPolicy.decide` with
-  ``(attempt, error, elapsed)`` and gets a delay in seconds, or ``None`` to give up (dead-letter).
-  Nothing here sleeps; the pipeline turns the delay into a deferral.
-* **In-process retries** (a client call inside a task body) run on tenacity through
-  :meth:`RetryPolicy.retrying`, :meth:`RetryPolicy.async_retrying`, or the policy used as a
-  decorator. The sleep function is injected, so tests never sleep.
-
-The delay math lives once, in tenacity ``wait_base`` strategies: tenacity's own
-``wait_exponential`` / ``wait_incrementing`` / ``wait_fixed`` where they are exact, and
-:class:`WaitFibonacci`, :class:`WaitDecorrelated` and :class:`WaitJitter` otherwise (all compose
-with tenacity's ``+``). :meth:`RetryPolicy.base` and :meth:`RetryPolicy.delay` evaluate those
-same objects. Randomness is injected as ``rng`` so property tests are deterministic.
+One frozen :class:`RetryPolicy` serves both kinds of retry, so they cannot disagree. Celery task
+retries call :meth:`RetryPolicy.decide` and get a delay in seconds or ``None`` (give up); nothing
+here sleeps, the pipeline turns the delay into a deferral. In-process retries run on tenacity via
+:meth:`RetryPolicy.retrying`, :meth:`RetryPolicy.async_retrying` or the policy as a decorator,
+with the sleep injected. The delay math lives once, in tenacity ``wait_base`` strategies
+(tenacity's own where exact; :class:`WaitFibonacci`, :class:`WaitDecorrelated`,
+:class:`WaitJitter` otherwise, all composable with ``+``), which :meth:`RetryPolicy.base` and
+:meth:`RetryPolicy.delay` evaluate. Randomness is injected (``rng``) for deterministic tests.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, get_args
 
 from tenacity import AsyncRetrying, Retrying
 from tenacity.retry import retry_base, retry_if_exception
@@ -95,8 +89,8 @@ class WaitFibonacci(wait_base):
 class WaitDecorrelated(wait_base):
     """AWS decorrelated jitter: ``uniform(base, 3 * previous sleep)``, capped at ``max_delay``.
 
-    The previous sleep is tenacity's ``retry_state.upcoming_sleep``, which still holds the last
-    wait when the next one is computed (0.0 before the first retry, meaning "use base_delay").
+    The previous sleep is ``retry_state.upcoming_sleep``: tenacity keeps the last wait there
+    until it computes the next (0.0 before the first retry, read as ``base_delay``).
     """
 
     def __init__(self, base_delay: float, max_delay: float, rng: random.Random) -> None:
@@ -280,6 +274,11 @@ class RetryPolicy:
         """Retry exactly the errors :meth:`is_retryable` accepts."""
         return retry_if_exception(self.is_retryable)
 
+    def _tenacity_options(self, reraise: bool, rng: random.Random | None) -> dict[str, Any]:
+        wait = self.tenacity_wait(rng=rng)
+        stop, retry = self.tenacity_stop(), self.tenacity_retry()
+        return {"stop": stop, "wait": wait, "retry": retry, "reraise": reraise}
+
     def retrying(
         self,
         *,
@@ -288,13 +287,7 @@ class RetryPolicy:
         rng: random.Random | None = None,
     ) -> Retrying:
         """A tenacity ``Retrying`` for this policy; ``reraise`` raises the last error itself."""
-        return Retrying(
-            sleep=sleep,
-            stop=self.tenacity_stop(),
-            wait=self.tenacity_wait(rng=rng),
-            retry=self.tenacity_retry(),
-            reraise=reraise,
-        )
+        return Retrying(sleep=sleep, **self._tenacity_options(reraise, rng))
 
     def async_retrying(
         self,
@@ -304,14 +297,10 @@ class RetryPolicy:
         rng: random.Random | None = None,
     ) -> AsyncRetrying:
         """A tenacity ``AsyncRetrying`` for this policy; ``sleep`` defaults to tenacity's."""
-        options = {} if sleep is None else {"sleep": sleep}
-        return AsyncRetrying(
-            stop=self.tenacity_stop(),
-            wait=self.tenacity_wait(rng=rng),
-            retry=self.tenacity_retry(),
-            reraise=reraise,
-            **options,
-        )
+        options = self._tenacity_options(reraise, rng)
+        if sleep is not None:
+            options["sleep"] = sleep
+        return AsyncRetrying(**options)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` to retry in-process; coroutine functions use ``AsyncRetrying``."""

@@ -31,7 +31,7 @@ rngs = st.randoms(use_true_random=False)
 
 @st.composite
 def policies(
-    draw: st.DrawFn, strategies: tuple[str, ...] = STRATEGIES, **fixed: object
+    draw: st.DrawFn, /, strategies: tuple[str, ...] = STRATEGIES, **fixed: object
 ) -> RetryPolicy:
     """Any valid policy with a strategy from ``strategies``; ``fixed`` pins other fields."""
     base_delay = draw(st.floats(min_value=0.0, max_value=60.0))

@@ -106,7 +106,7 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "beat_schedule": {
             "dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0},
         },
-        "include": TASK_MODULES,
+        "include": [*TASK_MODULES, *w.task_modules],
     }
 
 

@@ -8,7 +8,6 @@ from reliability.dlq import Filter
 from worker.app import app, runtime, settings
 
 
-
 @app.task(name="maintenance.dlq_cleanup")
 def dlq_cleanup(max_age_days: int | None = None) -> int:
     """Purge DLQ entries older than the retention policy; returns how many."""

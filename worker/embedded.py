@@ -9,6 +9,7 @@ directory share one server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -82,10 +83,8 @@ def stop_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
     socket = _socket_path(Path(data_dir).resolve())
     if not _alive(socket):
         return False
-    try:
+    with contextlib.suppress(redis.exceptions.ConnectionError):
         redis.Redis(unix_socket_path=str(socket)).shutdown(nosave=True)
-    except redis.exceptions.ConnectionError:
-        pass
     return True
 
 

@@ -1,0 +1,93 @@
+"""Shared fixtures: a real Redis (or an embedded one), isolated environments, sandbox.
+
+Redis: ``REDIS_URL`` or 127.0.0.1:6379; when neither answers, an embedded Redis is
+started so the suite runs anywhere — except in CI (``CI`` set), where a missing
+service fails the run. RabbitMQ tests skip locally without RabbitMQ and fail in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from reliability.store import Store
+from tests.support.fleet import Environment
+from worker.sandbox import SandboxProvider
+
+IN_CI = bool(os.environ.get("CI"))
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=2).ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _redis_answers(url):
+        return url
+    if IN_CI:
+        pytest.fail(f"Redis is required in CI and does not answer at {url}")
+    from worker.embedded import ensure_embedded_redis
+
+    return ensure_embedded_redis(os.path.join(tempfile.gettempdir(), "reliable-test-redis"))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    host, port = "127.0.0.1", 5672
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        if IN_CI:
+            pytest.fail("RabbitMQ is required in CI and does not answer on 127.0.0.1:5672")
+        pytest.skip("RabbitMQ is not running on this machine")
+    return RABBITMQ_URL
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Remove only this environment's keys (never FLUSHDB: the server is shared)."""
+    client = redis.Redis.from_url(url)
+    batch = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxProvider]:
+    with SandboxProvider().start() as provider:
+        yield provider
+
+
+@pytest.fixture
+def environment(redis_url: str, sandbox: SandboxProvider) -> Iterator[Environment]:
+    env = Environment(redis_url=redis_url, sandbox_url=sandbox.url)
+    yield env
+    delete_prefix(redis_url, env.prefix)
+
+
+@pytest.fixture
+def store(environment: Environment) -> Store:
+    return Store(environment.redis_url, environment.prefix)
+
+
+@pytest.fixture
+def bare_store(redis_url: str) -> Iterator[Store]:
+    """A store under a fresh prefix, for tests that need no worker or sandbox."""
+    prefix = "u" + os.urandom(5).hex()
+    yield Store(redis_url, prefix)
+    delete_prefix(redis_url, prefix)

@@ -1,0 +1,181 @@
+"""Real ``celery worker`` processes for tests, and a plain-Celery producer.
+
+Each test environment gets its own key prefix, queue and broker key prefix, so tests
+never see (or delete) anything but their own keys on a shared Redis. Waits are on
+conditions with bounded timeouts, never sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll ``condition`` until truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class Environment:
+    """One isolated test environment on the shared Redis (and optionally RabbitMQ)."""
+
+    redis_url: str
+    sandbox_url: str = "http://127.0.0.1:9"
+    broker_url: str | None = None
+    name: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"{self.name}-q"
+
+    @property
+    def broker_prefix(self) -> str:
+        return f"{self.name}:"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELIABLE_")}
+        env.update({
+            "RELIABLE_ENVIRONMENT": "testing",
+            "RELIABLE_REDIS__URL": self.redis_url,
+            "RELIABLE_REDIS__KEY_PREFIX": self.prefix,
+            "RELIABLE_BROKER__QUEUE": self.queue,
+            "RELIABLE_BROKER__GLOBAL_KEYPREFIX": self.broker_prefix,
+            "RELIABLE_PROVIDERS__PAYMENT_BASE_URL": self.sandbox_url,
+            "RELIABLE_PROVIDERS__NOTIFICATION_BASE_URL": self.sandbox_url,
+            "RELIABLE_PROVIDERS__EXPORT_BASE_URL": self.sandbox_url,
+            "RELIABLE_WORKER__TASK_MODULES": '["tests.support.tasks"]',
+            "RELIABLE_LOG__JSON_OUTPUT": "true",
+            "RELIABLE_LOG__LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+        })
+        if self.broker_url:
+            env["RELIABLE_BROKER__URL"] = self.broker_url
+        env.update(self.extra)
+        env.update(overrides)
+        return env
+
+    def producer(self) -> Celery:
+        """A plain Celery client, as a producer app would configure it (no project import)."""
+        broker = self.broker_url or self.redis_url
+        app = Celery(f"producer-{self.name}", broker=broker, backend=self.redis_url)
+        app.conf.update(
+            task_default_queue=self.queue,
+            broker_transport_options={"global_keyprefix": self.broker_prefix},
+            result_backend_transport_options={"global_keyprefix": self.broker_prefix},
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+        )
+        return app
+
+
+class WorkerProcess:
+    """A ``celery -A worker.app worker`` subprocess with its log captured to a file."""
+
+    def __init__(self, environment: Environment, *, concurrency: int = 2, pool: str = "prefork",
+                 name: str | None = None, log_dir: Path | None = None, **env: str) -> None:
+        self.environment = environment
+        self.name = name or f"w{uuid.uuid4().hex[:6]}"
+        self.concurrency = concurrency
+        self.pool = pool
+        self.env = environment.env(**env)
+        directory = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
+        self.log_path = directory / f"{environment.name}-{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+               "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
+               "-Q", self.environment.queue, "--without-mingle", "--without-gossip",
+               "-l", "INFO"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log_text()[-3000:]}")
+            return " ready." in self.log_text()
+
+        wait_until(ready, timeout, interval=0.1, message=f"worker {self.name} ready")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once: a whole-host crash."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM), escalating to SIGKILL after ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._close()
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close()
+
+    def _close(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,95 @@
+"""Tasks that exist only for tests: each exercises one way a delivery can end.
+
+Loaded by test workers through ``RELIABLE_WORKER__TASK_MODULES``. Side effects go to the
+sandbox provider (so tests count them) or to Redis keys under the test prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from reliability import ReliableTask, RetryPolicy, TransientError
+from reliability.delivery import current
+from tasks.provider import post
+from worker.app import app, runtime, settings
+
+FAST_RETRY = RetryPolicy(strategy="fixed", base_delay=0.3, max_delay=1.0, max_attempts=3,
+                         jitter="none")
+
+
+def _sandbox() -> str:
+    return settings.providers.payment_base_url
+
+
+@app.task(base=ReliableTask, name="test.echo")
+def echo(value: Any) -> Any:
+    """Returns its argument: the no-op task (no guards declared)."""
+    return value
+
+
+@app.task(base=ReliableTask, name="test.keyed_echo", idempotent=True)
+def keyed_echo(value: Any) -> Any:
+    return value
+
+
+@app.task(base=ReliableTask, name="test.call", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def call(key: str, endpoint: str = "webhooks") -> dict[str, Any]:
+    """One POST to the sandbox with the delivery's key and fence."""
+    return post(f"{_sandbox()}/{endpoint}", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.sleep", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def sleep(key: str, seconds: float) -> str:
+    time.sleep(seconds)
+    return key
+
+
+@app.task(base=ReliableTask, name="test.crash", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def crash(key: str, times: int) -> str:
+    """Kills its own pool child the first ``times`` deliveries (counted in Redis)."""
+    counter = f"{runtime.store.keys.prefix}:test:crash:{key}"
+    n = runtime.store.client.incr(counter)
+    runtime.store.client.expire(counter, 600)
+    if n <= times:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return key
+
+
+@app.task(base=ReliableTask, name="test.slow_call", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def slow_call(key: str, before: float, endpoint: str = "webhooks") -> dict[str, Any]:
+    """Waits ``before`` seconds (a window to pause or kill it), then calls the sandbox."""
+    time.sleep(before)
+    return post(f"{_sandbox()}/{endpoint}", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.spawn")
+def spawn(value: str) -> str:
+    """Publishes a child task; it must inherit correlation id and deadline."""
+    child = app.send_task("test.context", args=[value])
+    return child.id
+
+
+@app.task(base=ReliableTask, name="test.context")
+def context(value: str) -> dict[str, Any]:
+    d = current()
+    assert d is not None
+    return {"value": value, "correlation_id": d.correlation_id,
+            "deadline": d.deadline_header, "tenant_id": d.tenant_id}
+
+
+@app.task(base=ReliableTask, name="test.flaky", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def flaky(key: str, fail_times: int) -> str:
+    counter = f"{runtime.store.keys.prefix}:test:flaky:{key}"
+    n = runtime.store.client.incr(counter)
+    runtime.store.client.expire(counter, 600)
+    if n <= fail_times:
+        raise TransientError(f"flaky failure {n}")
+    return f"{key}:{n}"

@@ -1,0 +1,121 @@
+"""``reliable dlq`` (also ``reliable-dlq``): list, show, retry and purge dead letters.
+
+Retry re-enqueues with the same idempotency key and correlation id; an entry is removed
+only after its re-enqueue succeeded, and the number of redrives per entry is capped.
+Purge asks for confirmation unless ``--yes`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from reliability.dlq import DeadLetter, Filter, RedriveRefused
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    since = time.time() - args.since_minutes * 60 if args.since_minutes else None
+    return Filter(failure_class=args.failure_class, task_name=args.task, since=since)
+
+
+def _publisher(app: Any) -> Any:
+    def publish(entry: DeadLetter, headers: dict[str, Any]) -> str:
+        options: dict[str, Any] = {}
+        if entry.routing.get("routing_key"):
+            options["routing_key"] = entry.routing["routing_key"]
+        result = app.send_task(entry.task_name, args=entry.args, kwargs=entry.kwargs,
+                               headers=headers, **options)
+        return str(result.id)
+
+    return publish
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reliable dlq", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def filtered(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--class", dest="failure_class",
+                       help="transient, permanent, expired, poison, conflict, "
+                            "retry_budget_exhausted")
+        p.add_argument("--task", help="task name, e.g. payments.charge")
+        p.add_argument("--since-minutes", type=float)
+        return p
+
+    p_list = filtered(sub.add_parser("list", help="entries, newest first"))
+    p_list.add_argument("--offset", type=int, default=0)
+    p_list.add_argument("--limit", type=int, default=20)
+    p_list.add_argument("--json", action="store_true")
+    p_show = sub.add_parser("show", help="one entry, in full")
+    p_show.add_argument("id")
+    p_retry = filtered(sub.add_parser("retry", help="re-enqueue one entry, or --all matching"))
+    p_retry.add_argument("id", nargs="?")
+    p_retry.add_argument("--all", action="store_true")
+    p_purge = filtered(sub.add_parser("purge", help="delete matching entries"))
+    p_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub.add_parser("count", help="how many entries")
+    args = parser.parse_args(argv)
+
+    from worker.app import app, runtime
+
+    dlq = runtime.dlq
+    if args.command == "count":
+        print(dlq.count())
+        return 0
+    if args.command == "list":
+        entries = dlq.list(_filter(args), offset=args.offset, limit=args.limit)
+        if args.json:
+            print(json.dumps([asdict(e) for e in entries], indent=2, default=str))
+            return 0
+        for e in entries:
+            print(f"{e.id}  {_when(e.last_failure_at)}  {e.failure_class:<22} {e.task_name:<20} "
+                  f"attempts={e.attempts} redrives={e.redrive_count}  {e.reason[:80]}")
+        print(f"-- {len(entries)} shown of {dlq.count()} total")
+        return 0
+    if args.command == "show":
+        entry = dlq.get(args.id)
+        if entry is None:
+            print(f"no DLQ entry {args.id}", file=sys.stderr)
+            return 1
+        print(json.dumps(asdict(entry), indent=2, default=str))
+        return 0
+    if args.command == "retry":
+        publish = _publisher(app)
+        if args.all:
+            done, refused = dlq.redrive_matching(_filter(args), publish)
+            print(f"re-enqueued {len(done)}; refused {len(refused)} (redrive cap)")
+            return 0 if not refused else 1
+        if not args.id:
+            parser.error("retry needs an entry id or --all")
+        try:
+            task_id = dlq.redrive(args.id, publish)
+        except RedriveRefused as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        print(f"re-enqueued as task {task_id}")
+        return 0
+    if args.command == "purge":
+        where = _filter(args)
+        matching = sum(1 for _ in dlq.iter(where))
+        if not args.yes:
+            answer = input(f"delete {matching} DLQ entries? type 'yes' to confirm: ")
+            if answer.strip().lower() != "yes":
+                print("nothing deleted")
+                return 1
+        print(f"deleted {dlq.purge(where)}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
