@@ -97,6 +97,4 @@ def broker_url_for(state_url: str) -> str:
 
 def backend_url_for(state_url: str) -> str:
     """The Celery result-backend URL for a redis-py state URL."""
-    if state_url.startswith("unix://"):
-        return "socket://" + state_url[len("unix://"):]
-    return state_url
+    return broker_url_for(state_url)
