@@ -8,11 +8,13 @@ print; :func:`load_settings` turns a bad value into a message naming the variabl
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "RELIABLE_"
 NESTED_DELIMITER = "__"
@@ -31,12 +33,16 @@ class RedisSettings(BaseModel):
     key_prefix: str = Field("rel", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     data_dir: str = ".data"
     socket_timeout_seconds: float = Field(5.0, gt=0)
+    # While the store is unreachable a task waits this long, then hands its message back.
+    unavailable_wait_seconds: float = Field(30.0, ge=0)
 
 
 class BrokerSettings(BaseModel):
     """The Celery broker. No URL means: the same Redis as the state store."""
 
     url: SecretStr | None = None
+    # Celery result backend; default: the state store's Redis.
+    result_backend_url: SecretStr | None = None
     queue: str = "reliable"
     # Must exceed the longest task plus the longest in-worker countdown; long waits are
     # parked in Redis instead, so one hour is plenty.
@@ -48,7 +54,7 @@ class BrokerSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
-    # Extra modules of tasks to load beside the built-in ones (comma separated in env).
+    # Extra modules of tasks to load beside the built-in ones (a JSON list in env).
     task_modules: list[str] = Field(default_factory=list)
     prefetch_multiplier: int = Field(1, ge=1)
     soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
@@ -250,3 +256,14 @@ def load_settings(**overrides: Any) -> Settings:
         lines = [_describe(e) for e in exc.errors(include_url=False)]
         message = "invalid configuration:\n  " + "\n  ".join(lines)
         raise SettingsError(message) from None
+    except SourceError as exc:
+        # A list/object value that is not JSON fails in pydantic-settings, before validation.
+        raise SettingsError(f"invalid configuration:\n  {_describe_source(exc)}") from None
+
+
+def _describe_source(exc: SourceError) -> str:
+    bad = getattr(exc.__cause__, "doc", None)
+    names = sorted(k for k, v in os.environ.items()
+                   if bad is not None and v == bad and k.upper().startswith(ENV_PREFIX))
+    variable = ", ".join(names) or "settings"
+    return f"{variable}: {exc}; list and object values must be JSON, e.g. '[\"a\", \"b\"]'"

@@ -40,6 +40,8 @@ class ParkedMessage:
     root_id: str | None = None
     reason: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The producer's (hard, soft) time limits: a later attempt runs under them too.
+    time_limits: list[float | None] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)
@@ -64,6 +66,7 @@ class ParkedMessage:
             parent_id=delivery.parent_id,
             root_id=delivery.root_id,
             reason=reason,
+            time_limits=list(delivery.time_limits) if delivery.time_limits else None,
         )
 
 
@@ -126,6 +129,8 @@ class Mover:
             options["exchange"] = routing["exchange"]
         if routing.get("priority") is not None:
             options["priority"] = routing["priority"]
+        if message.time_limits:
+            options["time_limit"], options["soft_time_limit"] = message.time_limits
         self.app.send_task(
             message.task,
             args=message.args,

@@ -47,6 +47,14 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def _time_limits(value: Any) -> tuple[float | None, float | None] | None:
+    """The producer's ``timelimit`` header (hard, soft); ``None`` when neither is set."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    hard, soft = _number(value[0]), _number(value[1])
+    return None if hard is None and soft is None else (hard, soft)
+
+
 @dataclass
 class Delivery:
     """One delivery of one task message, as the pipeline sees it."""
@@ -66,6 +74,7 @@ class Delivery:
     first_attempt_at: float | None = None
     previous_delay: float | None = None
     redrive_count: int = 0
+    time_limits: tuple[float | None, float | None] | None = None  # producer's (hard, soft)
     delivery_tag: str = ""
     redelivered: bool = False
     hostname: str = ""
@@ -112,6 +121,7 @@ class Delivery:
             first_attempt_at=_number(get(FIRST_ATTEMPT_AT)),
             previous_delay=_number(get(PREVIOUS_DELAY)),
             redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),
+            time_limits=_time_limits(get("timelimit")),
             delivery_tag=str(info.get("delivery_tag") or ""),
             redelivered=bool(info.get("redelivered")),
             hostname=str(get("hostname") or ""),

@@ -55,11 +55,11 @@ class Maintenance(threading.Thread):
         self.reap_every = reap_every
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.leading = False
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._since_reap = 0.0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def lead(self) -> bool:
         keys = self.store.keys
@@ -83,16 +83,16 @@ class Maintenance(threading.Thread):
             self.reaper.reap()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self.tick()
             except BackendUnavailable as exc:
                 log.warning("maintenance_store_unavailable", error=str(exc))
-                self._stop.wait(1.0)
+                self._stopping.wait(1.0)
             except Exception:
                 log.exception("maintenance_tick_failed")
-                self._stop.wait(1.0)
-            self._stop.wait(self.interval if self.leading else self.leader_ttl / 3)
+                self._stopping.wait(1.0)
+            self._stopping.wait(self.interval if self.leading else self.leader_ttl / 3)
         if self.leading:
             with contextlib.suppress(BackendUnavailable):
                 self.store.call("resign", lambda c: c.delete(self.store.keys.leader)

@@ -39,6 +39,7 @@ from reliability.errors import (
     IdempotencyConflict,
     PermanentError,
     PoisonMessage,
+    StaleFencingToken,
 )
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime, get_runtime
@@ -56,6 +57,14 @@ class RetryRequested(Exception):
         super().__init__(str(exc) if exc else "retry requested")
         self.exc = exc
         self.countdown = countdown
+
+
+TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenant_id")
+
+
+def clear_task_context() -> None:
+    """Unbind the log context a delivery bound (called on Celery's ``task_postrun``)."""
+    structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
 
 
 def pipeline_for(task: ReliableTask) -> Pipeline:
@@ -95,9 +104,12 @@ class Pipeline:
         if d.tenant_id:
             context["tenant_id"] = d.tenant_id
         token = activate(d)
+        # Bound until task_postrun (see clear_task_context), so Celery's own lines about
+        # this delivery (succeeded, retry, raised) carry the task and correlation ids too.
+        clear_task_context()
+        structlog.contextvars.bind_contextvars(**context)
         try:
-            with structlog.contextvars.bound_contextvars(**context):
-                return self._execute(rt, d)
+            return self._execute(rt, d)
         finally:
             deactivate(token)
 
@@ -249,10 +261,28 @@ class Pipeline:
 
     def _failed(self, rt: Runtime, d: Delivery, exc: BaseException,
                 countdown: float | None = None) -> Any:
+        if isinstance(exc, StaleFencingToken) and d.fence:
+            return self._superseded(rt, d, exc)
         decision, delay = self.settle_failure(rt, d, exc, countdown=countdown, ran=True)
+        # Celery stores exc.args in the result backend (and logs them): no secret in them.
+        masked = rt.masker.data(list(exc.args))
+        if masked != list(exc.args):
+            exc.args = tuple(masked)
         if decision == Outcome.RETRIED:
             raise Retry(exc=exc, when=delay)
         raise exc
+
+    def _superseded(self, rt: Runtime, d: Delivery, exc: StaleFencingToken) -> Any:
+        """The provider saw a newer fence: a successor owns the key (and settles it).
+
+        Not a failure of the work, so no retry and no DLQ entry: only a ledger record.
+        """
+        self._store(rt, "superseded", lambda: rt.ledger.record(
+            d.task_id, d.name, Outcome.SUPERSEDED, d.attempt, type(exc).__name__))
+        metrics.OUTCOMES.labels(d.name, Outcome.SUPERSEDED).inc()
+        log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
+                    fence=d.fence, error=rt.masker.text(str(exc)))
+        raise Ignore()
 
     def settle_failure(self, rt: Runtime, d: Delivery, exc: BaseException, *,
                        countdown: float | None = None, ran: bool = True

@@ -63,7 +63,9 @@ def kombu_restorer(app: Any) -> Restore:
             if qos is None or not hasattr(qos, "restore_by_tag"):
                 return False
             with channel.conn_or_acquire() as client:
-                if not client.hexists(qos.unacked_key, tag):
+                # HGET, not HEXISTS: kombu's prefixed client (global_keyprefix) prefixes
+                # only the commands it uses itself, so HEXISTS would read the wrong key.
+                if client.hget(qos.unacked_key, tag) is None:
                     return False
             qos.restore_by_tag(tag, leftmost=False)
             return True

@@ -59,6 +59,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         recheck_seconds=settings.deferral.in_progress_recheck_seconds,
         dlq_max_entries=settings.dlq.max_entries,
         dlq_max_redrives=settings.dlq.max_redrives,
+        store_wait_seconds=settings.redis.unavailable_wait_seconds,
     )
 
 
@@ -76,7 +77,8 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
     w = settings.worker
     return {
         "broker_url": broker_url,
-        "result_backend": backend_url_for(url),
+        "result_backend": (broker.result_backend_url.get_secret_value()
+                           if broker.result_backend_url else backend_url_for(url)),
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
         # JSON only: pickle is refused (and dead-lettered) by the consumer.

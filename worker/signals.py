@@ -17,6 +17,7 @@ from reliability.deadline import format_deadline
 from reliability.deferral import Mover
 from reliability.logs import configure_logging
 from reliability.maintenance import Maintenance
+from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
@@ -71,5 +72,6 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
     signals.setup_logging.connect(setup_logging, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.before_task_publish.connect(on_publish, weak=False)
+    signals.task_postrun.connect(lambda **_: clear_task_context(), weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)

