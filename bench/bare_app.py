@@ -21,10 +21,11 @@ from bench import marks
 from config import Settings, load_settings
 
 # worker.app settings the baseline deliberately leaves out: they are the guards (the
-# reliable consumer), loading of the service's tasks, logging set-up and beat.
+# reliable consumer, the atomic-pop broker transport), loading of the service's tasks,
+# logging set-up and beat.
 NOT_SHARED = frozenset({
-    "worker_consumer", "include", "worker_hijack_root_logger", "beat_schedule",
-    "beat_schedule_filename",
+    "worker_consumer", "broker_transport", "include", "worker_hijack_root_logger",
+    "beat_schedule", "beat_schedule_filename",
 })
 
 
@@ -44,7 +45,8 @@ def bare_config(settings: Settings) -> dict[str, Any]:
     w = settings.worker
     return {
         "broker_url": broker.url.get_secret_value() if broker.url else url,
-        "result_backend": url,
+        "result_backend": (broker.result_backend_url.get_secret_value()
+                           if broker.result_backend_url else url),
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
         "task_serializer": "json",

@@ -29,6 +29,8 @@ from typing import Any
 
 # Thread names whose Redis calls are on the task's path (consumer, pool child, events).
 TASK_PATH_THREADS = frozenset({"MainThread"})
+# Share of the tasks (by start time, the middle ones) whose round trips count per task.
+STEADY_SHARE = 0.8
 # A pipeline longer than this is named by its first commands only.
 MAX_PIPELINE_NAMES = 6
 
@@ -129,14 +131,14 @@ class Counts:
     task_path: Counter[str] = field(default_factory=Counter)
     background: Counter[str] = field(default_factory=Counter)
     processes: int = 0
+    # Task-path round trips while the middle STEADY_SHARE of the tasks started: no
+    # per-process one-offs (connection handshakes, script loads) at the start.
+    steady: Counter[str] = field(default_factory=Counter)
+    steady_tasks: int = 0
 
     @property
     def seconds(self) -> float:
         return self.last_end - self.first_start
-
-    def per_task(self, which: str = "task_path") -> float:
-        counter = self.task_path if which == "task_path" else self.background
-        return sum(counter.values()) / self.tasks if self.tasks else 0.0
 
 
 def read(directory: Path) -> Counts:
@@ -148,11 +150,17 @@ def read(directory: Path) -> Counts:
         raise RuntimeError(f"no task ran in the measured worker (dumps in {directory})")
     counts = Counts(tasks=len(ends), first_start=min(starts), last_end=max(ends),
                     processes=len(dumps))
+    ordered = sorted(starts)
+    skip = int(len(ordered) * (1 - STEADY_SHARE) / 2)
+    steady_from, steady_to = ordered[skip], ordered[len(ordered) - 1 - skip]
+    counts.steady_tasks = len(ordered) - 1 - 2 * skip
     for d in dumps:
         for t, thread, what in d["events"]:
             if counts.first_start <= t <= counts.last_end:
-                target = counts.task_path if thread in TASK_PATH_THREADS else counts.background
-                target[what] += 1
+                on_path = thread in TASK_PATH_THREADS
+                (counts.task_path if on_path else counts.background)[what] += 1
+                if on_path and steady_from <= t < steady_to:
+                    counts.steady[what] += 1
     return counts
 
 

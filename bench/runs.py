@@ -3,8 +3,9 @@
 Throughput: ``tasks`` no-op messages are published to a fresh queue, then one worker
 starts and drains it. The time is the worker's own, from the first task's start
 (``task_prerun``) to the last task's end (``task_postrun``, after its result is stored),
-so worker start-up and shutdown are not measured. Round trips (client side, every worker
-process) and server commands (``INFO commandstats``) are counted in that same window.
+so worker start-up and shutdown are not measured. Server commands (``INFO commandstats``)
+and CPU are taken over that window; round trips (client side, every worker process) over
+it and, per task, in its steady state (see :mod:`bench.roundtrips`).
 
 Revival: one bare and one reliable prefork worker run side by side; a keyed task that
 sleeps on its first delivery is sent, its pool child is SIGKILLed as soon as the task
@@ -28,7 +29,7 @@ from typing import Any
 
 import redis
 
-from bench import marks, roundtrips
+from bench import childloss, marks, roundtrips
 from bench.sampler import CommandSampler
 from bench.stack import BenchWorker, Stack, delete_prefix, send, worker_env
 from tests.support.fleet import Environment, wait_until
@@ -48,7 +49,10 @@ class ThroughputRun:
     repetition: int
     tasks: int
     seconds: float
+    # Task-path round trips over the whole window (for commands) and in steady state.
     round_trips: Counter[str] = field(default_factory=Counter)
+    steady_round_trips: Counter[str] = field(default_factory=Counter)
+    steady_tasks: int = 1
     background_round_trips: Counter[str] = field(default_factory=Counter)
     commands: Counter[str] = field(default_factory=Counter)
     command_usec: Counter[str] = field(default_factory=Counter)
@@ -60,8 +64,10 @@ class ThroughputRun:
 
     @property
     def sync_round_trips(self) -> Counter[str]:
-        """Task-path round trips without Celery's event publishes (buffered, fire and forget)."""
-        return Counter({k: v for k, v in self.round_trips.items() if k not in EVENT_KINDS})
+        """Steady-state round trips without Celery's event publishes (buffered, flushed by
+        the event loop, never waited on by a task)."""
+        return Counter({k: v for k, v in self.steady_round_trips.items()
+                        if k not in EVENT_KINDS})
 
     @property
     def client_commands(self) -> Counter[str]:
@@ -73,7 +79,12 @@ class ThroughputRun:
         return self.tasks / self.seconds
 
     def per_task(self, counter: Counter[str]) -> float:
+        """Per task over the whole window (commands, background round trips)."""
         return sum(counter.values()) / self.tasks
+
+    def rt_per_task(self, counter: Counter[str]) -> float:
+        """Per task in steady state (task-path round trips)."""
+        return sum(counter.values()) / self.steady_tasks
 
     def cpu_per_task(self) -> dict[str, float]:
         us = 1e6 / self.tasks
@@ -82,24 +93,27 @@ class ThroughputRun:
                 "worker_children": round(self.worker_children_cpu * us, 1)}
 
     def as_dict(self, names: dict[str, str]) -> dict[str, Any]:
-        def per_task(counter: Counter[str], rename: bool) -> dict[str, float]:
+        def per_task(counter: Counter[str], rename: bool, tasks: int | None = None
+                     ) -> dict[str, float]:
             items = ((roundtrips.readable(k, names) if rename else k, v)
                      for k, v in counter.most_common())
-            return {k: round(v / self.tasks, 4) for k, v in items}
+            return {k: round(v / (tasks or self.tasks), 4) for k, v in items}
 
         return {
             "stack": self.stack, "pool": self.pool, "repetition": self.repetition,
             "tasks": self.tasks, "seconds": round(self.seconds, 4),
             "tasks_per_second": round(self.rate, 1),
-            "round_trips_per_task": round(self.per_task(self.round_trips), 3),
-            "sync_round_trips_per_task": round(self.per_task(self.sync_round_trips), 3),
+            "round_trips_per_task": round(self.rt_per_task(self.steady_round_trips), 3),
+            "sync_round_trips_per_task": round(self.rt_per_task(self.sync_round_trips), 3),
+            "steady_state_tasks": self.steady_tasks,
             "background_round_trips_per_task":
                 round(self.per_task(self.background_round_trips), 3),
             "commands_per_task": round(self.per_task(self.commands), 3),
             "client_commands_per_task": round(self.per_task(self.client_commands), 3),
             "processes": self.processes,
             "cpu_microseconds_per_task": self.cpu_per_task(),
-            "round_trips_by_kind": per_task(self.round_trips, True),
+            "round_trips_by_kind": per_task(self.steady_round_trips, True, self.steady_tasks),
+            "whole_window_round_trips_by_kind": per_task(self.round_trips, True),
             "background_round_trips_by_kind": per_task(self.background_round_trips, True),
             "commands_by_name": per_task(self.commands, False),
             "server_usec_by_command": per_task(self.command_usec, False),
@@ -134,6 +148,7 @@ def measure_throughput(stack: Stack, pool: str, concurrency: int, tasks: int, re
         run = ThroughputRun(
             stack=stack.name, pool=pool, repetition=repetition, tasks=tasks,
             seconds=counts.seconds, round_trips=counts.task_path,
+            steady_round_trips=counts.steady, steady_tasks=counts.steady_tasks,
             background_round_trips=counts.background, commands=activity.commands,
             command_usec=activity.command_usec,
             processes=counts.processes, redis_cpu=activity.redis_cpu,
@@ -161,45 +176,52 @@ def _drained(sampler: CommandSampler, worker: BenchWorker) -> bool:
 
 @dataclass
 class Revival:
+    """One kill. Times are seconds from the SIGKILL; None when it did not happen."""
+
     stack: str
     repetition: int
-    kill_to_restart: float | None
-    kill_to_finish: float | None
     killed_pid: int
-    revived_pid: int | None
-    # Billiard notices the death of a child forked at start-up later than a replacement's.
-    killed_initial_child: bool = False
+    noticed: float | None = None
+    restarted: float | None = None
+    finished: float | None = None
+    revived_pid: int | None = None
+
+    @property
+    def noticed_to_restart(self) -> float | None:
+        if self.noticed is None or self.restarted is None:
+            return None
+        return self.restarted - self.noticed
 
     def as_dict(self) -> dict[str, Any]:
         def r(v: float | None) -> float | None:
             return None if v is None else round(v, 4)
 
         return {"stack": self.stack, "repetition": self.repetition,
-                "kill_to_restart_seconds": r(self.kill_to_restart),
-                "kill_to_finish_seconds": r(self.kill_to_finish),
-                "killed_pid": self.killed_pid, "revived_pid": self.revived_pid,
-                "killed_initial_child": self.killed_initial_child}
+                "kill_to_noticed_seconds": r(self.noticed),
+                "noticed_to_restart_seconds": r(self.noticed_to_restart),
+                "kill_to_restart_seconds": r(self.restarted),
+                "kill_to_finish_seconds": r(self.finished),
+                "killed_pid": self.killed_pid, "revived_pid": self.revived_pid}
 
 
 class RevivalRig:
     """A prefork worker of one stack, kept running across revival repetitions."""
 
-    def __init__(self, stack: Stack, redis_url: str, workdir: Path, concurrency: int,
-                 log_level: str) -> None:
+    def __init__(self, stack: Stack, redis_url: str, workdir: Path, concurrency: int) -> None:
         self.stack = stack
         self.environment = Environment(redis_url=redis_url)
         self.redis_url = redis_url
+        self.loss_file = workdir / f"{self.environment.name}-child-loss.txt"
+        # INFO: readiness is read from the worker's " ready." log line.
         self.worker = BenchWorker(self.environment, stack, pool="prefork",
-                                  concurrency=concurrency, log_dir=workdir,
-                                  log_level=log_level, **worker_env())
+                                  concurrency=concurrency, log_dir=workdir, log_level="INFO",
+                                  BENCH_CHILD_LOSS_FILE=str(self.loss_file), **worker_env())
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)
         self.concurrency = concurrency
-        self.initial_children: set[int] = set()
 
     def __enter__(self) -> RevivalRig:
         self.worker.start()
         self._wait_for_pool(exclude=None)
-        self.initial_children = {c.pid for c in self.worker.children()}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -210,6 +232,7 @@ class RevivalRig:
             delete_prefix(self.redis_url, self.environment.prefix)
         if exc[0] is None:
             self.worker.log_path.unlink(missing_ok=True)
+            self.loss_file.unlink(missing_ok=True)
 
     def _wait_for_pool(self, exclude: int | None) -> None:
         def full() -> bool:
@@ -221,6 +244,7 @@ class RevivalRig:
 
     def revive_once(self, repetition: int, sleep_seconds: float, pause: float = 0.0,
                     timeout: float = 60.0) -> Revival:
+        """Pause, send one task, SIGKILL its child once it started, time the revival."""
         key = f"rev-{repetition}-{uuid.uuid4().hex[:8]}"
         time.sleep(pause)
         prefix = self.environment.prefix
@@ -230,19 +254,20 @@ class RevivalRig:
         killed = int(started[0]["pid"])
         killed_at = time.time()
         os.kill(killed, signal.SIGKILL)
+        revival = Revival(self.stack.name, repetition, killed)
         try:
-            found = wait_until(
-                lambda: [m for m in marks.read(self.client, prefix, key)
-                         if m["event"] == "finish"],
-                timeout=timeout, interval=0.005, message=f"{self.stack.name} revived task",
-            )
+            wait_until(lambda: [m for m in marks.read(self.client, prefix, key)
+                                if m["event"] == "finish"],
+                       timeout=timeout, interval=0.005, message=f"{self.stack.name} revived")
         except AssertionError:
-            return Revival(self.stack.name, repetition, None, None, killed, None,
-                           killed in self.initial_children)
-        restarts = [m for m in marks.read(self.client, prefix, key)
-                    if m["event"] == "start" and m["pid"] != killed]
-        finish = found[0]
-        restart = restarts[0]["t"] - killed_at if restarts else None
+            return revival
+        found = marks.read(self.client, prefix, key)
+        restart = next(m for m in found if m["event"] == "start" and m["pid"] != killed)
+        finish = next(m for m in found if m["event"] == "finish")
+        noticed = childloss.noticed_at(self.loss_file, killed)
+        revival.noticed = None if noticed is None else noticed - killed_at
+        revival.restarted = restart["t"] - killed_at
+        revival.finished = finish["t"] - killed_at
+        revival.revived_pid = int(finish["pid"])
         self._wait_for_pool(exclude=killed)
-        return Revival(self.stack.name, repetition, restart, finish["t"] - killed_at, killed,
-                       int(finish["pid"]), killed in self.initial_children)
+        return revival

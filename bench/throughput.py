@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
     p.add_argument("--private-redis", action="store_true",
                    help="run on a redis-server of the bench's own (exact commandstats)")
-    p.add_argument("--log-level", default="INFO", help="worker log level (both stacks)")
+    p.add_argument("--log-level", default="INFO",
+                   help="worker log level of the throughput runs (both stacks)")
     p.add_argument("--output", type=Path, help="JSON path (default bench/results/<time>.json)")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -84,8 +85,9 @@ def run_throughput(args: argparse.Namespace, redis_url: str, workdir: Path
                 run = measure_throughput(stack, pool, concurrency(pool), args.tasks, rep,
                                          redis_url, workdir, args.log_level)
                 runs.append(run)
+                rt = run.rt_per_task(run.steady_round_trips)
                 print(f"  rep {rep + 1}/{args.repetitions} {pool:8} {stack.name:9}"
-                      f" {run.rate:8.1f} tasks/s  {run.per_task(run.round_trips):6.2f} rt/task"
+                      f" {run.rate:8.1f} tasks/s  {rt:6.2f} rt/task"
                       f"  {run.per_task(run.commands):6.2f} cmd/task", flush=True)
     return runs
 
@@ -94,19 +96,24 @@ def run_revival(args: argparse.Namespace, redis_url: str, workdir: Path) -> list
     revivals: list[Revival] = []
     if args.revival_repetitions <= 0:
         return revivals
-    with RevivalRig(BARE, redis_url, workdir, PREFORK_CONCURRENCY, args.log_level) as bare, \
-            RevivalRig(RELIABLE, redis_url, workdir, PREFORK_CONCURRENCY, args.log_level) as rel:
+    with RevivalRig(BARE, redis_url, workdir, PREFORK_CONCURRENCY) as bare, \
+            RevivalRig(RELIABLE, redis_url, workdir, PREFORK_CONCURRENCY) as rel:
         rng = random.Random(args.seed)
         for rep in range(args.revival_repetitions):
             for rig in (bare, rel):
                 pause = rng.uniform(0, args.revival_jitter)
                 r = rig.revive_once(rep, args.sleep_seconds, pause)
                 revivals.append(r)
-                shown = "not revived" if r.kill_to_finish is None else (
-                    f"restart {r.kill_to_restart:.3f}s finish {r.kill_to_finish:.3f}s")
+                shown = "not revived" if r.finished is None else (
+                    f"noticed {_s(r.noticed)} restart {_s(r.restarted)}"
+                    f" finish {_s(r.finished)} (pause {pause:.2f}s)")
                 print(f"  revival {rep + 1}/{args.revival_repetitions} {r.stack:9} {shown}",
                       flush=True)
     return revivals
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}s"
 
 
 def _git_commit() -> str | None:
@@ -139,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         runs = run_throughput(args, redis_url, workdir)
         revivals = run_revival(args, redis_url, workdir)
+    except BaseException:
+        print(f"bench failed; worker logs are kept in {workdir}", file=sys.stderr)
+        raise
     finally:
         if private is not None:
             private.stop()

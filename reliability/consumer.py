@@ -90,8 +90,48 @@ def dead_letter_message(message: Any, reason: str, error: BaseException | None) 
     return True
 
 
+# Delivery tags of messages this process holds unacked but will never ack (the broker
+# connection they came on is gone); restored to the queue after reconnecting.
+_orphaned_tags: list[str] = []
+
+
+def hand_back(tag: Any) -> None:
+    """Restore this message after the next reconnect (its own delivery can never ack)."""
+    if tag:
+        _orphaned_tags.append(str(tag))
+
+
 class ReliableConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, dead-lettering every message it would drop, before the ack."""
+    """Celery's consumer, dead-lettering every message it would drop, before the ack.
+
+    It also hands back messages Celery forgets when the broker connection drops: the
+    reserved (prefetched) requests that never started, and running ones Celery
+    cancelled (see ``ReliableRequest.cancel``). Their messages stay unacked in Redis,
+    where Celery would leave them for the visibility timeout (an hour); after
+    reconnecting they are restored by delivery tag.
+    """
+
+    def on_close(self) -> None:
+        from celery.worker.state import active_requests, reserved_requests
+
+        for request in tuple(reserved_requests):
+            if request.acknowledged or request in active_requests:
+                continue
+            hand_back(request.delivery_info.get("delivery_tag"))
+        super().on_close()
+
+    def connect(self) -> Any:
+        connection = super().connect()
+        if _orphaned_tags:
+            qos = getattr(connection.default_channel, "qos", None)
+            restored = 0
+            while _orphaned_tags:
+                tag = _orphaned_tags.pop()
+                if qos is not None and hasattr(qos, "restore_by_tag"):
+                    qos.restore_by_tag(tag, leftmost=False)
+                    restored += 1
+            log.warning("messages_restored_after_reconnect", count=restored)
+        return connection
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
         name = (message.headers or {}).get("task")

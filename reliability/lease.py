@@ -44,6 +44,7 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._wake_at = 0.0
 
     def hold(self, key: str, owner: str, fence: int, lease_seconds: float) -> HeldLease:
         lease = HeldLease(key, owner, fence, lease_seconds)
@@ -51,7 +52,10 @@ class LeaseKeeper:
         with self._cond:
             self._ensure_thread()
             self._held[id(lease)] = lease
-            self._cond.notify()
+            # Wake the keeper only if this lease is due before its next planned wake-up:
+            # a short task never costs a thread switch.
+            if lease.renew_at < self._wake_at:
+                self._cond.notify()
         return lease
 
     def drop(self, lease: HeldLease) -> None:
@@ -77,7 +81,9 @@ class LeaseKeeper:
             with self._cond:
                 due, wait = self._due()
                 if not due:
+                    self._wake_at = time.monotonic() + wait
                     self._cond.wait(timeout=wait)
+                    self._wake_at = 0.0
                     continue
             for lease in due:
                 self._renew(lease)

@@ -51,6 +51,7 @@ def configure_logging(level: str = "INFO", json_output: bool = True,
             structlog.processors.format_exc_info,
             masker.processor,
             renderer,
+            masker.rendered,
         ],
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -45,7 +46,8 @@ class Maintenance(threading.Thread):
 
     def __init__(self, store: Store, mover: Mover, reaper: Reaper | None, *,
                  interval: float = 0.2, leader_ttl: float = 5.0,
-                 reap_every: float = 1.0) -> None:
+                 reap_every: float = 1.0,
+                 sweepers: Sequence[Callable[[], int]] = ()) -> None:
         super().__init__(name="reliable-maintenance", daemon=True)
         self.store = store
         self.mover = mover
@@ -53,6 +55,7 @@ class Maintenance(threading.Thread):
         self.interval = interval
         self.leader_ttl = leader_ttl
         self.reap_every = reap_every
+        self.sweepers = list(sweepers)
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.leading = False
         self._stopping = threading.Event()
@@ -78,9 +81,12 @@ class Maintenance(threading.Thread):
             pass
         metrics.PARKED.set(self.mover.pending())
         self._since_reap += self.interval
-        if self.reaper is not None and self._since_reap >= self.reap_every:
+        if self._since_reap >= self.reap_every:
             self._since_reap = 0.0
-            self.reaper.reap()
+            if self.reaper is not None:
+                self.reaper.reap()
+            for sweep in self.sweepers:
+                sweep()
 
     def run(self) -> None:
         while not self._stopping.is_set():

@@ -19,6 +19,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from reliability import metrics
+from reliability.consumer import hand_back
 from reliability.deadline import parse_deadline, soft_limit
 from reliability.delivery import CORRELATION_ID, DEADLINE, REQUEST_CORRELATION_ID, Delivery
 from reliability.dlq import FailureClass
@@ -117,6 +118,23 @@ class ReliableRequest(Request):  # type: ignore[misc]
         metrics.OUTCOMES.labels(self._task.name, Outcome.REQUEUED).inc()
         log.warning("task_child_lost_requeued", task_id=self.id, task_name=self.name,
                     lease_released=released, error=str(exc))
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Celery cancels running late-ack tasks when the broker connection is lost.
+
+        Such a task was not revoked: its message stays unacked and runs again (restored
+        by the reaper once its lease lapses, or by kombu's visibility sweep). Celery only
+        marks the request cancelled after writing RETRY to the result backend, which
+        fails when that backend is the Redis that just went away; the child's death is
+        then misread as a revoke and the message acked. Mark it cancelled first.
+        """
+        self._already_cancelled = True
+        if not self.acknowledged:
+            hand_back(self._delivery_info.get("delivery_tag"))
+        try:
+            super().cancel(pool, signal, emit_retry)
+        except Exception as exc:
+            log.warning("task_cancel_unannounced", task_id=self.id, error=str(exc))
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
                           expired: bool) -> None:

@@ -56,8 +56,19 @@ class Masker:
         return value
 
     def processor(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        """A structlog processor: the last step before rendering."""
-        return {k: self.data(v, k) for k, v in event_dict.items()}
+        """A structlog processor for the event dict: masks values under sensitive keys.
+
+        Configured secret values are removed from the rendered line by :meth:`rendered`,
+        one regex pass per line instead of a walk over nested data.
+        """
+        for key, value in event_dict.items():
+            if SENSITIVE_KEY.search(key) and isinstance(value, str | bytes) and value:
+                event_dict[key] = MASK
+        return event_dict
+
+    def rendered(self, _logger: Any, _method: str, line: Any) -> Any:
+        """A structlog processor after the renderer: masks secrets in the final text."""
+        return self.text(line) if isinstance(line, str) else line
 
 
 def run_security_checks(settings: Any, *, production: bool) -> list[str]:

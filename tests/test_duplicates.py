@@ -5,6 +5,7 @@ Size: ``RELIABLE_TEST_SIZE`` charges (default 300; the issue's full size is 1,00
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import defaultdict
@@ -28,7 +29,7 @@ def overlapping_calls(effects: list[dict[str, Any]]) -> int:
     overlaps = 0
     for spans in by_key.values():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             overlaps += int(start < end)
     return overlaps
 

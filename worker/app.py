@@ -70,13 +70,20 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "visibility_timeout": broker.visibility_timeout_seconds,
         "unacked_restore_interval": broker.unacked_restore_interval_seconds,
     }
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        # One list per queue, so the transport can pop atomically (BLMOVE); messages a
+        # producer sent with a priority are folded back into it by the maintenance sweep.
+        transport["priority_steps"] = [0]
     backend_transport: dict[str, Any] = {}
     if broker.global_keyprefix:
         transport["global_keyprefix"] = broker.global_keyprefix
         backend_transport["global_keyprefix"] = broker.global_keyprefix
     w = settings.worker
+    # Our transport closes kombu's pop-then-record window on Redis brokers.
+    redis_broker = broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
     return {
         "broker_url": broker_url,
+        "broker_transport": "reliability.transport:Transport" if redis_broker else None,
         "result_backend": (broker.result_backend_url.get_secret_value()
                            if broker.result_backend_url else backend_url_for(url)),
         "broker_transport_options": transport,

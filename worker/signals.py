@@ -21,6 +21,7 @@ from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
+from reliability.transport import sweep_orphans
 
 log = structlog.get_logger("worker")
 
@@ -58,8 +59,10 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
                   if broker.startswith(("redis", "rediss", "unix")) else None)
         mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
                       batch_size=settings.deferral.batch_size)
+        sweepers = [lambda: sweep_orphans(app)] if reaper is not None else []
         maintenance = Maintenance(runtime.store, mover, reaper,
-                                  interval=settings.deferral.mover_interval_seconds)
+                                  interval=settings.deferral.mover_interval_seconds,
+                                  sweepers=sweepers)
         maintenance.start()
         state["maintenance"] = maintenance
 
