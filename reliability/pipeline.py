@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 import time
 import traceback
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry
 from pydantic import ValidationError
 
@@ -65,6 +68,57 @@ TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenan
 def clear_task_context() -> None:
     """Unbind the log context a delivery bound (called on Celery's ``task_postrun``)."""
     structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
+
+
+class Completion:
+    """A successful delivery's completion record, written once before the ack."""
+
+    def __init__(self, pipeline: Pipeline, delivery: Delivery, keys: list[str],
+                 args: list[Any]) -> None:
+        self.pipeline = pipeline
+        self.delivery = delivery
+        self.keys = keys
+        self.args = args
+
+    def write(self, rt: Runtime, script: str = scripts.COMPLETE,
+              extra_keys: Sequence[Any] = (), extra_args: Sequence[Any] = ()) -> str:
+        """Run the completion script (plus anything fused into it); returns the outcome."""
+        d = self.delivery
+        outcome = str(self.pipeline._store(rt, "completion", lambda: rt.store.run(
+            script, [*self.keys, *extra_keys], [*self.args, *extra_args], "completion",
+        )))
+        metrics.OUTCOMES.labels(d.name, outcome).inc()
+        if outcome == Outcome.SUPERSEDED:
+            log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
+                        fence=d.fence)
+        return outcome
+
+
+# Completions waiting to be fused into the result write, by task id (per thread).
+_pending_local = threading.local()
+
+
+class _Pending:
+    def __setitem__(self, task_id: str, completion: Completion) -> None:
+        _pending_local.__dict__.setdefault("items", {})[task_id] = completion
+
+    def take(self, task_id: str) -> Completion | None:
+        return _pending_local.__dict__.setdefault("items", {}).pop(task_id, None)
+
+
+_pending = _Pending()
+
+
+def take_pending(task_id: str) -> Completion | None:
+    """The completion the result backend should write with this task's result."""
+    return _pending.take(task_id)
+
+
+def flush_pending(task_id: str) -> None:
+    """Write a completion the backend did not take (no result stored): still before ack."""
+    completion = _pending.take(task_id)
+    if completion is not None:
+        completion.write(get_runtime())
 
 
 def pipeline_for(task: ReliableTask) -> Pipeline:
@@ -243,19 +297,22 @@ class Pipeline:
     def _succeeded(self, rt: Runtime, d: Delivery, result: Any) -> Any:
         keys = rt.store.keys
         cfg = rt.config
-        outcome = self._store(rt, "completion", lambda: rt.store.run(
-            scripts.COMPLETE,
-            [self._idem_key(rt, d) if d.idempotency_key else "", keys.leases,
-             self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag)],
-            ["", d.owner, str(d.fence), json.dumps(result, default=str), self._result_ttl(rt),
-             self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id, d.name, d.attempt,
-             cfg.budget_window_seconds],
-            "completion",
-        ))
-        metrics.OUTCOMES.labels(d.name, outcome).inc()
-        if outcome == Outcome.SUPERSEDED:
-            log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
-                        fence=d.fence)
+        completion = Completion(
+            pipeline=self,
+            delivery=d,
+            keys=[self._idem_key(rt, d) if d.idempotency_key else "", keys.leases,
+                  self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag)],
+            args=["", d.owner, str(d.fence), json.dumps(result, default=str),
+                  self._result_ttl(rt), self._delivery_ttl_ms(rt), cfg.ledger_max_len,
+                  d.task_id, d.name, d.attempt, cfg.budget_window_seconds],
+        )
+        if (getattr(self.task.backend, "fuses_completion", False)
+                and not get_actual_ignore_result(self.task, self.task.request)):
+            # Written together with Celery's result, in the backend's one round trip,
+            # still before the ack (see reliability.backend).
+            _pending[d.task_id] = completion
+            return result
+        if completion.write(rt) == Outcome.SUPERSEDED:
             raise Ignore()
         return result
 

@@ -28,12 +28,7 @@ def compose(*libraries: str, body: str) -> str:
     return "\n".join([lua("prelude"), *(lua(n) for n in libraries), body])
 
 
-# KEYS idem, leases, dlv, ledger, budget
-# ARGV now, owner, fence, result, result_ttl_s, dlv_ttl_ms, maxlen, task_id, name,
-#      attempt, budget_window_s
-COMPLETE = compose(
-    "idempotency", "delivery", "ledger", "budget",
-    body="""
+_COMPLETE_BODY = """
 local outcome = 'succeeded'
 if KEYS[1] ~= '' and idem_complete(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4],
                                    tonumber(ARGV[5])) == 0 then
@@ -42,6 +37,34 @@ end
 delivery_finish(KEYS[3], outcome, tonumber(ARGV[6]))
 if KEYS[5] ~= '' then budget_count_call(KEYS[5], tonumber(ARGV[11])) end
 ledger_add(KEYS[4], ARGV[7], ARGV[8], ARGV[9], outcome, ARGV[10], '')
+"""
+
+# KEYS idem, leases, dlv, ledger, budget
+# ARGV now, owner, fence, result, result_ttl_s, dlv_ttl_ms, maxlen, task_id, name,
+#      attempt, budget_window_s
+COMPLETE = compose(
+    "idempotency", "delivery", "ledger", "budget", body=_COMPLETE_BODY + "return outcome\n"
+)
+
+# COMPLETE plus Celery's result write in the same round trip (see reliability.backend):
+# KEYS + result meta key; ARGV + encoded meta, expiry seconds (0 = none). Like Celery's
+# backend, an already stored SUCCESS is never overwritten; a superseded holder stores
+# nothing.
+COMPLETE_AND_STORE = compose(
+    "idempotency", "delivery", "ledger", "budget",
+    body=_COMPLETE_BODY + """
+if outcome == 'succeeded' then
+  local current = redis.call('GET', KEYS[6])
+  local ok, meta = pcall(cjson.decode, current or '{}')
+  if not (ok and type(meta) == 'table' and meta['status'] == 'SUCCESS') then
+    if tonumber(ARGV[13]) > 0 then
+      redis.call('SETEX', KEYS[6], ARGV[13], ARGV[12])
+    else
+      redis.call('SET', KEYS[6], ARGV[12])
+    end
+    redis.call('PUBLISH', KEYS[6], ARGV[12])
+  end
+end
 return outcome
 """,
 )

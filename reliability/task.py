@@ -86,6 +86,12 @@ class ReliableTask(Task):  # type: ignore[misc]
 
         return pipeline_for(self).execute(args, kwargs)
 
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Write the completion if the result backend did not (no result stored)."""
+        from reliability.pipeline import flush_pending
+
+        flush_pending(task_id)
+
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: Any = None, countdown: float | None = None,
               max_retries: int | None = None, **options: Any) -> Any:

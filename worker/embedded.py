@@ -96,5 +96,7 @@ def broker_url_for(state_url: str) -> str:
 
 
 def backend_url_for(state_url: str) -> str:
-    """The Celery result-backend URL for a redis-py state URL."""
-    return broker_url_for(state_url)
+    """The URL Celery's Redis result backend class takes for a redis-py state URL."""
+    if state_url.startswith("unix://"):
+        return "socket://" + state_url[len("unix://"):]
+    return state_url

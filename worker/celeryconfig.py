@@ -1,0 +1,117 @@
+"""Celery and runtime configuration derived from settings, without side effects.
+
+Kept apart from :mod:`worker.app` (which builds the app and wires signals at import) so
+tools such as the benchmark's bare-Celery baseline can use the very same configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config import Settings
+from reliability.retry import RetryPolicy
+from reliability.runtime import RuntimeConfig
+from worker.embedded import backend_url_for, broker_url_for, ensure_embedded_redis
+
+TASK_MODULES = [
+    "tasks.payments",
+    "tasks.notifications",
+    "tasks.webhooks",
+    "tasks.exports",
+    "worker.beat",
+]
+FUSED_BACKEND = "reliability.backend:ReliableRedisBackend"
+# Delivery records outlive the visibility timeout by this margin.
+DELIVERY_TTL_MARGIN_SECONDS = 600
+
+
+def state_url(settings: Settings) -> str:
+    if settings.redis.url is not None:
+        return settings.redis.url.get_secret_value()
+    return ensure_embedded_redis(settings.redis.data_dir)
+
+
+def runtime_config(settings: Settings) -> RuntimeConfig:
+    r = settings.retry
+    return RuntimeConfig(
+        lease_seconds=settings.idempotency.lease_ttl_seconds,
+        result_ttl_seconds=settings.idempotency.result_ttl_seconds,
+        max_redeliveries=settings.delivery.max_redeliveries,
+        delivery_ttl_seconds=settings.broker.visibility_timeout_seconds
+        + DELIVERY_TTL_MARGIN_SECONDS,
+        ledger_max_len=settings.ledger.max_len,
+        retry_policy=RetryPolicy(
+            strategy=r.strategy,
+            base_delay=r.base_delay_seconds,
+            max_delay=r.max_delay_seconds,
+            max_attempts=r.max_attempts,
+            max_elapsed=r.max_elapsed_seconds,
+            jitter=r.jitter,
+        ),
+        budget_ratio=r.budget_ratio,
+        budget_min_retries=r.budget_min_retries,
+        budget_window_seconds=r.budget_window_seconds,
+        recheck_seconds=settings.deferral.in_progress_recheck_seconds,
+        dlq_max_entries=settings.dlq.max_entries,
+        dlq_max_redrives=settings.dlq.max_redrives,
+        store_wait_seconds=settings.redis.unavailable_wait_seconds,
+    )
+
+
+def celery_config(settings: Settings, url: str) -> dict[str, Any]:
+    broker = settings.broker
+    broker_url = broker.url.get_secret_value() if broker.url else broker_url_for(url)
+    transport: dict[str, Any] = {
+        "visibility_timeout": broker.visibility_timeout_seconds,
+        "unacked_restore_interval": broker.unacked_restore_interval_seconds,
+    }
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        # One list per queue, so the transport can pop atomically (BLMOVE); messages a
+        # producer sent with a priority are folded back into it by the maintenance sweep.
+        transport["priority_steps"] = [0]
+    backend_transport: dict[str, Any] = {}
+    if broker.global_keyprefix:
+        transport["global_keyprefix"] = broker.global_keyprefix
+        backend_transport["global_keyprefix"] = broker.global_keyprefix
+    w = settings.worker
+    # Our transport closes kombu's pop-then-record window on Redis brokers.
+    redis_broker = broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+    return {
+        "broker_url": broker_url,
+        "broker_transport": "reliability.transport:Transport" if redis_broker else None,
+        # On the state store's Redis, results are written together with the completion
+        # record (one round trip): reliability.backend.
+        "result_backend": (broker.result_backend_url.get_secret_value()
+                           if broker.result_backend_url
+                           else f"{FUSED_BACKEND}+{backend_url_for(url)}"),
+        "broker_transport_options": transport,
+        "result_backend_transport_options": backend_transport,
+        # JSON only: pickle is refused (and dead-lettered) by the consumer.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": w.prefetch_multiplier,
+        "worker_concurrency": w.concurrency,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_soft_shutdown_timeout": w.soft_shutdown_timeout_seconds,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_soft_time_limit": w.default_soft_time_limit_seconds,
+        "task_time_limit": w.default_time_limit_seconds,
+        "task_default_queue": broker.queue,
+        "worker_consumer": "reliability.consumer:ReliableConsumer",
+        "worker_hijack_root_logger": False,
+        "result_extended": True,
+        "result_expires": settings.idempotency.result_ttl_seconds,
+        "beat_schedule_filename": f"{settings.redis.data_dir}/celerybeat-schedule",
+        "beat_schedule": {
+            "dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0},
+        },
+        "include": [*TASK_MODULES, *w.task_modules],
+    }
