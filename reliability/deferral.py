@@ -42,6 +42,7 @@ class ParkedMessage:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The producer's (hard, soft) time limits: a later attempt runs under them too.
     time_limits: list[float | None] | None = None
+    expires: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)
@@ -67,6 +68,7 @@ class ParkedMessage:
             root_id=delivery.root_id,
             reason=reason,
             time_limits=list(delivery.time_limits) if delivery.time_limits else None,
+            expires=delivery.expires,
         )
 
 
@@ -129,6 +131,8 @@ class Mover:
             options["exchange"] = routing["exchange"]
         if routing.get("priority") is not None:
             options["priority"] = routing["priority"]
+        if message.expires:
+            options["expires"] = message.expires
         if message.time_limits:
             options["time_limit"], options["soft_time_limit"] = message.time_limits
         self.app.send_task(

@@ -75,6 +75,7 @@ class Delivery:
     previous_delay: float | None = None
     redrive_count: int = 0
     time_limits: tuple[float | None, float | None] | None = None  # producer's (hard, soft)
+    expires: str | None = None  # producer's Celery `expires` (ISO-8601)
     delivery_tag: str = ""
     redelivered: bool = False
     hostname: str = ""
@@ -111,7 +112,10 @@ class Delivery:
             retries=int(get("retries") or 0),
             # Celery overwrites `correlation_id` with the AMQP property (the task id); the
             # request keeps the producer's header under REQUEST_CORRELATION_ID.
-            correlation_id=_text(get(REQUEST_CORRELATION_ID)) or uuid.uuid4().hex,
+            # Missing: the root task's id, so every delivery, retry and child of this work
+            # shares one correlation id.
+            correlation_id=(_text(get(REQUEST_CORRELATION_ID)) or _text(get("root_id"))
+                            or _text(get("id")) or uuid.uuid4().hex),
             idempotency_header=_text(get(IDEMPOTENCY_KEY)),
             deadline=parse_deadline(deadline_header),
             deadline_header=deadline_header,
@@ -122,6 +126,7 @@ class Delivery:
             previous_delay=_number(get(PREVIOUS_DELAY)),
             redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),
             time_limits=_time_limits(get("timelimit")),
+            expires=_text(get("expires")),
             delivery_tag=str(info.get("delivery_tag") or ""),
             redelivered=bool(info.get("redelivered")),
             hostname=str(get("hostname") or ""),

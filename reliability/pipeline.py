@@ -286,7 +286,7 @@ class Pipeline:
             self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
             raise IdempotencyConflict(reason)
         if decision == "poison":
-            reason = (f"delivered {verdict.detail} times"
+            reason = (f"redelivered {verdict.detail} times"
                       f" (max redeliveries {rt.config.max_redeliveries})")
             self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
             raise PoisonMessage(reason)

@@ -10,6 +10,7 @@ Celery reads the limits, so prefork enforces it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -50,7 +51,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
         """(hard, soft), the soft limit shortened to the deadline when one is set."""
         hard, soft = self._reliable_limits
         deadline = parse_deadline(self._request_dict.get(DEADLINE))
-        if deadline is None:
+        if deadline is None or deadline.timestamp() <= time.time():
+            # Past deadlines are dead-lettered by the pipeline before the body runs; a
+            # near-zero limit could fire while that DLQ entry is being written.
             return hard, soft
         base = soft or self._task.soft_time_limit or self._app.conf.task_soft_time_limit
         return hard, soft_limit(base, deadline)

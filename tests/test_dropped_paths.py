@@ -398,6 +398,6 @@ def test_a_message_redelivered_too_often_is_dead_lettered_as_poison(idle_fleet: 
 
     assert len(fleet.dead_letters(sent.id)) == 1
     assert entry.failure_class == "poison"
-    assert entry.reason == f"delivered 3 times (max redeliveries {MAX_REDELIVERIES})"
+    assert entry.reason == f"redelivered 3 times (max redeliveries {MAX_REDELIVERIES})"
     assert fleet.counter("crash", key) == 3  # the first delivery and two redeliveries ran
     assert fleet.outcomes(sent.id) == ["requeued", "requeued", "requeued", "dead_lettered"]
