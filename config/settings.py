@@ -117,6 +117,42 @@ class ProviderSettings(BaseModel):
     timeout_seconds: float = Field(10.0, gt=0)
 
 
+class BreakerSettings(BaseModel):
+    """One circuit breaker (see reliability.breaker.BreakerConfig for the semantics)."""
+
+    failure_threshold: int = Field(5, ge=0)
+    failure_rate_threshold: float = Field(0.0, ge=0, le=1)
+    window_type: Literal["count", "time"] = "count"
+    window_size: float = Field(100, gt=0)
+    minimum_requests: int = Field(10, ge=1)
+    slow_call_seconds: float = Field(0.0, ge=0)
+    slow_call_rate_threshold: float = Field(1.0, gt=0, le=1)
+    recovery_timeout_seconds: float = Field(60.0, gt=0)
+    half_open_max_calls: int = Field(2, ge=1)
+    success_threshold: int = Field(2, ge=1)
+    trial_lease_seconds: float = Field(60.0, gt=0)
+
+
+class RateLimitSettings(BaseModel):
+    """One fleet-wide rate limit (see reliability.ratelimit.RateLimit)."""
+
+    kind: Literal["gcra", "sliding", "fixed", "concurrency"] = "gcra"
+    rate: float = Field(10.0, gt=0)
+    burst: int = Field(1, ge=1)
+    max_requests: int = Field(100, ge=1)
+    window_seconds: float = Field(60.0, gt=0)
+    limit: int = Field(10, ge=1)
+    lease_seconds: float = Field(300.0, gt=0)
+    per: str = Field("global", pattern=r"^(global|task|tenant|user|ip|arg:\w+)$")
+    cost: int = Field(1, ge=1)
+
+
+class AlertSettings(BaseModel):
+    # Breaker transitions are POSTed here as JSON (a secret: it may carry a token).
+    webhook_url: SecretStr | None = None
+    webhook_timeout_seconds: float = Field(5.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -143,6 +179,14 @@ class Settings(BaseSettings):
     dlq: DlqSettings = DlqSettings()
     ledger: LedgerSettings = LedgerSettings()
     providers: ProviderSettings = ProviderSettings()
+    # Named breakers; payment, notification, analytics and database have built-in
+    # defaults (seed 000/003) which entries here replace. JSON in the environment:
+    # RELIABLE_BREAKERS='{"payment": {"failure_threshold": 3}}'
+    breakers: dict[str, BreakerSettings] = Field(default_factory=dict)
+    # Named rate limits tasks refer to: RELIABLE_RATE_LIMITS='{"payments-api":
+    # {"kind": "gcra", "rate": 50, "burst": 10}}'
+    rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

@@ -6,7 +6,8 @@ the keys and arguments it needs. :func:`assemble` concatenates the fragments in
 pipeline order into one script (cached by the combination), so a task pays one round
 trip for all its guards and nothing for guards it does not declare.
 
-In fragment Lua, ``$K1``/``$A1`` name the fragment's own first key/argument. The base
+In fragment Lua, ``$K1``/``$A1`` name the fragment's own first key/argument and
+``$KB``/``$AB`` are its base offsets (``KEYS[$KB + 1]`` is ``$K1``). The base
 script provides ``now``, ``settle(outcome, detail)`` (ledger entry, plus the delivery
 record when one is part of the admission), and the variables ``fence`` and ``dlv_key``.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from reliability.scripts import compose
 
-_TOKEN = re.compile(r"\$([KA])(\d+)")
+_TOKEN = re.compile(r"\$([KA])(\d+|B)")
 
 # Base layout: KEYS[1] ledger; ARGV[1] now, [2] ledger maxlen, [3] task id, [4] name,
 # [5] attempt, [6] delivery-record ttl (ms).
@@ -76,10 +77,11 @@ class Verdict:
 
 def _bind(code: str, key_base: int, arg_base: int) -> str:
     def repl(match: re.Match[str]) -> str:
-        kind, index = match.group(1), int(match.group(2))
-        if kind == "K":
-            return f"KEYS[{key_base + index}]"
-        return f"ARGV[{arg_base + index}]"
+        kind, index = match.group(1), match.group(2)
+        base = key_base if kind == "K" else arg_base
+        if index == "B":  # the fragment's base offset, for loops over variable parts
+            return str(base)
+        return f"{'KEYS' if kind == 'K' else 'ARGV'}[{base + int(index)}]"
 
     return _TOKEN.sub(repl, code)
 

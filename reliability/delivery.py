@@ -28,11 +28,13 @@ PUBLISH_ID = "rel_pub"  # which publication of that entry this copy is
 FIRST_ATTEMPT_AT = "rel_first"  # epoch seconds of the first attempt (max elapsed)
 PREVIOUS_DELAY = "rel_prev_delay"  # last retry delay (decorrelated jitter)
 REDRIVE_COUNT = "rel_redrive"  # how many times the DLQ re-enqueued this work
+RESERVED = "rel_reserved"  # this copy's rate-limit slots were reserved when it was parked
 
 # Where ReliableRequest keeps values Celery's request dict would otherwise lose.
 REQUEST_CORRELATION_ID = "rel_correlation_id"
 
-INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT)
+INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT,
+                    RESERVED)
 PRODUCER_HEADERS = (IDEMPOTENCY_KEY, CORRELATION_ID, DEADLINE, TENANT_ID)
 
 
@@ -74,6 +76,7 @@ class Delivery:
     first_attempt_at: float | None = None
     previous_delay: float | None = None
     redrive_count: int = 0
+    reserved: bool = False  # its rate-limit slots were reserved when it was parked
     time_limits: tuple[float | None, float | None] | None = None  # producer's (hard, soft)
     expires: str | None = None  # producer's Celery `expires` (ISO-8601)
     delivery_tag: str = ""
@@ -87,6 +90,7 @@ class Delivery:
     fingerprint: str = ""
     fence: int = 0
     admitted_at: float | None = None
+    duration: float = 0.0  # seconds the body ran (breaker slow-call accounting)
 
     @property
     def attempt(self) -> int:
@@ -125,6 +129,7 @@ class Delivery:
             first_attempt_at=_number(get(FIRST_ATTEMPT_AT)),
             previous_delay=_number(get(PREVIOUS_DELAY)),
             redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),
+            reserved=bool(get(RESERVED)),
             time_limits=_time_limits(get("timelimit")),
             expires=_text(get("expires")),
             delivery_tag=str(info.get("delivery_tag") or ""),

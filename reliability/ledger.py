@@ -17,12 +17,13 @@ from reliability.store import Store
 
 
 class Outcome(StrEnum):
-    """What one delivery ended as. The first five settle the task for good."""
+    """What one delivery ended as. Those in ``FINAL`` settle the task for good."""
 
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"  # duplicate of a completed idempotency key: stored result returned
     DEAD_LETTERED = "dead_lettered"
     REVOKED = "revoked"
+    FALLBACK = "fallback"  # the breaker was open; the task's fallback served the call
     SUPERSEDED = "superseded"  # a stale holder finished after its successor took over
     RETRIED = "retried"  # parked for a later attempt
     DEFERRED = "deferred"  # parked without spending an attempt (key in progress, ...)
@@ -31,7 +32,8 @@ class Outcome(StrEnum):
 
 
 FINAL = frozenset(
-    {Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.DEAD_LETTERED, Outcome.REVOKED}
+    {Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.DEAD_LETTERED, Outcome.REVOKED,
+     Outcome.FALLBACK}
 )
 
 

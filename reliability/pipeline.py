@@ -30,11 +30,19 @@ from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry
 from pydantic import ValidationError
 
-from reliability import admission, idempotency, metrics, scripts
+from reliability import admission, idempotency, metrics, ratelimit, scripts
+from reliability import breaker as breaker_mod
 from reliability.admission import Part, Verdict
 from reliability.deadline import remaining_seconds, validate_deadline
 from reliability.deferral import ParkedMessage
-from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, Delivery, activate, deactivate
+from reliability.delivery import (
+    FIRST_ATTEMPT_AT,
+    PREVIOUS_DELAY,
+    RESERVED,
+    Delivery,
+    activate,
+    deactivate,
+)
 from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import (
     BackendUnavailable,
@@ -74,18 +82,21 @@ class Completion:
     """A successful delivery's completion record, written once before the ack."""
 
     def __init__(self, pipeline: Pipeline, delivery: Delivery, keys: list[str],
-                 args: list[Any]) -> None:
+                 args: list[Any], tail: tuple[list[str], list[Any]] = ([], [])) -> None:
         self.pipeline = pipeline
         self.delivery = delivery
         self.keys = keys
         self.args = args
+        self.tail = tail
 
     def write(self, rt: Runtime, script: str = scripts.COMPLETE,
               extra_keys: Sequence[Any] = (), extra_args: Sequence[Any] = ()) -> str:
         """Run the completion script (plus anything fused into it); returns the outcome."""
         d = self.delivery
+        tail_keys, tail_args = self.tail
         outcome = str(self.pipeline._store(rt, "completion", lambda: rt.store.run(
-            script, [*self.keys, *extra_keys], [*self.args, *extra_args], "completion",
+            script, [*self.keys, *extra_keys, *tail_keys], [*self.args, *extra_args, *tail_args],
+            "completion",
         )))
         metrics.OUTCOMES.labels(d.name, outcome).inc()
         if outcome == Outcome.SUPERSEDED:
@@ -145,6 +156,7 @@ class Pipeline:
     def __init__(self, task: ReliableTask) -> None:
         self.task = task
         self.signature = inspect.signature(task.run)
+        self._limits: list[ratelimit.RateLimit] | None = None
 
     # -- entry -------------------------------------------------------------------------
 
@@ -176,19 +188,23 @@ class Pipeline:
         held = None
         if d.idempotency_key:
             held = rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence, self._lease_seconds(rt))
+        started = time.monotonic()
         try:
             result = self.task.run(*d.args, **d.kwargs)
         except RetryRequested as request:
             error = request.exc or RuntimeError("retry requested by the task")
+            d.duration = time.monotonic() - started
             return self._failed(rt, d, error, countdown=request.countdown)
         except (Ignore, Reject, Retry):
             self._release(rt, d)
             raise
         except Exception as exc:
+            d.duration = time.monotonic() - started
             return self._failed(rt, d, exc)
         finally:
             if held is not None:
                 rt.leases.drop(held)
+        d.duration = time.monotonic() - started
         return self._succeeded(rt, d, result)
 
     # -- 2. local checks ------------------------------------------------------------------
@@ -249,6 +265,14 @@ class Pipeline:
                 [d.fingerprint, d.owner, self._lease_seconds(rt), self._result_ttl(rt),
                  d.delivery_tag],
             ))
+        if self.task.breaker:
+            breaker_keys, breaker_args = self.breaker(rt).admission_args(d.owner)
+            parts.append(Part(breaker_mod.FRAGMENT, breaker_keys, breaker_args))
+        limits = self.limits(rt)
+        if limits and not d.reserved:
+            limit_keys, limit_args = ratelimit.admission_args(
+                rt.store, tag, d.name, limits, d.owner, d.tenant_id, lambda: self._arguments(d))
+            parts.append(Part(ratelimit.fragment(len(limits)), limit_keys, limit_args))
         if not parts:
             return Verdict("run")
         fragments, part_keys, part_args = admission.flatten(parts)
@@ -281,6 +305,18 @@ class Pipeline:
             log.info("task_deferred_in_progress", idempotency_key=d.idempotency_key,
                      recheck_in=round(delay, 3))
             raise Ignore()
+        if decision in ("breaker_open", "breaker_busy"):
+            return self._breaker_refused(rt, d, decision, float(verdict.detail))
+        if decision in ("limit_delay", "limit_busy"):
+            reserved = decision == "limit_delay"
+            delay = float(verdict.detail)
+            extra = {**self._carried_headers(d), **({RESERVED: 1} if reserved else {})}
+            message = ParkedMessage.of(d, retries=d.retries, reason=decision, extra_headers=extra)
+            self._park(rt, d, message, delay, mode="defer", outcome=Outcome.DEFERRED,
+                       detail=decision)
+            log.info("tokens_waiting", wait_seconds=round(delay, 3), reserved=reserved,
+                     limit=verdict.extra[0] if verdict.extra else None)
+            raise Ignore()
         if decision == "conflict":
             reason = f"idempotency key {d.idempotency_key} holds different arguments"
             self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
@@ -291,6 +327,24 @@ class Pipeline:
             self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
             raise PoisonMessage(reason)
         raise RuntimeError(f"unknown admission verdict {decision!r}")
+
+    def _breaker_refused(self, rt: Runtime, d: Delivery, decision: str, wait: float) -> Any:
+        """Open breaker: the fallback serves the call, or the task waits, attempt unspent."""
+        name = self.task.breaker
+        log.info("circuit_breaker_rejected_call", breaker=name, reason=decision,
+                 retry_in=round(wait, 3))
+        fallback = self.task.breaker_fallback
+        if fallback is not None:
+            value = fallback(*d.args, **d.kwargs)
+            self._store(rt, "ledger", lambda: rt.ledger.record(
+                d.task_id, d.name, Outcome.FALLBACK, d.attempt, f"breaker {name} {decision}"))
+            metrics.OUTCOMES.labels(d.name, Outcome.FALLBACK).inc()
+            log.info("circuit_breaker_fallback_served", breaker=name)
+            return value
+        message = ParkedMessage.of(d, retries=d.retries, reason=decision,
+                                   extra_headers=self._carried_headers(d))
+        self._park(rt, d, message, wait, mode="defer", outcome=Outcome.DEFERRED, detail=decision)
+        raise Ignore()
 
     # -- 5. outcomes ----------------------------------------------------------------------
 
@@ -305,6 +359,7 @@ class Pipeline:
             args=["", d.owner, str(d.fence), json.dumps(result, default=str),
                   self._result_ttl(rt), self._delivery_ttl_ms(rt), cfg.ledger_max_len,
                   d.task_id, d.name, d.attempt, cfg.budget_window_seconds],
+            tail=self.guard_tail(rt, d, None),
         )
         if (getattr(self.task.backend, "fuses_completion", False)
                 and not get_actual_ignore_result(self.task, self.task.request)):
@@ -366,7 +421,7 @@ class Pipeline:
                            PREVIOUS_DELAY: delay},
         )
         reply = self._park(rt, d, message, delay, mode="retry", outcome=Outcome.RETRIED,
-                           detail=type(exc).__name__)
+                           detail=type(exc).__name__, tail=self.guard_tail(rt, d, exc))
         if reply[0] == "refused":
             self.dead_letter(rt, d, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
             return Outcome.DEAD_LETTERED, None
@@ -376,7 +431,8 @@ class Pipeline:
         return Outcome.RETRIED, delay
 
     def _park(self, rt: Runtime, d: Delivery, message: ParkedMessage, delay: float, *,
-              mode: str, outcome: Outcome, detail: str) -> list[Any]:
+              mode: str, outcome: Outcome, detail: str,
+              tail: tuple[list[str], list[Any]] = ([], [])) -> list[Any]:
         keys = rt.store.keys
         cfg = rt.config
         return self._store(rt, "park", lambda: rt.store.run(
@@ -384,11 +440,11 @@ class Pipeline:
             # Release only a lease this delivery holds (a deferral holds none).
             [self._idem_key(rt, d) if d.idempotency_key and d.fence else "", keys.leases,
              self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag),
-             keys.parked, keys.parked_msgs],
+             keys.parked, keys.parked_msgs, *tail[0]],
             ["", d.owner, str(d.fence) if d.fence else "", mode, cfg.budget_window_seconds,
              cfg.budget_ratio, cfg.budget_min_retries, message.id, delay, message.to_json(),
              self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id, d.name, d.attempt,
-             str(outcome), detail],
+             str(outcome), detail, *tail[1]],
             "park",
         ))
 
@@ -419,13 +475,15 @@ class Pipeline:
             routing=d.routing,
         )
         holds = bool(d.idempotency_key and d.fence)
+        tail_keys, tail_args = self.guard_tail(rt, d, exc) if ran else ([], [])
         evicted = self._store(rt, "dead_letter", lambda: rt.store.run(
             scripts.DEAD_LETTER,
             [self._idem_key(rt, d) if holds else "", keys.leases, self._delivery_key(rt, d),
-             keys.ledger, keys.budget(self.task.tag) if ran else "", keys.dlq, keys.dlq_index],
+             keys.ledger, keys.budget(self.task.tag) if ran else "", keys.dlq, keys.dlq_index,
+             *tail_keys],
             ["", d.owner if holds else "", str(d.fence), cfg.budget_window_seconds, entry.id,
              entry.to_json(), cfg.dlq_max_entries, self._delivery_ttl_ms(rt), cfg.ledger_max_len,
-             d.task_id, d.name, d.attempt, str(failure)],
+             d.task_id, d.name, d.attempt, str(failure), *tail_args],
             "dead_letter",
         ))
         metrics.DEAD_LETTERS.labels(d.name, str(failure)).inc()
@@ -449,6 +507,36 @@ class Pipeline:
         ))
 
     # -- helpers --------------------------------------------------------------------------
+
+    def breaker(self, rt: Runtime) -> breaker_mod.CircuitBreaker:
+        return rt.breakers.get(self.task.breaker or "")
+
+    def limits(self, rt: Runtime) -> list[ratelimit.RateLimit]:
+        if self._limits is None:
+            self._limits = [x if isinstance(x, ratelimit.RateLimit) else rt.rate_limit(x)
+                            for x in self.task.rate_limits]
+        return self._limits
+
+    def _arguments(self, d: Delivery) -> dict[str, Any]:
+        return idempotency.bind_arguments(self.signature, d.args, d.kwargs)
+
+    def guard_tail(self, rt: Runtime, d: Delivery, error: BaseException | None
+                   ) -> tuple[list[str], list[Any]]:
+        """KEYS/ARGV tail settling the breaker and concurrency limits of a call that ran."""
+        concurrency = [x for x in self.limits(rt) if x.kind == "concurrency"]
+        if not self.task.breaker and not concurrency:
+            return [], []
+        keys: list[str] = []
+        args: list[Any] = [d.owner, 1 if self.task.breaker else 0]
+        if self.task.breaker:
+            breaker = self.breaker(rt)
+            keys.extend(breaker.keys)
+            args.extend(breaker.settle_args(error, d.duration))
+        args.append(len(concurrency))
+        for limit in concurrency:
+            scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
+            keys.append(ratelimit.limit_keys(rt.store, self.task.tag, limit, scope)[0])
+        return keys, args
 
     def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:
         """Run a store operation; if the store stays away, hand the message back unacked."""

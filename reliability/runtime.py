@@ -15,10 +15,12 @@ from typing import TypeVar
 import structlog
 
 from reliability import metrics
+from reliability.breaker import BreakerConfig, BreakerRegistry
 from reliability.dlq import DeadLetterQueue
 from reliability.errors import BackendUnavailable, ConfigurationError
 from reliability.lease import LeaseKeeper
 from reliability.ledger import Ledger
+from reliability.ratelimit import DEFAULT_LIMITS, RateLimit
 from reliability.retry import RetryPolicy
 from reliability.security import Masker
 from reliability.store import Store
@@ -52,14 +54,26 @@ class Runtime:
     """Per-deployment reliability objects; per-process clients are created lazily."""
 
     def __init__(self, store: Store, config: RuntimeConfig | None = None,
-                 masker: Masker | None = None) -> None:
+                 masker: Masker | None = None,
+                 breakers: dict[str, BreakerConfig] | None = None,
+                 rate_limits: dict[str, RateLimit] | None = None) -> None:
         self.store = store
+        self.breakers = BreakerRegistry(store, breakers)
+        self.rate_limits = {**DEFAULT_LIMITS, **(rate_limits or {})}
         self.config = config or RuntimeConfig()
         self.masker = masker or Masker()
         self.ledger = Ledger(store, self.config.ledger_max_len)
         self.dlq = DeadLetterQueue(store, max_entries=self.config.dlq_max_entries,
                                    max_redrives=self.config.dlq_max_redrives)
         self.leases = LeaseKeeper(store)
+
+    def rate_limit(self, name: str) -> RateLimit:
+        """A rate limit configured in settings, by name."""
+        try:
+            return self.rate_limits[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"no rate limit named {name!r}; known: {sorted(self.rate_limits)}") from None
 
     def wait_for_store(self, operation: str, fn: Callable[[], T],
                        seconds: float | None = None) -> T:

@@ -43,16 +43,21 @@ ledger_add(KEYS[4], ARGV[7], ARGV[8], ARGV[9], outcome, ARGV[10], '')
 # ARGV now, owner, fence, result, result_ttl_s, dlv_ttl_ms, maxlen, task_id, name,
 #      attempt, budget_window_s
 COMPLETE = compose(
-    "idempotency", "delivery", "ledger", "budget", body=_COMPLETE_BODY + "return outcome\n"
+    "idempotency", "delivery", "ledger", "budget", "breaker", "guards",
+    body=_COMPLETE_BODY + "guards_settle(6, 12)\nreturn outcome\n",
 )
+
+# Every settle script takes an optional tail of guards to settle (guards.lua): the
+# breaker records the call's outcome, concurrency limits free their place.
 
 # COMPLETE plus Celery's result write in the same round trip (see reliability.backend):
 # KEYS + result meta key; ARGV + encoded meta, expiry seconds (0 = none). Like Celery's
 # backend, an already stored SUCCESS is never overwritten; a superseded holder stores
 # nothing.
 COMPLETE_AND_STORE = compose(
-    "idempotency", "delivery", "ledger", "budget",
+    "idempotency", "delivery", "ledger", "budget", "breaker", "guards",
     body=_COMPLETE_BODY + """
+guards_settle(7, 14)
 if outcome == 'succeeded' then
   local current = redis.call('GET', KEYS[6])
   local ok, meta = pcall(cjson.decode, current or '{}')
@@ -74,8 +79,9 @@ return outcome
 #      budget_min, park_id, delay_s, envelope, dlv_ttl_ms, maxlen, task_id, name,
 #      attempt, outcome, detail
 PARK = compose(
-    "idempotency", "delivery", "deferral", "ledger", "budget",
+    "idempotency", "delivery", "deferral", "ledger", "budget", "breaker", "guards",
     body="""
+guards_settle(8, 18)
 if ARGV[4] == 'retry' and KEYS[5] ~= '' then
   local window = tonumber(ARGV[5])
   budget_count_call(KEYS[5], window)
@@ -96,8 +102,9 @@ return {'parked', string.format('%.6f', due)}
 # ARGV now, owner, fence, budget_window_s, dlq_id, envelope, dlq_max, dlv_ttl_ms,
 #      maxlen, task_id, name, attempt, failure_class
 DEAD_LETTER = compose(
-    "idempotency", "delivery", "dlq", "ledger", "budget",
+    "idempotency", "delivery", "dlq", "ledger", "budget", "breaker", "guards",
     body="""
+guards_settle(8, 14)
 if KEYS[1] ~= '' and ARGV[2] ~= '' then idem_release(KEYS[1], KEYS[2], ARGV[2], ARGV[3]) end
 if KEYS[5] ~= '' then budget_count_call(KEYS[5], tonumber(ARGV[4])) end
 local evicted = dlq_add(KEYS[6], KEYS[7], ARGV[5], ARGV[6], ARGV[7])

@@ -22,6 +22,7 @@ from celery import Task
 from pydantic import BaseModel
 
 from reliability.errors import ConfigurationError, PermanentError
+from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
 
 # Options each guard owns, with what they mean (the README's options table).
@@ -33,6 +34,9 @@ GUARD_OPTIONS: dict[str, str] = {
     "retry_policy": "retry: the RetryPolicy (default: from settings)",
     "args_model": "validation: a pydantic model the arguments must satisfy",
     "dependency": "the downstream this task calls; its Redis hash tag",
+    "breaker": "circuit breaker: the name of a breaker in settings (shared fleet-wide)",
+    "breaker_fallback": "circuit breaker: a callable serving the call while it is open",
+    "rate_limits": "rate limits: names in settings or RateLimit objects, all must admit",
 }
 
 # Celery options that would bypass the pipeline's own retry and deferral.
@@ -64,6 +68,9 @@ class ReliableTask(Task):  # type: ignore[misc]
     retry_policy: ClassVar[RetryPolicy | None] = None
     args_model: ClassVar[type[BaseModel] | None] = None
     dependency: ClassVar[str | None] = None
+    breaker: ClassVar[str | None] = None
+    breaker_fallback: ClassVar[Any] = None
+    rate_limits: ClassVar[Sequence[Any]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,7 +80,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     @property
     def tag(self) -> str:
         """The Redis hash tag shared by this task's admission keys."""
-        return self.dependency or self.name
+        return self.dependency or self.breaker or self.name
 
     @property
     def keyed(self) -> bool:
@@ -125,6 +132,16 @@ def _check_options(cls: type[ReliableTask]) -> None:
     policy = cls.__dict__.get("retry_policy")
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise ConfigurationError(f"task {name}: retry_policy must be a RetryPolicy")
+    limits = cls.__dict__.get("rate_limits", ())
+    if isinstance(limits, str | RateLimit) or not all(
+            isinstance(x, str | RateLimit) for x in limits):
+        raise ConfigurationError(
+            f"task {name}: rate_limits must be a sequence of names or RateLimit objects")
+    fallback = cls.__dict__.get("breaker_fallback")
+    if fallback is not None and not callable(fallback):
+        raise ConfigurationError(f"task {name}: breaker_fallback must be callable")
+    if fallback is not None and not cls.__dict__.get("breaker"):
+        raise ConfigurationError(f"task {name}: breaker_fallback needs a breaker")
     model = cls.__dict__.get("args_model")
     if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise ConfigurationError(f"task {name}: args_model must be a pydantic model class")

@@ -20,7 +20,8 @@ class ExportArgs(BaseModel):
 @app.task(
     base=ReliableTask,
     name="exports.generate",
-    dependency="exports",
+    breaker="analytics",
+    rate_limits=("analytics-export",),
     idempotency_key_args=("export_id",),
     idempotency_ttl=3600,  # seed 000: data exports are cacheable for an hour
     lease_ttl=120.0,

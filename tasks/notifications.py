@@ -20,7 +20,8 @@ class SendArgs(BaseModel):
 @app.task(
     base=ReliableTask,
     name="notifications.send",
-    dependency="notifications",
+    breaker="notification",
+    rate_limits=("notification-per-user",),
     idempotent=True,
     idempotency_ttl=15 * 60,  # seed 000: 10-30 minutes for notifications
     args_model=SendArgs,

@@ -20,7 +20,8 @@ class ChargeArgs(BaseModel):
 @app.task(
     base=ReliableTask,
     name="payments.charge",
-    dependency="payments",
+    breaker="payment",
+    rate_limits=("payment-gateway",),
     idempotency_key_args=("payment_id",),
     idempotency_ttl=4 * 3600,  # seed 000: 2-4 hours for payments
     args_model=ChargeArgs,

@@ -14,7 +14,13 @@ from config import Settings, load_settings
 from reliability.runtime import Runtime, set_runtime
 from reliability.security import Masker
 from reliability.store import Store
-from worker.celeryconfig import celery_config, runtime_config, state_url
+from worker.celeryconfig import (
+    breaker_configs,
+    celery_config,
+    rate_limits,
+    runtime_config,
+    state_url,
+)
 
 
 def build(settings: Settings) -> tuple[Celery, Runtime]:
@@ -23,7 +29,8 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     app.conf.update(celery_config(settings, url))
     store = Store(url, settings.redis.key_prefix,
                   socket_timeout=settings.redis.socket_timeout_seconds)
-    runtime = Runtime(store, runtime_config(settings), Masker(settings.secret_values()))
+    runtime = Runtime(store, runtime_config(settings), Masker(settings.secret_values()),
+                      breakers=breaker_configs(settings), rate_limits=rate_limits(settings))
     set_runtime(runtime)
     app.reliability = runtime  # type: ignore[attr-defined]
     app.settings = settings  # type: ignore[attr-defined]

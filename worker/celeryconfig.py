@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from config import Settings
+from reliability.breaker import BreakerConfig
+from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
 from reliability.runtime import RuntimeConfig
 from worker.embedded import backend_url_for, broker_url_for, ensure_embedded_redis
@@ -115,3 +117,27 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         },
         "include": [*TASK_MODULES, *w.task_modules],
     }
+
+
+def breaker_configs(settings: Settings) -> dict[str, BreakerConfig]:
+    return {
+        name: BreakerConfig(
+            failure_threshold=b.failure_threshold,
+            failure_rate_threshold=b.failure_rate_threshold,
+            window_type=b.window_type,
+            window_size=b.window_size,
+            minimum_requests=b.minimum_requests,
+            slow_call_seconds=b.slow_call_seconds,
+            slow_call_rate_threshold=b.slow_call_rate_threshold,
+            recovery_timeout=b.recovery_timeout_seconds,
+            half_open_max_calls=b.half_open_max_calls,
+            success_threshold=b.success_threshold,
+            trial_lease_seconds=b.trial_lease_seconds,
+        )
+        for name, b in settings.breakers.items()
+    }
+
+
+def rate_limits(settings: Settings) -> dict[str, RateLimit]:
+    return {name: RateLimit(name=name, **limit.model_dump())
+            for name, limit in settings.rate_limits.items()}

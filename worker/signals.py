@@ -13,6 +13,7 @@ from celery import Celery, signals
 
 from config import Environment, Settings
 from reliability import delivery
+from reliability.alerts import BreakerEvents, default_hooks
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
 from reliability.logs import configure_logging
@@ -59,7 +60,14 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
                   if broker.startswith(("redis", "rediss", "unix")) else None)
         mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
                       batch_size=settings.deferral.batch_size)
-        sweepers = [lambda: sweep_orphans(app)] if reaper is not None else []
+        hooks = default_hooks()
+        if settings.alerts.webhook_url is not None:
+            hooks.add_webhook_url(settings.alerts.webhook_url.get_secret_value(),
+                                  settings.alerts.webhook_timeout_seconds)
+        events = BreakerEvents(runtime.store, hooks)
+        sweepers = [events.deliver]
+        if reaper is not None:
+            sweepers.append(lambda: sweep_orphans(app))
         maintenance = Maintenance(runtime.store, mover, reaper,
                                   interval=settings.deferral.mover_interval_seconds,
                                   sweepers=sweepers)

@@ -8,6 +8,7 @@ conditions with bounded timeouts, never sleeps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,11 @@ class Environment:
             "RELIABLE_WORKER__TASK_MODULES": '["tests.support.tasks"]',
             "RELIABLE_LOG__JSON_OUTPUT": "true",
             "RELIABLE_LOG__LEVEL": "INFO",
+            # The business tasks' limits, opened wide: tests of limits set their own.
+            "RELIABLE_RATE_LIMITS": json.dumps({
+                name: {"kind": "gcra", "rate": 1_000_000, "burst": 1_000_000}
+                for name in ("payment-gateway", "notification-per-user", "analytics-export")
+            }),
             "PYTHONPATH": str(ROOT),
         })
         if self.broker_url:

@@ -1,0 +1,147 @@
+"""Breaker transitions, delivered once fleet-wide to logs, metrics and alert hooks.
+
+The breaker scripts append every transition (including open -> half-open, which happens
+by time, inside whichever admission first notices) to one Redis stream, exactly once.
+The maintenance leader reads it through a consumer group and acknowledges each entry
+after its hooks ran, so every transition is logged (``circuit_breaker_opened``,
+``_half_open``, ``_closed``) and alerted once, and a leader that dies mid-way leaves its
+pending entries to the next one (``XAUTOCLAIM``). Hooks follow seed 004: log, metric and
+webhook hooks, each ``(event_type, message, context)``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import structlog
+from prometheus_client import Counter, Gauge
+
+from reliability.breaker import EVENTS_STREAM
+from reliability.errors import BackendUnavailable
+from reliability.metrics import PREFIX
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.alerts")
+
+Hook = Callable[[str, str, dict[str, Any]], None]
+EVENT_NAMES = {"open": "circuit_breaker_opened", "half_open": "circuit_breaker_half_open",
+               "closed": "circuit_breaker_closed"}
+STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+GROUP = "alerts"
+# A leader that read entries and died leaves them pending; the next takes them after this.
+CLAIM_IDLE_MS = 30_000
+
+TRANSITIONS = Counter(f"{PREFIX}_circuit_breaker_transitions_total",
+                      "Circuit breaker state transitions, fleet-wide.", ["breaker", "to"])
+STATE = Gauge(f"{PREFIX}_circuit_breaker_state",
+              "Circuit breaker state (0 closed, 1 half-open, 2 open).", ["breaker"],
+              multiprocess_mode="max")
+
+
+class AlertHooks:
+    """Extensible alert hooks (seed 004): log, metric, webhook."""
+
+    def __init__(self) -> None:
+        self.log_hooks: list[Hook] = []
+        self.metric_hooks: list[Hook] = []
+        self.webhook_hooks: list[Hook] = []
+
+    def add_log_hook(self, hook: Hook) -> None:
+        self.log_hooks.append(hook)
+
+    def add_metric_hook(self, hook: Hook) -> None:
+        self.metric_hooks.append(hook)
+
+    def add_webhook_hook(self, hook: Hook) -> None:
+        self.webhook_hooks.append(hook)
+
+    def add_webhook_url(self, url: str, timeout: float = 5.0) -> None:
+        """POST every event as JSON to ``url`` (e.g. a PagerDuty or Slack relay)."""
+
+        def post(event_type: str, message: str, context: dict[str, Any]) -> None:
+            httpx.post(url, json={"event": event_type, "message": message, **context},
+                       timeout=timeout).raise_for_status()
+
+        self.webhook_hooks.append(post)
+
+    def emit(self, event_type: str, message: str, context: dict[str, Any]) -> None:
+        """Run every hook; a failing hook is logged and never stops the others."""
+        for hook in (*self.log_hooks, *self.metric_hooks, *self.webhook_hooks):
+            try:
+                hook(event_type, message, context)
+            except Exception as exc:
+                log.warning("alert_hook_failed", hook=getattr(hook, "__name__", repr(hook)),
+                            event_type=event_type, error=str(exc))
+
+
+def default_hooks() -> AlertHooks:
+    hooks = AlertHooks()
+
+    def to_log(event_type: str, message: str, context: dict[str, Any]) -> None:
+        level = log.warning if context.get("to") == "open" else log.info
+        level(event_type, message=message, **context)
+
+    def to_metrics(_event_type: str, _message: str, context: dict[str, Any]) -> None:
+        TRANSITIONS.labels(context["breaker"], context["to"]).inc()
+        STATE.labels(context["breaker"]).set(STATE_VALUES.get(context["to"], 0))
+
+    hooks.add_log_hook(to_log)
+    hooks.add_metric_hook(to_metrics)
+    return hooks
+
+
+class BreakerEvents:
+    """Reads breaker transitions from the stream and hands each to the hooks once."""
+
+    def __init__(self, store: Store, hooks: AlertHooks | None = None,
+                 consumer: str | None = None) -> None:
+        self.store = store
+        self.hooks = hooks or default_hooks()
+        self.consumer = consumer or socket.gethostname()
+        self.stream = f"{store.keys.prefix}:{EVENTS_STREAM}"
+        self._group_ready = False
+
+    def _ensure_group(self, client: Any) -> None:
+        if self._group_ready:
+            return
+        try:
+            client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except Exception as exc:  # BUSYGROUP: it exists already
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def deliver(self, count: int = 100) -> int:
+        """Deliver pending and new transitions; returns how many were delivered."""
+
+        def read(client: Any) -> list[tuple[str, dict[str, str]]]:
+            self._ensure_group(client)
+            claimed = client.xautoclaim(self.stream, GROUP, self.consumer,
+                                        min_idle_time=CLAIM_IDLE_MS, start_id="0-0",
+                                        count=count)
+            entries = list(claimed[1]) if claimed else []
+            fresh = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count)
+            for _stream, rows in fresh or []:
+                entries.extend(rows)
+            return entries
+
+        try:
+            entries = self.store.call("breaker events", read)
+        except BackendUnavailable:
+            return 0
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            to = fields.get("to", "")
+            event = EVENT_NAMES.get(to, f"circuit_breaker_{to}")
+            context = {"breaker": fields.get("breaker", ""), "from": fields.get("from", ""),
+                       "to": to, "reason": fields.get("reason", ""),
+                       "mode": fields.get("mode", "normal"), "at": float(fields.get("at", 0))}
+            message = f"circuit breaker {context['breaker']} {context['from']} -> {to}"
+            self.hooks.emit(event, message, context)
+            self.store.call("breaker events ack",
+                            lambda c, i=entry_id: c.xack(self.stream, GROUP, i))
+        return len(entries)

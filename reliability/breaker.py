@@ -1,0 +1,281 @@
+"""Circuit breakers whose state the whole fleet shares (semantics after resilience4j).
+
+Failures from every process count toward one breaker in Redis (``lua/breaker.lua``):
+it opens on consecutive failures, or on a failure rate or slow-call rate over a
+count- or time-based sliding window once ``minimum_requests`` calls were seen; after
+``recovery_timeout`` it half-opens and admits exactly ``half_open_max_calls`` trial calls
+fleet-wide (trial slots are leases, so a trial whose worker dies frees its slot);
+``success_threshold`` trial successes close it, any trial failure re-opens it. Which
+errors count is configurable (client errors do not trip it) and store outages never
+count. Every transition is appended once to a stream that :mod:`reliability.alerts`
+delivers once, fleet-wide, to logs and hooks.
+
+Inside tasks the breaker is part of the admission script (no extra round trip); outside
+tasks use :meth:`CircuitBreaker.call`, its async variant, the decorator or the context
+manager. ``state`` may be served from a local cache kept coherent by Redis invalidation.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import structlog
+
+from reliability import scripts
+from reliability.admission import Fragment
+from reliability.errors import BackendUnavailable, PermanentError, ReliabilityError
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.breaker")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class BreakerMode(StrEnum):
+    NORMAL = "normal"
+    FORCED_OPEN = "forced_open"
+    DISABLED = "disabled"
+    SHADOW = "shadow"  # metrics only: transitions recorded, calls never rejected
+
+
+class CircuitBreakerError(ReliabilityError):
+    """The breaker is open (or its half-open trial slots are taken): call not made."""
+
+    def __init__(self, name: str, retry_after: float, reason: str = "open") -> None:
+        super().__init__(f"circuit breaker {name!r} is {reason}; retry in {retry_after:.3f}s")
+        self.name = name
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """A breaker's policy. Defaults follow seed 000's guidance for a payment API."""
+
+    failure_threshold: int = 5  # consecutive failures; 0 = off
+    failure_rate_threshold: float = 0.0  # 0..1 over the window; 0 = off
+    window_type: Literal["count", "time"] = "count"
+    window_size: float = 100  # calls (count) or seconds (time)
+    minimum_requests: int = 10
+    slow_call_seconds: float = 0.0  # 0 = off
+    slow_call_rate_threshold: float = 1.0
+    recovery_timeout: float = 60.0
+    half_open_max_calls: int = 2
+    success_threshold: int = 2
+    trial_lease_seconds: float = 60.0
+    # Exceptions that count as failures; `ignore_on` wins (never recorded at all).
+    record_on: tuple[type[BaseException], ...] = (Exception,)
+    ignore_on: tuple[type[BaseException], ...] = (PermanentError, BackendUnavailable)
+
+    def args(self) -> list[Any]:
+        """The 11 numbers breaker.lua's ``cb_cfg`` reads, in order."""
+        return [self.failure_threshold, self.failure_rate_threshold, self.window_type,
+                self.window_size, self.minimum_requests, self.slow_call_seconds,
+                self.slow_call_rate_threshold, self.recovery_timeout,
+                self.half_open_max_calls, self.success_threshold, self.trial_lease_seconds]
+
+    def classify(self, error: BaseException | None) -> str:
+        """'success', 'failure' or 'ignore' for a call that ended with ``error``."""
+        if error is None:
+            return "success"
+        if isinstance(error, self.ignore_on) or not isinstance(error, self.record_on):
+            return "ignore"
+        return "failure"
+
+
+# Per-service defaults (seed 000 and 003): thresholds, recovery and trial calls.
+SERVICE_DEFAULTS: dict[str, BreakerConfig] = {
+    "payment": BreakerConfig(failure_threshold=5, recovery_timeout=60.0,
+                             half_open_max_calls=2, success_threshold=2),
+    "notification": BreakerConfig(failure_threshold=15, recovery_timeout=45.0,
+                                  half_open_max_calls=4, success_threshold=3),
+    "analytics": BreakerConfig(failure_threshold=25, recovery_timeout=20.0,
+                               half_open_max_calls=8, success_threshold=5),
+    "database": BreakerConfig(failure_threshold=10, recovery_timeout=30.0,
+                              half_open_max_calls=3, success_threshold=3),
+}
+
+CFG_ARGS = 11
+EVENTS_STREAM = "cb:events"
+
+
+def _keys(store: Store, name: str) -> list[str]:
+    base = f"{store.keys.prefix}:{{{name}}}:cb"
+    return [base, f"{base}:win", f"{base}:trials", f"{store.keys.prefix}:{EVENTS_STREAM}"]
+
+
+# Admission fragment for one breaker. KEYS H, W, T, E; ARGV name, cfg (11), owner.
+FRAGMENT = Fragment(
+    name="breaker",
+    libraries=("breaker",),
+    nkeys=4,
+    nargs=2 + CFG_ARGS,
+    check="""
+local cb_c = cb_cfg(ARGV, $AB + 2)
+local cbv, cbw = cb_check($K1, $K2, $K3, $K4, $A1, cb_c)
+if cbv == 'open' or cbv == 'busy' then return {'breaker_' .. cbv, string.format('%.6f', cbw)} end
+""",
+    commit=f"if cbv == 'trial' then cb_take_trial($K3, ARGV[$AB + {2 + CFG_ARGS}], cb_c) end",
+)
+
+_CHECK = scripts.compose("breaker", body="""
+local c = cb_cfg(ARGV, 4)
+local v, w, would = cb_check(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)
+if v == 'trial' then cb_take_trial(KEYS[3], ARGV[3], c) end
+return {v or 'admit', string.format('%.6f', w or 0), would or ''}
+""")
+_RECORD = scripts.compose("breaker", body="""
+local c = cb_cfg(ARGV, 6)
+return cb_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c, ARGV[3], ARGV[4],
+                 tonumber(ARGV[5]))
+""")
+_READ = scripts.compose("breaker", body="""
+local c = cb_cfg(ARGV, 3)
+local state, mode, open_until = cb_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)
+return {state, mode, string.format('%.6f', open_until)}
+""")
+
+
+@dataclass
+class CircuitBreaker:
+    """One named breaker, shared fleet-wide through the store."""
+
+    name: str
+    store: Store
+    config: BreakerConfig = field(default_factory=BreakerConfig)
+
+    @property
+    def keys(self) -> list[str]:
+        return _keys(self.store, self.name)
+
+    # -- state and administration ---------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """State, mode and when an open breaker may half-open (time-based transitions applied)."""
+        state, mode, open_until = self.store.run(
+            _READ, self.keys, ["" if now is None else now, self.name, *self.config.args()],
+            "breaker read")
+        return {"name": self.name, "state": state, "mode": mode,
+                "open_until": float(open_until) or None}
+
+    @property
+    def state(self) -> CircuitState:
+        return CircuitState(self.snapshot()["state"])
+
+    def set_mode(self, mode: BreakerMode) -> None:
+        """Forced-open, disabled, shadow or normal, fleet-wide and persisted."""
+        self.store.call("breaker mode", lambda c: c.hset(self.keys[0], "mode", str(mode)))
+        log.info("circuit_breaker_mode_set", breaker=self.name, mode=str(mode))
+
+    def reset(self) -> None:
+        """Close the breaker and forget its window (admin)."""
+        h, w, t, _ = self.keys
+
+        def _reset(c: Any) -> None:
+            pipe = c.pipeline(transaction=True)
+            pipe.hset(h, mapping={"state": "closed", "consec": 0, "half_ok": 0})
+            pipe.delete(w, t)
+            pipe.execute()
+
+        self.store.call("breaker reset", _reset)
+        log.info("circuit_breaker_reset", breaker=self.name)
+
+    # -- calls outside tasks --------------------------------------------------------------
+
+    def admit(self, owner: str, now: float | None = None) -> None:
+        """Reserve the right to call now; raises :class:`CircuitBreakerError` if refused."""
+        verdict, wait, _would = self.store.run(
+            _CHECK, self.keys,
+            ["" if now is None else now, self.name, owner, *self.config.args()],
+            "breaker check")
+        if verdict in ("open", "busy"):
+            log.info("circuit_breaker_rejected_call", breaker=self.name, reason=verdict)
+            raise CircuitBreakerError(self.name, float(wait), verdict)
+
+    def record(self, owner: str, error: BaseException | None, duration: float,
+               now: float | None = None) -> str:
+        """Feed one call's outcome; returns the breaker's state afterwards."""
+        return str(self.store.run(
+            _RECORD, self.keys,
+            ["" if now is None else now, self.name, owner, self.config.classify(error),
+             duration, *self.config.args()],
+            "breaker record"))
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """``with breaker.guard(): call()`` — admits, times and records the call."""
+        owner = f"call:{time.monotonic_ns()}:{id(self)}"
+        self.admit(owner)
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            self.record(owner, exc, time.monotonic() - started)
+            raise
+        self.record(owner, None, time.monotonic() - started)
+
+    def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.guard():
+            return fn(*args, **kwargs)
+
+    async def call_async(self, fn: Callable[P, Awaitable[R]], *args: P.args,
+                         **kwargs: P.kwargs) -> R:
+        with self.guard():
+            return await fn(*args, **kwargs)
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Use as a decorator on sync or async functions."""
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call_async(fn, *args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return self.call(fn, *args, **kwargs)
+
+        return wrapper
+
+    # -- inside tasks ---------------------------------------------------------------------
+
+    def admission_args(self, owner: str) -> tuple[list[str], list[Any]]:
+        return self.keys, [self.name, *self.config.args(), owner]
+
+    def settle_args(self, error: BaseException | None, duration: float) -> list[Any]:
+        return [self.name, self.config.classify(error), duration, *self.config.args()]
+
+
+class BreakerRegistry:
+    """Named breakers built from settings; unknown names fail loudly."""
+
+    def __init__(self, store: Store, configs: dict[str, BreakerConfig] | None = None) -> None:
+        self.store = store
+        self.configs = dict(SERVICE_DEFAULTS)
+        self.configs.update(configs or {})
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, name: str) -> CircuitBreaker:
+        found = self._breakers.get(name)
+        if found is None:
+            if name not in self.configs:
+                raise KeyError(f"no circuit breaker named {name!r}; known: {sorted(self.configs)}")
+            found = self._breakers[name] = CircuitBreaker(name, self.store, self.configs[name])
+        return found
+
+    def __iter__(self) -> Iterator[CircuitBreaker]:
+        return (self.get(name) for name in sorted(self.configs))

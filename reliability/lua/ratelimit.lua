@@ -1,0 +1,77 @@
+-- Fleet-wide rate limits on Redis time. Each limit: kind, key K, an override hash O
+-- (set_rate at runtime), and parameters p1, p2 plus cost:
+--   gcra        rate per second (p1), burst (p2): the token bucket as GCRA, K holds the TAT
+--   sliding     max requests (p1) per window seconds (p2): K is a zset log of admissions
+--   fixed       max requests (p1) per window seconds (p2): K is a counter prefix
+--   concurrency max holders (p1), holder lease seconds (p2): K is a zset owner -> expiry
+-- rl_earliest gives the earliest time >= t at which the request conforms (nil: a
+-- concurrency limit is full, no reservation possible); rl_commit reserves it at t.
+
+local function rl_params(O, p1, p2)
+  local o = redis.call('HMGET', O, 'p1', 'p2')
+  return tonumber(o[1] or p1), tonumber(o[2] or p2)
+end
+
+local function rl_earliest(kind, K, p1, p2, cost, t)
+  if kind == 'gcra' then
+    local interval = 1 / p1
+    local tat = tonumber(redis.call('GET', K) or '0')
+    return math.max(t, math.max(tat, t) + interval * cost - interval * p2)
+  elseif kind == 'sliding' then
+    redis.call('ZREMRANGEBYSCORE', K, '-inf', now - p2)
+    local log = redis.call('ZRANGE', K, 0, -1, 'WITHSCORES')
+    local k = #log / 2
+    if k + cost <= p1 then return t end
+    -- The entry `cost` places before the (p1)-th newest bounds the next slot.
+    local bound = tonumber(log[2 * (k - p1 + cost)])
+    local last = tonumber(log[2 * k])
+    return math.max(t, bound + p2, last)
+  elseif kind == 'fixed' then
+    local window = math.floor(t / p2)
+    for _ = 1, 1000 do
+      local used = tonumber(redis.call('GET', K .. ':' .. window) or '0')
+      if used + cost <= p1 then return math.max(t, window * p2) end
+      window = window + 1
+    end
+    return nil
+  else
+    redis.call('ZREMRANGEBYSCORE', K, '-inf', now)
+    if redis.call('ZCARD', K) + cost <= p1 then return t end
+    return nil
+  end
+end
+
+local function rl_commit(kind, K, p1, p2, cost, t, owner)
+  if kind == 'gcra' then
+    local interval = 1 / p1
+    local tat = math.max(tonumber(redis.call('GET', K) or '0'), t) + interval * cost
+    redis.call('SET', K, string.format('%.6f', tat), 'PX', math.ceil((tat - now + 1) * 1000))
+  elseif kind == 'sliding' then
+    for i = 1, cost do
+      redis.call('ZADD', K, t, string.format('%.6f:%s:%d', t, owner, i))
+    end
+    redis.call('PEXPIRE', K, math.ceil((t - now + p2 + 1) * 1000))
+  elseif kind == 'fixed' then
+    local wk = K .. ':' .. math.floor(t / p2)
+    redis.call('INCRBY', wk, cost)
+    redis.call('PEXPIRE', wk, math.ceil((t - now + p2 + 1) * 1000))
+  else
+    redis.call('ZADD', K, now + p2, owner)
+    redis.call('PEXPIRE', K, math.ceil((p2 + 1) * 1000))
+  end
+end
+
+-- Tokens (gcra) or free places (others) available right now, for reporting.
+local function rl_available(kind, K, p1, p2)
+  if kind == 'gcra' then
+    local tat = math.max(tonumber(redis.call('GET', K) or '0'), now)
+    return math.max(0, p2 - (tat - now) * p1)
+  elseif kind == 'sliding' then
+    redis.call('ZREMRANGEBYSCORE', K, '-inf', now - p2)
+    return math.max(0, p1 - redis.call('ZCOUNT', K, '-inf', now))
+  elseif kind == 'fixed' then
+    return math.max(0, p1 - tonumber(redis.call('GET', K .. ':' .. math.floor(now / p2)) or '0'))
+  end
+  redis.call('ZREMRANGEBYSCORE', K, '-inf', now)
+  return math.max(0, p1 - redis.call('ZCARD', K))
+end

@@ -1,0 +1,246 @@
+"""Rate limits the whole fleet obeys as one client, on Redis time.
+
+Celery's ``rate_limit`` is per worker and holds prefetch slots while it waits. Here a
+limit lives in Redis (``lua/ratelimit.lua``) and is checked inside the admission script:
+
+* ``gcra``: a token bucket (``rate`` per second, ``burst``) as GCRA;
+* ``sliding``: at most ``max_requests`` in any ``window_seconds`` (a log of admissions);
+* ``fixed``: at most ``max_requests`` per aligned window;
+* ``concurrency``: at most ``limit`` calls in flight; a holder that dies frees its slot
+  after ``lease_seconds``.
+
+Limits are keyed per task, tenant, user, IP or any argument, and a task may declare
+several (global -> tenant -> task): all must admit, atomically. Inside a task, no token
+means the admission *reserves* the task's future slot and the message is parked until
+then — it runs at that time without re-admission and never holds a worker slot while it
+waits, and an over-limit tenant's tasks wait outside the broker queue. Outside tasks,
+:class:`RateLimiter` offers ``acquire``/``try_acquire``/``set_rate``/``reset``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from reliability import scripts
+from reliability.admission import Fragment
+from reliability.errors import ConfigurationError
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.ratelimit")
+Kind = Literal["gcra", "sliding", "fixed", "concurrency"]
+# What a limit is keyed by: the task, a header, an argument, or nothing (global).
+Scope = str  # "global" | "task" | "tenant" | "user" | "ip" | "arg:<name>"
+
+SCOPE_ARGS = {"user": "user_id", "ip": "ip"}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """One limit's policy. ``p1``/``p2`` are what the Lua reads for its kind."""
+
+    name: str
+    kind: Kind = "gcra"
+    rate: float = 10.0  # gcra: tokens per second
+    burst: int = 1  # gcra: bucket capacity
+    max_requests: int = 100  # sliding / fixed
+    window_seconds: float = 60.0  # sliding / fixed
+    limit: int = 10  # concurrency
+    lease_seconds: float = 300.0  # concurrency: a dead holder frees its slot after this
+    per: Scope = "global"
+    cost: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gcra", "sliding", "fixed", "concurrency"):
+            raise ConfigurationError(f"rate limit {self.name}: unknown kind {self.kind!r}")
+        if self.rate <= 0 or self.burst < 1 or self.max_requests < 1 or self.limit < 1:
+            raise ConfigurationError(f"rate limit {self.name}: rates and sizes must be positive")
+        if self.window_seconds <= 0 or self.lease_seconds <= 0 or self.cost < 1:
+            raise ConfigurationError(f"rate limit {self.name}: windows and cost must be positive")
+        if self.per not in ("global", "task", "tenant", "user", "ip") and not self.per.startswith(
+                "arg:"):
+            raise ConfigurationError(f"rate limit {self.name}: unknown scope {self.per!r}")
+
+    @property
+    def params(self) -> tuple[float, float]:
+        if self.kind == "gcra":
+            return self.rate, self.burst
+        if self.kind == "concurrency":
+            return self.limit, self.lease_seconds
+        return self.max_requests, self.window_seconds
+
+    def scope_value(self, task_name: str, tenant: str | None,
+                    arguments: Callable[[], dict[str, Any]]) -> str:
+        """The value this limit is keyed by for one call."""
+        if self.per == "global":
+            return "-"
+        if self.per == "task":
+            return task_name
+        if self.per == "tenant":
+            return tenant or "-"
+        arg = self.per[4:] if self.per.startswith("arg:") else SCOPE_ARGS[self.per]
+        return str(arguments().get(arg, "-"))
+
+
+# Limits the business tasks use, after seed 000's guidance; settings replace them by name.
+DEFAULT_LIMITS: dict[str, RateLimit] = {
+    "payment-gateway": RateLimit(name="payment-gateway", kind="gcra", rate=10, burst=15),
+    "notification-per-user": RateLimit(name="notification-per-user", kind="sliding",
+                                       max_requests=5, window_seconds=60, per="user"),
+    "analytics-export": RateLimit(name="analytics-export", kind="gcra", rate=2, burst=10),
+}
+
+
+def limit_keys(store: Store, tag: str, limit: RateLimit, scope: str) -> list[str]:
+    base = f"{store.keys.prefix}:{{{tag}}}:rl:{limit.name}"
+    return [f"{base}:{scope}", f"{base}:cfg"]
+
+
+def fragment(count: int) -> Fragment:
+    """The admission fragment for ``count`` limits, checked and reserved together.
+
+    KEYS per limit: K, O. ARGV: owner, then per limit kind, p1, p2, cost, name.
+    """
+    return Fragment(
+        name=f"ratelimit x{count}",
+        libraries=("ratelimit",),
+        nkeys=2 * count,
+        nargs=1 + 5 * count,
+        check=f"""
+local rl_n, rl_kb, rl_ab = {count}, $KB, $AB + 1
+local rl_at = now
+local rl_p = {{}}
+for i = 0, rl_n - 1 do
+  local a = rl_ab + 5 * i
+  local p1, p2 = rl_params(KEYS[rl_kb + 2 * i + 2], ARGV[a + 2], ARGV[a + 3])
+  rl_p[i] = {{ARGV[a + 1], KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5]}}
+end
+for _ = 1, 8 do
+  local moved = false
+  for i = 0, rl_n - 1 do
+    local p = rl_p[i]
+    local t = rl_earliest(p[1], p[2], p[3], p[4], p[5], rl_at)
+    if t == nil then return {{'limit_busy', '1.000000', p[6]}} end
+    if t > rl_at then rl_at = t; moved = true end
+  end
+  if not moved then break end
+end
+local function rl_reserve()
+  for i = 0, rl_n - 1 do
+    local p = rl_p[i]
+    rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1)
+  end
+end
+if rl_at > now then
+  rl_reserve()
+  return {{'limit_delay', string.format('%.6f', rl_at - now)}}
+end
+""",
+        commit="rl_reserve()",
+    )
+
+
+_ACQUIRE = scripts.compose("ratelimit", body="""
+local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
+local t = rl_earliest(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), now)
+if t == nil then return {'busy', '1.000000'} end
+if t > now and ARGV[7] ~= '1' then return {'wait', string.format('%.6f', t - now)} end
+rl_commit(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), t, ARGV[6])
+return {'ok', string.format('%.6f', t - now)}
+""")
+_AVAILABLE = scripts.compose("ratelimit", body="""
+local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
+return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
+""")
+
+
+class RateLimiter:
+    """One limit (at one scope value) for code outside tasks."""
+
+    def __init__(self, store: Store, limit: RateLimit, scope: str = "-", tag: str = "api",
+                 *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store = store
+        self.limit = limit
+        self.keys = limit_keys(store, tag, limit, scope)
+        self._sleep = sleep
+
+    def _run(self, cost: int, owner: str, reserve: bool, now: float | None) -> tuple[str, float]:
+        p1, p2 = self.limit.params
+        verdict, wait = self.store.run(
+            _ACQUIRE, self.keys,
+            ["" if now is None else now, self.limit.kind, p1, p2, cost, owner,
+             "1" if reserve else "0"], "rate limit")
+        return str(verdict), float(wait)
+
+    def try_acquire(self, tokens: int = 1, now: float | None = None) -> bool:
+        """Take ``tokens`` now if the fleet-wide limit allows; never waits."""
+        verdict, _ = self._run(tokens, f"try:{time.monotonic_ns()}", False, now)
+        return verdict == "ok"
+
+    def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
+        """Wait for ``tokens`` (up to ``timeout`` seconds); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        owner = f"acq:{time.monotonic_ns()}"
+        verdict, wait = self._run(tokens, owner, False, None)
+        if verdict == "ok":
+            log.debug("tokens_acquired_immediate", limit=self.limit.name, tokens=tokens)
+            return True
+        log.info("tokens_waiting", limit=self.limit.name, tokens=tokens, wait_seconds=wait)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                log.warning("token_acquisition_timeout", limit=self.limit.name, tokens=tokens)
+                return False
+            self._sleep(min(wait, left) if left is not None else wait)
+            verdict, wait = self._run(tokens, owner, False, None)
+            if verdict == "ok":
+                log.info("tokens_acquired_after_wait", limit=self.limit.name, tokens=tokens)
+                return True
+
+    def release(self, owner: str) -> None:
+        """Free a concurrency slot taken with ``owner``."""
+        self.store.call("rate limit release", lambda c: c.zrem(self.keys[0], owner))
+
+    @property
+    def available_tokens(self) -> float:
+        p1, p2 = self.limit.params
+        return float(self.store.run(_AVAILABLE, self.keys,
+                                    ["", self.limit.kind, p1, p2], "rate limit read"))
+
+    def set_rate(self, rate: float | None = None, burst: int | None = None, *,
+                 max_requests: int | None = None, window_seconds: float | None = None,
+                 limit: int | None = None) -> None:
+        """Change the limit at runtime for the whole fleet (persisted in Redis)."""
+        new = {"gcra": (rate, burst), "concurrency": (limit, None)}.get(
+            self.limit.kind, (max_requests, window_seconds))
+        mapping = {k: v for k, v in zip(("p1", "p2"), new, strict=True) if v is not None}
+        if mapping:
+            self.store.call("rate limit set", lambda c: c.hset(self.keys[1], mapping=mapping))
+            log.info("rate_limit_changed", limit=self.limit.name, **mapping)
+
+    def reset(self) -> None:
+        """Forget usage and runtime overrides: the limit starts full."""
+        key, cfg = self.keys
+
+        def _reset(c: Any) -> None:
+            doomed = [key, cfg, *c.scan_iter(match=f"{key}:*", count=1000)]
+            c.delete(*doomed)
+
+        self.store.call("rate limit reset", _reset)
+
+
+def admission_args(store: Store, tag: str, task_name: str, limits: Sequence[RateLimit],
+                   owner: str, tenant: str | None, arguments: Callable[[], dict[str, Any]]
+                   ) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of :func:`fragment` for one delivery."""
+    keys: list[str] = []
+    args: list[Any] = [owner]
+    for limit in limits:
+        keys.extend(limit_keys(store, tag, limit, limit.scope_value(task_name, tenant, arguments)))
+        p1, p2 = limit.params
+        args.extend([limit.kind, p1, p2, limit.cost, limit.name])
+    return keys, args
