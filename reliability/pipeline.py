@@ -341,6 +341,9 @@ class Pipeline:
             metrics.OUTCOMES.labels(d.name, Outcome.FALLBACK).inc()
             log.info("circuit_breaker_fallback_served", breaker=name)
             return value
+        if decision == "breaker_busy":
+            # Trial slots free when a trial ends, usually long before their lease expires.
+            wait = min(wait, rt.config.recheck_seconds)
         message = ParkedMessage.of(d, retries=d.retries, reason=decision,
                                    extra_headers=self._carried_headers(d))
         self._park(rt, d, message, wait, mode="defer", outcome=Outcome.DEFERRED, detail=decision)

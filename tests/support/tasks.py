@@ -150,3 +150,20 @@ def leak_secret(note: str) -> str:
     secret = settings.providers.payment_api_key
     value = secret.get_secret_value() if secret is not None else ""
     raise TransientError(f"token {value} rejected ({note})")
+
+
+@app.task(base=ReliableTask, name="test.guarded_call", idempotency_key_args=("key",),
+          breaker="test-breaker", retry_policy=FAST_RETRY)
+def guarded_call(key: str) -> dict[str, Any]:
+    """A sandbox call behind the breaker named "test-breaker" (configured by the test)."""
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.limited", rate_limits=("test-limit",))
+def limited(key: str, tenant: str = "-") -> float:
+    """Records when it ran, on Redis time, in `<prefix>:test:admitted` (limit tests)."""
+    client = runtime.store.client
+    seconds, micros = client.time()
+    stamp = seconds + micros / 1_000_000
+    client.rpush(f"{runtime.store.keys.prefix}:test:admitted", f"{stamp:.6f}:{key}:{tenant}")
+    return stamp
