@@ -271,7 +271,7 @@ class Pipeline:
         limits = self.limits(rt)
         if limits and not d.reserved:
             limit_keys, limit_args = ratelimit.admission_args(
-                rt.store, tag, d.name, limits, d.owner, d.tenant_id, lambda: self._arguments(d))
+                rt.store, d.name, limits, d.owner, d.tenant_id, lambda: self._arguments(d))
             parts.append(Part(ratelimit.fragment(len(limits)), limit_keys, limit_args))
         if not parts:
             return Verdict("run")
@@ -538,7 +538,7 @@ class Pipeline:
         args.append(len(concurrency))
         for limit in concurrency:
             scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
-            keys.append(ratelimit.limit_keys(rt.store, self.task.tag, limit, scope)[0])
+            keys.append(ratelimit.limit_keys(rt.store, limit, scope)[0])
         return keys, args
 
     def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:

@@ -95,8 +95,11 @@ DEFAULT_LIMITS: dict[str, RateLimit] = {
 }
 
 
-def limit_keys(store: Store, tag: str, limit: RateLimit, scope: str) -> list[str]:
-    base = f"{store.keys.prefix}:{{{tag}}}:rl:{limit.name}"
+def limit_keys(store: Store, limit: RateLimit, scope: str) -> list[str]:
+    """A limit's keys: one per scope value plus its runtime overrides, shared by every task
+    naming the limit. Hash-tagged by the limit's name: give a limit the name of the
+    dependency it protects (as breakers are) and one admission's keys share a slot."""
+    base = f"{store.keys.prefix}:{{{limit.name}}}:rl"
     return [f"{base}:{scope}", f"{base}:cfg"]
 
 
@@ -161,11 +164,11 @@ return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
 class RateLimiter:
     """One limit (at one scope value) for code outside tasks."""
 
-    def __init__(self, store: Store, limit: RateLimit, scope: str = "-", tag: str = "api",
+    def __init__(self, store: Store, limit: RateLimit, scope: str = "-",
                  *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.store = store
         self.limit = limit
-        self.keys = limit_keys(store, tag, limit, scope)
+        self.keys = limit_keys(store, limit, scope)
         self._sleep = sleep
 
     def _run(self, cost: int, owner: str, reserve: bool, now: float | None) -> tuple[str, float]:
@@ -233,14 +236,14 @@ class RateLimiter:
         self.store.call("rate limit reset", _reset)
 
 
-def admission_args(store: Store, tag: str, task_name: str, limits: Sequence[RateLimit],
+def admission_args(store: Store, task_name: str, limits: Sequence[RateLimit],
                    owner: str, tenant: str | None, arguments: Callable[[], dict[str, Any]]
                    ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of :func:`fragment` for one delivery."""
     keys: list[str] = []
     args: list[Any] = [owner]
     for limit in limits:
-        keys.extend(limit_keys(store, tag, limit, limit.scope_value(task_name, tenant, arguments)))
+        keys.extend(limit_keys(store, limit, limit.scope_value(task_name, tenant, arguments)))
         p1, p2 = limit.params
         args.extend([limit.kind, p1, p2, limit.cost, limit.name])
     return keys, args

@@ -67,6 +67,51 @@ def tail_ledger(count: int) -> int:
     return 0
 
 
+def breakers(action: str, name: str | None, mode: str | None) -> int:
+    from reliability.breaker import BreakerMode
+    from worker.app import runtime
+
+    if action == "list":
+        for breaker in runtime.breakers:
+            snap = breaker.snapshot()
+            print(f"{snap['name']:<16} {snap['state']:<10} mode={snap['mode']:<12} "
+                  f"open_until={snap['open_until'] or '-'}")
+        return 0
+    if not name:
+        print("a breaker name is required", file=sys.stderr)
+        return 2
+    breaker = runtime.breakers.get(name)
+    if action == "reset":
+        breaker.reset()
+    else:
+        breaker.set_mode(BreakerMode(mode or "normal"))
+    print(breaker.snapshot())
+    return 0
+
+
+def limits(action: str, name: str | None, scope: str, values: dict[str, float | None]) -> int:
+    from reliability.ratelimit import RateLimiter
+    from worker.app import runtime
+
+    if action == "list":
+        for limit in runtime.rate_limits.values():
+            print(f"{limit.name:<24} {limit.kind:<12} per={limit.per:<8} params={limit.params}")
+        return 0
+    if not name:
+        print("a rate limit name is required", file=sys.stderr)
+        return 2
+    limiter = RateLimiter(runtime.store, runtime.rate_limit(name), scope=scope)
+    if action == "reset":
+        limiter.reset()
+    else:
+        limiter.set_rate(values.get("rate"), values.get("burst"),  # type: ignore[arg-type]
+                         max_requests=values.get("max_requests"),  # type: ignore[arg-type]
+                         window_seconds=values.get("window_seconds"),
+                         limit=values.get("limit"))  # type: ignore[arg-type]
+    print(f"{name}[{scope}]: available {limiter.available_tokens:.2f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reliable", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    add_help=False)
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=int, default=50)
+    p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
+    p_cb.add_argument("action", choices=["list", "reset", "mode"])
+    p_cb.add_argument("name", nargs="?")
+    p_cb.add_argument("mode", nargs="?", choices=["normal", "forced_open", "disabled", "shadow"])
+    p_rl = sub.add_parser("limits", help="list rate limits, change one at runtime, reset one")
+    p_rl.add_argument("action", choices=["list", "set", "reset"])
+    p_rl.add_argument("name", nargs="?")
+    p_rl.add_argument("--scope", default="-", help="tenant/user/... value, '-' for global")
+    for option in ("rate", "burst", "max-requests", "window-seconds", "limit"):
+        p_rl.add_argument(f"--{option}", type=float)
     args, rest = parser.parse_known_args(argv)
     if args.command == "run":
         return run(args.concurrency, not args.no_beat, not args.no_sandbox)
@@ -87,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dlq_main(rest)
     if args.command == "ledger":
         return tail_ledger(args.count)
+    if args.command == "breakers":
+        return breakers(args.action, args.name, args.mode)
+    if args.command == "limits":
+        values = {"rate": args.rate, "burst": args.burst and int(args.burst),
+                  "max_requests": args.max_requests and int(args.max_requests),
+                  "window_seconds": args.window_seconds,
+                  "limit": args.limit and int(args.limit)}
+        return limits(args.action, args.name, args.scope, values)
     return 2
 
 
