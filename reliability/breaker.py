@@ -28,7 +28,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import structlog
 
-from reliability import scripts
+from reliability import metrics, scripts
 from reliability.admission import Fragment
 from reliability.errors import BackendUnavailable, PermanentError, ReliabilityError
 from reliability.store import Store
@@ -150,12 +150,60 @@ return {state, mode, string.format('%.6f', open_until)}
 
 
 @dataclass
+class LocalBreaker:
+    """An in-process breaker for when the store is unreachable: documented as inexact.
+
+    It sees only this process's calls (consecutive failures and recovery timeout; one
+    trial call when half-open), so the fleet's breakers may disagree until Redis returns.
+    """
+
+    config: BreakerConfig
+    clock: Callable[[], float] = time.monotonic
+    consec: int = 0
+    open_until: float = 0.0
+    trial: bool = False
+
+    def admit(self, name: str) -> None:
+        now = self.clock()
+        if self.open_until and now < self.open_until:
+            raise CircuitBreakerError(name, self.open_until - now, "open (local fallback)")
+        if self.open_until and self.trial:
+            raise CircuitBreakerError(name, 0.5, "busy (local fallback)")
+        if self.open_until:
+            self.trial = True
+
+    def record(self, outcome: str) -> None:
+        if outcome == "ignore":
+            self.trial = False
+            return
+        if outcome == "failure":
+            self.consec += 1
+            threshold = self.config.failure_threshold or 1
+            if self.trial or self.consec >= threshold:
+                self.open_until = self.clock() + self.config.recovery_timeout
+        else:
+            self.consec = 0
+            if self.trial:
+                self.open_until = 0.0
+        self.trial = False
+
+
+@dataclass
 class CircuitBreaker:
-    """One named breaker, shared fleet-wide through the store."""
+    """One named breaker, shared fleet-wide through the store.
+
+    ``local_fallback``: when the store is unreachable, calls outside tasks are judged by
+    a :class:`LocalBreaker` instead of failing (logged and counted each time; inexact).
+    ``cache``: a :class:`~reliability.cache.TrackedCache` (or a callable returning one)
+    serving ``state`` without a round trip, kept coherent by Redis invalidation.
+    """
 
     name: str
     store: Store
     config: BreakerConfig = field(default_factory=BreakerConfig)
+    local_fallback: bool = False
+    cache: Any = None
+    _local: LocalBreaker | None = field(default=None, repr=False)
 
     @property
     def keys(self) -> list[str]:
@@ -173,7 +221,21 @@ class CircuitBreaker:
 
     @property
     def state(self) -> CircuitState:
-        return CircuitState(self.snapshot()["state"])
+        """The current state; from the local cache when one is configured (no round trip).
+
+        The cached path applies the open -> half-open timeout with the local clock, for
+        display; admissions always decide on Redis time.
+        """
+        cache = self.cache() if callable(self.cache) else self.cache
+        if cache is None:
+            return CircuitState(self.snapshot()["state"])
+        fields = cache.get_hash(self.keys[0])
+        if fields.get("mode") == BreakerMode.FORCED_OPEN:
+            return CircuitState.OPEN
+        state = fields.get("state", "closed")
+        if state == "open" and time.time() >= float(fields.get("open_until", 0)):
+            return CircuitState.HALF_OPEN
+        return CircuitState(state)
 
     def set_mode(self, mode: BreakerMode) -> None:
         """Forced-open, disabled, shadow or normal, fleet-wide and persisted."""
@@ -195,12 +257,26 @@ class CircuitBreaker:
 
     # -- calls outside tasks --------------------------------------------------------------
 
+    def _fallback(self, operation: str, exc: BackendUnavailable) -> LocalBreaker:
+        if not self.local_fallback:
+            raise exc
+        metrics.STORE_UNAVAILABLE.labels(f"breaker {operation}").inc()
+        log.warning("circuit_breaker_local_fallback", breaker=self.name, operation=operation,
+                    error=str(exc))
+        if self._local is None:
+            self._local = LocalBreaker(self.config)
+        return self._local
+
     def admit(self, owner: str, now: float | None = None) -> None:
         """Reserve the right to call now; raises :class:`CircuitBreakerError` if refused."""
-        verdict, wait, _would = self.store.run(
-            _CHECK, self.keys,
-            ["" if now is None else now, self.name, owner, *self.config.args()],
-            "breaker check")
+        try:
+            verdict, wait, _would = self.store.run(
+                _CHECK, self.keys,
+                ["" if now is None else now, self.name, owner, *self.config.args()],
+                "breaker check")
+        except BackendUnavailable as exc:
+            self._fallback("check", exc).admit(self.name)
+            return
         if verdict in ("open", "busy"):
             log.info("circuit_breaker_rejected_call", breaker=self.name, reason=verdict)
             raise CircuitBreakerError(self.name, float(wait), verdict)
@@ -208,11 +284,17 @@ class CircuitBreaker:
     def record(self, owner: str, error: BaseException | None, duration: float,
                now: float | None = None) -> str:
         """Feed one call's outcome; returns the breaker's state afterwards."""
-        return str(self.store.run(
-            _RECORD, self.keys,
-            ["" if now is None else now, self.name, owner, self.config.classify(error),
-             duration, *self.config.args()],
-            "breaker record"))
+        outcome = self.config.classify(error)
+        try:
+            return str(self.store.run(
+                _RECORD, self.keys,
+                ["" if now is None else now, self.name, owner, outcome, duration,
+                 *self.config.args()],
+                "breaker record"))
+        except BackendUnavailable as exc:
+            local = self._fallback("record", exc)
+            local.record(outcome)
+            return "open (local)" if local.open_until else "closed (local)"
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -263,10 +345,13 @@ class CircuitBreaker:
 class BreakerRegistry:
     """Named breakers built from settings; unknown names fail loudly."""
 
-    def __init__(self, store: Store, configs: dict[str, BreakerConfig] | None = None) -> None:
+    def __init__(self, store: Store, configs: dict[str, BreakerConfig] | None = None, *,
+                 cache: Callable[[], Any] | None = None, local_fallback: bool = False) -> None:
         self.store = store
         self.configs = dict(SERVICE_DEFAULTS)
         self.configs.update(configs or {})
+        self.cache = cache
+        self.local_fallback = local_fallback
         self._breakers: dict[str, CircuitBreaker] = {}
 
     def get(self, name: str) -> CircuitBreaker:
@@ -274,7 +359,9 @@ class BreakerRegistry:
         if found is None:
             if name not in self.configs:
                 raise KeyError(f"no circuit breaker named {name!r}; known: {sorted(self.configs)}")
-            found = self._breakers[name] = CircuitBreaker(name, self.store, self.configs[name])
+            found = self._breakers[name] = CircuitBreaker(
+                name, self.store, self.configs[name], local_fallback=self.local_fallback,
+                cache=self.cache)
         return found
 
     def __iter__(self) -> Iterator[CircuitBreaker]:

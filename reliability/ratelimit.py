@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 import structlog
 
-from reliability import scripts
+from reliability import metrics, scripts
 from reliability.admission import Fragment
-from reliability.errors import ConfigurationError
+from reliability.bucket import LocalTokenBucket
+from reliability.errors import BackendUnavailable, ConfigurationError
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.ratelimit")
@@ -162,14 +163,34 @@ return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
 
 
 class RateLimiter:
-    """One limit (at one scope value) for code outside tasks."""
+    """One limit (at one scope value) for code outside tasks.
+
+    ``local_fallback``: a :class:`~reliability.bucket.LocalTokenBucket` used while the
+    store is unreachable — inexact (it sees only this process), logged and counted each
+    time; without one, an unreachable store raises :class:`BackendUnavailable`.
+    """
 
     def __init__(self, store: Store, limit: RateLimit, scope: str = "-",
-                 *, sleep: Callable[[float], None] = time.sleep) -> None:
+                 *, sleep: Callable[[float], None] = time.sleep,
+                 local_fallback: LocalTokenBucket | None = None) -> None:
         self.store = store
         self.limit = limit
         self.keys = limit_keys(store, limit, scope)
         self._sleep = sleep
+        self.local_fallback = local_fallback
+
+    @classmethod
+    def with_local_fallback(cls, store: Store, limit: RateLimit, scope: str = "-", *,
+                            share: float = 1.0) -> RateLimiter:
+        """A limiter whose fallback allows ``share`` of the fleet-wide rate per process."""
+        if limit.kind == "gcra":
+            rate, burst = limit.rate, limit.burst
+        elif limit.kind == "concurrency":
+            rate, burst = float(limit.limit), limit.limit
+        else:
+            rate, burst = limit.max_requests / limit.window_seconds, limit.max_requests
+        bucket = LocalTokenBucket(max(rate * share, 1e-6), max(1, int(burst * share)))
+        return cls(store, limit, scope, local_fallback=bucket)
 
     def _run(self, cost: int, owner: str, reserve: bool, now: float | None) -> tuple[str, float]:
         p1, p2 = self.limit.params
@@ -179,16 +200,29 @@ class RateLimiter:
              "1" if reserve else "0"], "rate limit")
         return str(verdict), float(wait)
 
+    def _fallback(self, exc: BackendUnavailable) -> LocalTokenBucket:
+        if self.local_fallback is None:
+            raise exc
+        metrics.STORE_UNAVAILABLE.labels("rate limit").inc()
+        log.warning("rate_limit_local_fallback", limit=self.limit.name, error=str(exc))
+        return self.local_fallback
+
     def try_acquire(self, tokens: int = 1, now: float | None = None) -> bool:
         """Take ``tokens`` now if the fleet-wide limit allows; never waits."""
-        verdict, _ = self._run(tokens, f"try:{time.monotonic_ns()}", False, now)
+        try:
+            verdict, _ = self._run(tokens, f"try:{time.monotonic_ns()}", False, now)
+        except BackendUnavailable as exc:
+            return self._fallback(exc).try_acquire(tokens)
         return verdict == "ok"
 
     def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
         """Wait for ``tokens`` (up to ``timeout`` seconds); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         owner = f"acq:{time.monotonic_ns()}"
-        verdict, wait = self._run(tokens, owner, False, None)
+        try:
+            verdict, wait = self._run(tokens, owner, False, None)
+        except BackendUnavailable as exc:
+            return self._fallback(exc).acquire(tokens, timeout)
         if verdict == "ok":
             log.debug("tokens_acquired_immediate", limit=self.limit.name, tokens=tokens)
             return True

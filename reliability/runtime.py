@@ -16,6 +16,7 @@ import structlog
 
 from reliability import metrics
 from reliability.breaker import BreakerConfig, BreakerRegistry
+from reliability.cache import TrackedCache
 from reliability.dlq import DeadLetterQueue
 from reliability.errors import BackendUnavailable, ConfigurationError
 from reliability.lease import LeaseKeeper
@@ -58,7 +59,8 @@ class Runtime:
                  breakers: dict[str, BreakerConfig] | None = None,
                  rate_limits: dict[str, RateLimit] | None = None) -> None:
         self.store = store
-        self.breakers = BreakerRegistry(store, breakers)
+        self._cache: TrackedCache | None = None
+        self.breakers = BreakerRegistry(store, breakers, cache=self.tracked_cache)
         self.rate_limits = {**DEFAULT_LIMITS, **(rate_limits or {})}
         self.config = config or RuntimeConfig()
         self.masker = masker or Masker()
@@ -66,6 +68,12 @@ class Runtime:
         self.dlq = DeadLetterQueue(store, max_entries=self.config.dlq_max_entries,
                                    max_redrives=self.config.dlq_max_redrives)
         self.leases = LeaseKeeper(store)
+
+    def tracked_cache(self) -> TrackedCache:
+        """The process's invalidation-coherent cache for reads outside tasks (lazy)."""
+        if self._cache is None:
+            self._cache = TrackedCache(self.store.url)
+        return self._cache
 
     def rate_limit(self, name: str) -> RateLimit:
         """A rate limit configured in settings, by name."""
