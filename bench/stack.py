@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
+from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
 
 HOOK_DIR = Path(__file__).resolve().parent / "hook"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -91,20 +91,6 @@ def send(environment: Environment, task: str, args_list: list[list[object]]) -> 
         for args in args_list:
             app.send_task(task, args=args, producer=prod)
     app.close()
-
-
-def delete_prefix(url: str, prefix: str) -> None:
-    """Remove one run's keys (never FLUSHDB: the server is shared)."""
-    client = redis.Redis.from_url(url)
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
-    client.close()
 
 
 def check_parity(redis_url: str) -> list[str]:

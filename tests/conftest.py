@@ -11,12 +11,14 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from reliability.store import Store
-from tests.support.fleet import Environment
+from tests.support.fleet import Environment, delete_prefix
 from worker.sandbox import SandboxProvider
 
 IN_CI = bool(os.environ.get("CI"))
@@ -54,19 +56,6 @@ def rabbitmq_url() -> str:
     return RABBITMQ_URL
 
 
-def delete_prefix(url: str, prefix: str) -> None:
-    """Remove only this environment's keys (never FLUSHDB: the server is shared)."""
-    client = redis.Redis.from_url(url)
-    batch = []
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
-
-
 @pytest.fixture
 def sandbox() -> Iterator[SandboxProvider]:
     with SandboxProvider().start() as provider:
@@ -91,3 +80,35 @@ def bare_store(redis_url: str) -> Iterator[Store]:
     prefix = "u" + os.urandom(5).hex()
     yield Store(redis_url, prefix)
     delete_prefix(redis_url, prefix)
+
+
+# Module-scoped environment for test files that share one worker across their tests: the
+# file defines a module-scoped ``worker(shared_env)`` fixture with its own settings.
+@pytest.fixture(scope="module")
+def shared_sandbox() -> Iterator[SandboxProvider]:
+    with SandboxProvider().start() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def shared_env(redis_url: str, shared_sandbox: SandboxProvider) -> Iterator[Environment]:
+    env = Environment(redis_url=redis_url, sandbox_url=shared_sandbox.url)
+    yield env
+    delete_prefix(redis_url, env.prefix)
+
+
+@pytest.fixture(scope="module")
+def producer(shared_env: Environment) -> Celery:
+    return shared_env.producer()
+
+
+@pytest.fixture(scope="module")
+def shared_store(shared_env: Environment) -> Store:
+    return Store(shared_env.redis_url, shared_env.prefix)
+
+
+@pytest.fixture
+def provider(shared_sandbox: SandboxProvider, worker: Any) -> SandboxProvider:
+    """The shared sandbox with no faults and no records left from an earlier test."""
+    shared_sandbox.reset()
+    return shared_sandbox

@@ -19,7 +19,6 @@ from celery import Celery
 from reliability.dlq import DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.conftest import delete_prefix
 from tests.support.fleet import Environment, WorkerProcess, wait_until
 from worker.sandbox import SandboxProvider
 
@@ -59,38 +58,9 @@ def logged_until(worker: WorkerProcess, task_id: str, event: str) -> list[dict[s
 
 
 @pytest.fixture(scope="module")
-def shared_sandbox() -> Iterator[SandboxProvider]:
-    with SandboxProvider().start() as provider:
-        yield provider
-
-
-@pytest.fixture(scope="module")
-def shared_env(redis_url: str, shared_sandbox: SandboxProvider) -> Iterator[Environment]:
-    env = Environment(redis_url=redis_url, sandbox_url=shared_sandbox.url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
-
-
-@pytest.fixture(scope="module")
 def worker(shared_env: Environment) -> Iterator[WorkerProcess]:
     with WorkerProcess(shared_env) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def producer(shared_env: Environment) -> Celery:
-    return shared_env.producer()
-
-
-@pytest.fixture(scope="module")
-def shared_store(shared_env: Environment) -> Store:
-    return Store(shared_env.redis_url, shared_env.prefix)
-
-
-@pytest.fixture
-def provider(shared_sandbox: SandboxProvider, worker: WorkerProcess) -> SandboxProvider:
-    shared_sandbox.reset()
-    return shared_sandbox
 
 
 def test_a_correlation_id_header_reaches_the_provider_the_log_lines_and_child_tasks(

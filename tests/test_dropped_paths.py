@@ -34,8 +34,7 @@ from celery import Celery
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.conftest import delete_prefix
-from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, WorkerProcess, delete_prefix, wait_until
 from worker.sandbox import SandboxProvider
 
 LEASE_TTL_SECONDS = 10.0  # the testing environment's lease TTL

@@ -95,7 +95,7 @@ def test_each_charge_sent_twice_concurrently_is_charged_once(
 def test_each_charge_sent_twice_is_charged_once_with_rabbitmq_as_broker(
     redis_url: str, rabbitmq_url: str, sandbox: SandboxProvider
 ) -> None:
-    from tests.conftest import delete_prefix
+    from tests.support.fleet import delete_prefix
 
     environment = Environment(redis_url=redis_url, sandbox_url=sandbox.url,
                               broker_url=rabbitmq_url)

@@ -22,7 +22,6 @@ from celery import Celery
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.conftest import delete_prefix
 from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
 from tests.support.tasks import BACKOFF_RETRY, FAST_RETRY, SLOW_RETRY
 from worker.sandbox import SandboxProvider
@@ -59,41 +58,11 @@ def failure_of(result: Any, timeout: float = 30) -> BaseException:
 
 
 @pytest.fixture(scope="module")
-def shared_sandbox() -> Iterator[SandboxProvider]:
-    with SandboxProvider().start() as provider:
-        yield provider
-
-
-@pytest.fixture(scope="module")
-def shared_env(redis_url: str, shared_sandbox: SandboxProvider) -> Iterator[Environment]:
-    env = Environment(redis_url=redis_url, sandbox_url=shared_sandbox.url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
-
-
-@pytest.fixture(scope="module")
 def worker(shared_env: Environment) -> Iterator[WorkerProcess]:
     # The retry budget is exercised by its own test: here it must never refuse a retry.
     with WorkerProcess(shared_env, RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET,
                        RELIABLE_RETRY__BUDGET_MIN_RETRIES="1000") as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def producer(shared_env: Environment) -> Celery:
-    return shared_env.producer()
-
-
-@pytest.fixture(scope="module")
-def shared_store(shared_env: Environment) -> Store:
-    return Store(shared_env.redis_url, shared_env.prefix)
-
-
-@pytest.fixture
-def provider(shared_sandbox: SandboxProvider, worker: WorkerProcess) -> SandboxProvider:
-    """The shared sandbox with no faults and no records left from an earlier test."""
-    shared_sandbox.reset()
-    return shared_sandbox
 
 
 # -- retry schedule and failure classes ---------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import redis
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +40,20 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Remove only this prefix's keys (never FLUSHDB: the server is shared)."""
+    client = redis.Redis.from_url(url)
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+    client.close()
 
 
 @dataclass
