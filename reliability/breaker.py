@@ -147,6 +147,21 @@ local c = cb_cfg(ARGV, 3)
 local state, mode, open_until = cb_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)
 return {state, mode, string.format('%.6f', open_until)}
 """)
+# Reset: a breaker that was not closed closes as a recorded transition (so alerts and the
+# state gauge see it); either way its window, failure count and trial leases are forgotten.
+_RESET = scripts.compose("breaker", body="""
+local c = cb_cfg(ARGV, 3)
+local h = redis.call('HMGET', KEYS[1], 'state', 'mode')
+local state = h[1] or 'closed'
+if state ~= 'closed' then
+  cb_transition(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], state, 'closed', 'reset',
+                h[2] or 'normal', c)
+else
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'consec', 0, 'half_ok', 0)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+return state
+""")
 
 
 @dataclass
@@ -243,16 +258,8 @@ class CircuitBreaker:
         log.info("circuit_breaker_mode_set", breaker=self.name, mode=str(mode))
 
     def reset(self) -> None:
-        """Close the breaker and forget its window (admin)."""
-        h, w, t, _ = self.keys
-
-        def _reset(c: Any) -> None:
-            pipe = c.pipeline(transaction=True)
-            pipe.hset(h, mapping={"state": "closed", "consec": 0, "half_ok": 0})
-            pipe.delete(w, t)
-            pipe.execute()
-
-        self.store.call("breaker reset", _reset)
+        """Close the breaker and forget its window (admin); closing is a recorded transition."""
+        self.store.run(_RESET, self.keys, ["", self.name, *self.config.args()], "breaker reset")
         log.info("circuit_breaker_reset", breaker=self.name)
 
     # -- calls outside tasks --------------------------------------------------------------

@@ -57,7 +57,11 @@ local function cb_check(H, W, T, E, name, cfg)
     verdict, wait = 'open', math.max(open_until - now, 0.001)
   elseif state == 'half_open' then
     redis.call('ZREMRANGEBYSCORE', T, '-inf', now)
-    if redis.call('ZCARD', T) < cfg.half_max then
+    -- half_max trial calls per half-open spell, not in flight at once: a trial that
+    -- succeeded keeps its place (a dead one frees it when its lease lapses, an ignored
+    -- outcome at once). Never fewer than success_n, or the breaker could not close.
+    local used = redis.call('ZCARD', T) + tonumber(redis.call('HGET', H, 'half_ok') or '0')
+    if used < math.max(cfg.half_max, cfg.success_n) then
       verdict = 'trial'
     else
       local first = redis.call('ZRANGE', T, 0, 0, 'WITHSCORES')
