@@ -88,14 +88,17 @@ class Mover:
         self.claim_seconds = claim_seconds
         self.batch_size = batch_size
 
-    def pending(self) -> int:
-        return int(self.store.call("parked count", lambda c: c.zcard(self.store.keys.parked)))
+    def outlook(self) -> tuple[int, float | None]:
+        """How many messages are parked, and when the next is due (Redis time)."""
 
-    def next_due(self) -> float | None:
-        rows = self.store.call(
-            "parked peek", lambda c: c.zrange(self.store.keys.parked, 0, 0, withscores=True)
-        )
-        return float(rows[0][1]) if rows else None
+        def read(c: Any) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            pipe.zcard(self.store.keys.parked)
+            pipe.zrange(self.store.keys.parked, 0, 0, withscores=True)
+            return list(pipe.execute())
+
+        count, first = self.store.call("parked outlook", read)
+        return int(count), (float(first[0][1]) if first else None)
 
     def move_due(self, now: float | None = None) -> int:
         """Publish every due entry (up to one batch); returns how many were published."""

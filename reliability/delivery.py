@@ -89,7 +89,7 @@ class Delivery:
     idempotency_key: str | None = None
     fingerprint: str = ""
     fence: int = 0
-    admitted_at: float | None = None
+    admitted_at: float | None = None  # Redis time of the admission script, if one ran
     duration: float = 0.0  # seconds the body ran (breaker slow-call accounting)
 
     @property

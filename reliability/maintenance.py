@@ -25,6 +25,8 @@ from reliability.scripts import compose
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.maintenance")
+# The loop never spins faster than this, however close the next due message.
+MIN_WAIT_SECONDS = 0.005
 
 # KEYS leader   ARGV now, identity, ttl_ms  -> 1 when the caller leads
 LEAD = compose(body="""
@@ -74,12 +76,14 @@ class Maintenance(threading.Thread):
         self.leading = leading
         return leading
 
-    def tick(self) -> None:
+    def tick(self) -> float:
+        """One round; returns how long to wait before the next (the next due message)."""
         if not self.lead():
-            return
+            return self.leader_ttl / 3
         while self.mover.move_due() >= self.mover.batch_size:
             pass
-        metrics.PARKED.set(self.mover.pending())
+        pending, next_due = self.mover.outlook()
+        metrics.PARKED.set(pending)
         self._since_reap += self.interval
         if self._since_reap >= self.reap_every:
             self._since_reap = 0.0
@@ -87,18 +91,22 @@ class Maintenance(threading.Thread):
                 self.reaper.reap()
             for sweep in self.sweepers:
                 sweep()
+        if next_due is None:
+            return self.interval
+        # Wake when the next parked message is due (a fleet-wide limit's reserved slots are
+        # published on time, not in bunches per tick), at most every `interval`.
+        return min(max(next_due - self.store.now(), MIN_WAIT_SECONDS), self.interval)
 
     def run(self) -> None:
         while not self._stopping.is_set():
+            wait = 1.0
             try:
-                self.tick()
+                wait = self.tick()
             except BackendUnavailable as exc:
                 log.warning("maintenance_store_unavailable", error=str(exc))
-                self._stopping.wait(1.0)
             except Exception:
                 log.exception("maintenance_tick_failed")
-                self._stopping.wait(1.0)
-            self._stopping.wait(self.interval if self.leading else self.leader_ttl / 3)
+            self._stopping.wait(wait)
         if self.leading:
             with contextlib.suppress(BackendUnavailable):
                 self.store.call("resign", lambda c: c.delete(self.store.keys.leader)

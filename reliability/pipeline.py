@@ -185,6 +185,7 @@ class Pipeline:
         if not verdict.runs:
             return self._refused(rt, d, verdict)
         d.fence = verdict.fence
+        d.admitted_at = verdict.now or None
         held = None
         if d.idempotency_key:
             held = rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence, self._lease_seconds(rt))
