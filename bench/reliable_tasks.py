@@ -2,13 +2,18 @@
 
 ``bench.reliable_noop`` declares idempotency (keyed by the SHA-256 of its arguments, so
 each distinct ``i`` is a distinct key and none is skipped) and takes the default retry
-policy from settings: the guards a typical task declares.
+policy from settings: the guards a typical task declares. ``bench.guarded_noop``
+declares every guard (issue 3): idempotency, a retry policy, a circuit breaker and a
+rate limit that never delays. ``bench.limited_noop`` only has a global rate limit and
+stamps its start on Redis time (the utilisation bench).
 """
 
 from __future__ import annotations
 
-from bench import marks
+from bench import guard_settings, marks
 from reliability import ReliableTask
+from reliability.retry import RetryPolicy
+from reliability.runtime import get_runtime
 from worker.app import app
 
 
@@ -16,6 +21,24 @@ from worker.app import app
 def reliable_noop(i: int) -> None:
     """The no-op under idempotency + retry: admission and completion, nothing else."""
     return None
+
+
+@app.task(base=ReliableTask, name="bench.guarded_noop", idempotent=True,
+          retry_policy=RetryPolicy(max_attempts=5), breaker=guard_settings.BREAKER,
+          rate_limits=(guard_settings.LIMIT,))
+def guarded_noop(i: int) -> None:
+    """The no-op under all guards: one admission script checks idempotency, the breaker
+    and the limit; one completion script records the result and settles the breaker."""
+    return None
+
+
+@app.task(base=ReliableTask, name="bench.limited_noop",
+          rate_limits=(guard_settings.UTILISATION_LIMIT,))
+def limited_noop(i: int) -> None:
+    """Admitted by the global limit: stamps its start (Redis time) for the utilisation."""
+    store = get_runtime().store
+    store.run(guard_settings.STAMP, [guard_settings.admitted_key(store.keys.prefix)], [""],
+              "bench stamp")
 
 
 @app.task(base=ReliableTask, name="bench.reliable_sleep", idempotency_key_args=("key",))

@@ -23,6 +23,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,49 @@ def install(directory: str) -> None:
     signals.worker_process_shutdown.connect(_on_child_exit, weak=False)
     os.register_at_fork(after_in_child=_after_fork)
     atexit.register(dump)
+
+
+@contextmanager
+def counting() -> Iterator[Counter[str]]:
+    """Count this thread's round trips, by kind, while the block runs (the bench process's
+    own publishing: celery-once takes its locks there)."""
+    from redis.connection import AbstractConnection
+
+    counter: Counter[str] = Counter()
+    me = threading.get_ident()
+    local = threading.local()
+    send_command = AbstractConnection.send_command
+    pack_commands = AbstractConnection.pack_commands
+    send_packed_command = AbstractConnection.send_packed_command
+
+    def counting_send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+        local.pending = _describe(args)
+        return send_command(self, *args, **kwargs)
+
+    def counting_pack_commands(self: Any, commands: Any) -> Any:
+        commands = list(commands)
+        names = [_describe(tuple(c)) for c in commands[:MAX_PIPELINE_NAMES]]
+        if len(commands) > MAX_PIPELINE_NAMES:
+            names.append(f"...{len(commands)}")
+        local.pending = "+".join(names)
+        return pack_commands(self, commands)
+
+    def counting_send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
+        what = getattr(local, "pending", None) or "?"
+        local.pending = None
+        if threading.get_ident() == me:
+            counter[what] += 1
+        return send_packed_command(self, command, check_health)
+
+    AbstractConnection.send_command = counting_send_command
+    AbstractConnection.pack_commands = counting_pack_commands
+    AbstractConnection.send_packed_command = counting_send_packed_command
+    try:
+        yield counter
+    finally:
+        AbstractConnection.send_command = send_command
+        AbstractConnection.pack_commands = pack_commands
+        AbstractConnection.send_packed_command = send_packed_command
 
 
 def _on_prerun(**_: Any) -> None:
@@ -169,20 +214,49 @@ def script_names() -> dict[str, str]:
     import hashlib
     import itertools
 
-    from reliability import admission, deferral, idempotency, ledger, maintenance, reaper, scripts
+    from bench import guard_settings
+    from reliability import (
+        admission,
+        breaker,
+        deferral,
+        idempotency,
+        ledger,
+        maintenance,
+        ratelimit,
+        reaper,
+        scripts,
+    )
 
     sources: dict[str, str] = {}
-    for module in (scripts, idempotency, maintenance, deferral, ledger, reaper):
+    for module in (scripts, idempotency, maintenance, deferral, ledger, reaper, breaker,
+                   ratelimit, guard_settings):
         for attr, value in vars(module).items():
             if isinstance(value, str) and "redis.call" in value:
                 sources[f"{module.__name__.rsplit('.', 1)[-1]}.{attr}"] = value
+    # In the pipeline's order: delivery, defer, idempotency, breaker, limits.
     fragments = {"delivery": admission.DELIVERY, "defer": admission.DEFER,
-                 "idempotency": idempotency.FRAGMENT}
+                 "idempotency": idempotency.FRAGMENT, "breaker": breaker.FRAGMENT,
+                 "limits": ratelimit.fragment(1), "limits x2": ratelimit.fragment(2)}
     for n in range(1, len(fragments) + 1):
         for combo in itertools.combinations(fragments, n):
+            if "limits" in combo and "limits x2" in combo:
+                continue
             script = admission.assemble(tuple(fragments[c] for c in combo))
             sources["admission(" + "+".join(combo) + ")"] = script
+    sources.update(_limits_scripts())
     return {hashlib.sha1(src.encode()).hexdigest()[:8]: name for name, src in sources.items()}
+
+
+def _limits_scripts() -> dict[str, str]:
+    """The ``limits`` library's Redis scripts (the off-the-shelf stack), if installed."""
+    try:
+        from importlib import resources
+
+        folder = resources.files("limits").joinpath("resources/redis/lua_scripts")
+        return {f"limits.{f.name.removesuffix('.lua')}": f.read_text()
+                for f in folder.iterdir() if f.name.endswith(".lua")}
+    except (ImportError, OSError):
+        return {}
 
 
 def readable(what: str, names: dict[str, str]) -> str:

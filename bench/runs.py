@@ -31,7 +31,15 @@ import redis
 
 from bench import childloss, marks, roundtrips
 from bench.sampler import CommandSampler
-from bench.stack import BenchWorker, Stack, delete_prefix, send, worker_env
+from bench.stack import (
+    BenchWorker,
+    Stack,
+    delete_prefix,
+    delete_run_keys,
+    publish,
+    send,
+    worker_env,
+)
 from tests.support.fleet import Environment, wait_until
 
 # Round-trip kinds that are Celery task events (task-received/started/succeeded), which the
@@ -61,6 +69,9 @@ class ThroughputRun:
     redis_cpu: float = 0.0
     worker_main_cpu: float = 0.0
     worker_children_cpu: float = 0.0
+    # Round trips of the bench process while it published the run's messages (the
+    # producer's side: batched publishes, plus celery-once's locks).
+    producer_round_trips: Counter[str] = field(default_factory=Counter)
 
     @property
     def sync_round_trips(self) -> Counter[str]:
@@ -115,6 +126,8 @@ class ThroughputRun:
             "round_trips_by_kind": per_task(self.steady_round_trips, True, self.steady_tasks),
             "whole_window_round_trips_by_kind": per_task(self.round_trips, True),
             "background_round_trips_by_kind": per_task(self.background_round_trips, True),
+            "producer_round_trips_per_task": round(self.per_task(self.producer_round_trips), 4),
+            "producer_round_trips_by_kind": per_task(self.producer_round_trips, True),
             "commands_by_name": per_task(self.commands, False),
             "server_usec_by_command": per_task(self.command_usec, False),
         }
@@ -128,7 +141,8 @@ def measure_throughput(stack: Stack, pool: str, concurrency: int, tasks: int, re
     worker = BenchWorker(environment, stack, pool=pool, concurrency=concurrency,
                          log_dir=workdir, log_level=log_level, **worker_env(count_dir))
     try:
-        send(environment, stack.noop, [[i] for i in range(tasks)])
+        with roundtrips.counting() as producer_round_trips:
+            publish(environment, stack, tasks)
         sampler = CommandSampler(redis_url, environment,
                                  lambda: worker.proc.pid if worker.proc else None)
         sampler.start()
@@ -154,12 +168,13 @@ def measure_throughput(stack: Stack, pool: str, concurrency: int, tasks: int, re
             processes=counts.processes, redis_cpu=activity.redis_cpu,
             worker_main_cpu=activity.worker_main_cpu,
             worker_children_cpu=activity.worker_children_cpu,
+            producer_round_trips=producer_round_trips,
         )
     except BaseException:
         worker.kill()
         raise
     finally:
-        delete_prefix(redis_url, environment.prefix)
+        delete_run_keys(redis_url, environment)
     worker.log_path.unlink(missing_ok=True)
     shutil.rmtree(count_dir, ignore_errors=True)
     return run

@@ -17,10 +17,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
 
+from bench import guard_settings, offshelf
 from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
 
 HOOK_DIR = Path(__file__).resolve().parent / "hook"
@@ -29,24 +31,41 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 @dataclass(frozen=True)
 class Stack:
-    """One side of the comparison: the app a worker runs and the tasks it is sent."""
+    """One side of the comparison: the app a worker runs and the tasks it is sent.
+
+    ``once``: the no-op is a celery-once ``QueueOnce`` task, queued through its own
+    ``apply_async`` (which takes the lock) with the run's name as a second argument.
+    """
 
     name: str
     app_module: str
     noop: str
     sleep: str
+    once: bool = False
+
+    def noop_args(self, environment: Environment, i: int) -> list[object]:
+        return [i, environment.name] if self.once else [i]
 
 
 BARE = Stack("bare", "bench.bare_app", "bench.noop", "bench.sleep")
 RELIABLE = Stack("reliable", "worker.app", "bench.reliable_noop", "bench.reliable_sleep")
 STACKS = (BARE, RELIABLE)
+# Issue 3: every guard on the reliable stack, and the off-the-shelf libraries on bare Celery.
+GUARDED = Stack("guarded", "worker.app", "bench.guarded_noop", "bench.reliable_sleep")
+OFFSHELF = Stack("offshelf", "bench.offshelf_app", offshelf.NAME, "bench.sleep", once=True)
+LIMITED = Stack("limited", "worker.app", "bench.limited_noop", "bench.reliable_sleep")
+BY_NAME = {s.name: s for s in (BARE, RELIABLE, GUARDED, OFFSHELF, LIMITED)}
 
 
-def worker_env(count_dir: Path | None = None) -> dict[str, str]:
-    """Environment overrides for a bench worker (both stacks get the same ones)."""
+def worker_env(count_dir: Path | None = None, **guards: Any) -> dict[str, str]:
+    """Environment overrides for a bench worker (every stack gets the same ones).
+
+    ``guards``: the utilisation limit's rate and burst (``bench.guard_settings``).
+    """
     env = {
         "RELIABLE_WORKER__TASK_MODULES": '["bench.reliable_tasks"]',
         "PYTHONPATH": f"{HOOK_DIR}{os.pathsep}{ROOT}",
+        **guard_settings.worker_settings_env(**guards),
     }
     if count_dir is not None:
         env["BENCH_ROUNDTRIP_DIR"] = str(count_dir)
@@ -57,9 +76,10 @@ class BenchWorker(WorkerProcess):
     """``celery -A <app module> worker``: the harness's worker process, either stack."""
 
     def __init__(self, environment: Environment, stack: Stack, *, pool: str, concurrency: int,
-                 log_dir: Path, log_level: str = "INFO", **env: str) -> None:
+                 log_dir: Path, log_level: str = "INFO", name: str | None = None,
+                 **env: str) -> None:
         super().__init__(environment, concurrency=concurrency, pool=pool,
-                         name=f"{stack.name}-{pool}", log_dir=log_dir,
+                         name=name or f"{stack.name}-{pool}", log_dir=log_dir,
                          RELIABLE_LOG__LEVEL=log_level, **env)
         self.stack = stack
         self.log_level = log_level
@@ -91,6 +111,31 @@ def send(environment: Environment, task: str, args_list: list[list[object]]) -> 
         for args in args_list:
             app.send_task(task, args=args, producer=prod)
     app.close()
+
+
+def send_once(environment: Environment, args_list: list[list[object]]) -> None:
+    """Queue through celery-once's ``QueueOnce.apply_async``: one lock per task first."""
+    app = producer(environment)
+    task = offshelf.register_producer_task(app, environment.redis_url)
+    with app.producer_or_acquire() as prod, prod.batch():
+        for args in args_list:
+            task.apply_async(args=args, producer=prod)
+    app.close()
+
+
+def publish(environment: Environment, stack: Stack, count: int) -> None:
+    """``count`` no-op messages of ``stack``, published before its worker starts."""
+    args = [stack.noop_args(environment, i) for i in range(count)]
+    if stack.once:
+        send_once(environment, args)
+    else:
+        send(environment, stack.noop, args)
+
+
+def delete_run_keys(url: str, environment: Environment) -> None:
+    """Every key one run left: its prefix, and celery-once's unprefixed locks."""
+    delete_prefix(url, environment.prefix)
+    delete_prefix(url, offshelf.lock_prefix(environment.name))
 
 
 def check_parity(redis_url: str) -> list[str]:

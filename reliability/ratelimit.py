@@ -123,6 +123,7 @@ for i = 0, rl_n - 1 do
   local p1, p2 = rl_params(KEYS[rl_kb + 2 * i + 2], ARGV[a + 2], ARGV[a + 3])
   rl_p[i] = {{ARGV[a + 1], KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5]}}
 end
+local rl_settled = false
 for _ = 1, 8 do
   local moved = false
   for i = 0, rl_n - 1 do
@@ -131,8 +132,10 @@ for _ = 1, 8 do
     if t == nil then return {{'limit_busy', '1.000000', p[6]}} end
     if t > rl_at then rl_at = t; moved = true end
   end
-  if not moved then break end
+  if not moved then rl_settled = true; break end
 end
+-- No time every limit allows within the search bound: reserve nothing, look again then.
+if not rl_settled then return {{'limit_busy', string.format('%.6f', rl_at - now)}} end
 local function rl_reserve()
   for i = 0, rl_n - 1 do
     local p = rl_p[i]
@@ -156,6 +159,7 @@ if t > now and ARGV[7] ~= '1' then return {'wait', string.format('%.6f', t - now
 rl_commit(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), t, ARGV[6])
 return {'ok', string.format('%.6f', t - now)}
 """)
+_RELEASE = scripts.compose("ratelimit", body="return rl_release(KEYS[1], ARGV[2])")
 _AVAILABLE = scripts.compose("ratelimit", body="""
 local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
 return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
@@ -239,8 +243,8 @@ class RateLimiter:
                 return True
 
     def release(self, owner: str) -> None:
-        """Free a concurrency slot taken with ``owner``."""
-        self.store.call("rate limit release", lambda c: c.zrem(self.keys[0], owner))
+        """Free the concurrency places taken with ``owner`` (all of them, whatever the cost)."""
+        self.store.run(_RELEASE, self.keys[:1], ["", owner], "rate limit release")
 
     @property
     def available_tokens(self) -> float:

@@ -35,6 +35,8 @@ from kombu.utils.objects import cached_property
 ALIVE_REFRESH_SECONDS = 5.0
 ALIVE_TTL_MS = 30_000
 REGISTRY = "_reliable.processing"
+# Messages carrying this header are published to the front of their queue (see _put).
+FRONT_OF_QUEUE_HEADER = "rel_defer"
 # Delivery tags whose unacked record may exist without anyone holding the message.
 _UNCERTAIN_TAGS: list[str] = []
 
@@ -154,6 +156,21 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             self._reliable_moving = None
             self._in_poll = None
             self._flush_brpop_reauth()
+
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Parked copies the mover republishes go to the *front* of their queue.
+
+        Their time has come (a retry delay or a reserved rate-limit slot): behind a
+        backlog of new work they would run late, and then all at once.
+        """
+        headers = message.get("headers") or {}
+        if not headers.get(FRONT_OF_QUEUE_HEADER) or kwargs.get("_publish_batch") is not None:
+            return super()._put(queue, message, **kwargs)
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            client.rpush(key, dumps(message))  # consumers pop from the right
+        return None
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

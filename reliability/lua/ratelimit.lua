@@ -18,6 +18,7 @@ local function rl_earliest(kind, K, p1, p2, cost, t)
     local tat = tonumber(redis.call('GET', K) or '0')
     return math.max(t, math.max(tat, t) + interval * cost - interval * p2)
   elseif kind == 'sliding' then
+    if cost > p1 then return nil end  -- can never fit: refused like the other kinds
     redis.call('ZREMRANGEBYSCORE', K, '-inf', now - p2)
     local log = redis.call('ZRANGE', K, 0, -1, 'WITHSCORES')
     local k = #log / 2
@@ -56,9 +57,18 @@ local function rl_commit(kind, K, p1, p2, cost, t, owner)
     redis.call('INCRBY', wk, cost)
     redis.call('PEXPIRE', wk, math.ceil((t - now + p2 + 1) * 1000))
   else
+    -- One member per place taken: owner, owner#2 .. owner#cost (rl_release frees them all).
     redis.call('ZADD', K, now + p2, owner)
+    for i = 2, cost do redis.call('ZADD', K, now + p2, owner .. '#' .. i) end
     redis.call('PEXPIRE', K, math.ceil((p2 + 1) * 1000))
   end
+end
+
+-- Free the concurrency places a holder took (see rl_commit); returns how many.
+local function rl_release(K, owner)
+  local n = 0
+  while redis.call('ZREM', K, n == 0 and owner or owner .. '#' .. (n + 1)) == 1 do n = n + 1 end
+  return n
 end
 
 -- Tokens (gcra) or free places (others) available right now, for reporting.
