@@ -270,10 +270,11 @@ class Pipeline:
             breaker_keys, breaker_args = self.breaker(rt).admission_args(d.owner)
             parts.append(Part(breaker_mod.FRAGMENT, breaker_keys, breaker_args))
         limits = self.limits(rt)
-        if limits and not d.reserved:
+        if limits:
             limit_keys, limit_args = ratelimit.admission_args(
                 rt.store, d.name, limits, d.owner, d.tenant_id, lambda: self._arguments(d))
-            parts.append(Part(ratelimit.fragment(len(limits)), limit_keys, limit_args))
+            parts.append(Part(ratelimit.fragment(len(limits), d.reserved), limit_keys,
+                              limit_args))
         if not parts:
             return Verdict("run")
         fragments, part_keys, part_args = admission.flatten(parts)
@@ -309,7 +310,9 @@ class Pipeline:
         if decision in ("breaker_open", "breaker_busy"):
             return self._breaker_refused(rt, d, decision, float(verdict.detail))
         if decision in ("limit_delay", "limit_busy"):
-            reserved = decision == "limit_delay"
+            # A copy keeps its reserved slot through the start gate and a full
+            # concurrency limit; only a first delivery's "busy" reserved nothing.
+            reserved = decision == "limit_delay" or d.reserved
             delay = float(verdict.detail)
             extra = {**self._carried_headers(d), **({RESERVED: 1} if reserved else {})}
             message = ParkedMessage.of(d, retries=d.retries, reason=decision, extra_headers=extra)

@@ -104,50 +104,81 @@ def limit_keys(store: Store, limit: RateLimit, scope: str) -> list[str]:
     return [f"{base}:{scope}", f"{base}:cfg"]
 
 
-def fragment(count: int) -> Fragment:
+def fragment(count: int, reserved: bool = False) -> Fragment:
     """The admission fragment for ``count`` limits, checked and reserved together.
 
-    KEYS per limit: K, O. ARGV: owner, then per limit kind, p1, p2, cost, name.
+    A first delivery reserves the earliest time every limit (and its start gate) allows:
+    now, or a future slot the message is parked until. A ``reserved`` copy (parked with
+    its slot) only passes the start gate — and takes its concurrency places — when it
+    comes back. KEYS per limit: K, O. ARGV: owner, then per limit kind, p1, p2, cost, name.
     """
-    return Fragment(
-        name=f"ratelimit x{count}",
-        libraries=("ratelimit",),
-        nkeys=2 * count,
-        nargs=1 + 5 * count,
-        check=f"""
+    head = f"""
 local rl_n, rl_kb, rl_ab = {count}, $KB, $AB + 1
 local rl_at = now
 local rl_p = {{}}
 for i = 0, rl_n - 1 do
   local a = rl_ab + 5 * i
   local p1, p2 = rl_params(KEYS[rl_kb + 2 * i + 2], ARGV[a + 2], ARGV[a + 3])
-  rl_p[i] = {{ARGV[a + 1], KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5]}}
+  local kind = ARGV[a + 1]
+  local gw, gmax = rl_gate(kind, p1, p2)
+  rl_p[i] = {{kind, KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5], gw, gmax}}
 end
+local function rl_earliest_gated(p, t)
+  local at = rl_earliest(p[1], p[2], p[3], p[4], p[5], t)
+  if at == nil or p[1] == 'concurrency' then return at end
+  return rl_gate_free(p[2], p[7], p[8], p[5], at)
+end
+local function rl_start_all(reserve)
+  for i = 0, rl_n - 1 do
+    local p = rl_p[i]
+    if reserve or p[1] == 'concurrency' then rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1) end
+    if p[1] ~= 'concurrency' then rl_start(p[2], p[7], p[5], $A1) end
+  end
+end
+"""
+    if reserved:
+        check = head + """
+for i = 0, rl_n - 1 do
+  local p = rl_p[i]
+  local t
+  if p[1] == 'concurrency' then t = rl_earliest(p[1], p[2], p[3], p[4], p[5], now)
+  else t = rl_gate_free(p[2], p[7], p[8], p[5], now) end
+  if t == nil then return {'limit_busy', '1.000000', p[6]} end
+  if t > rl_at then rl_at = t end
+end
+if rl_at > now then return {'limit_delay', string.format('%.6f', rl_at - now), 'gate'} end
+"""
+        commit = "rl_start_all(false)"
+    else:
+        check = head + """
 local rl_settled = false
 for _ = 1, 8 do
   local moved = false
   for i = 0, rl_n - 1 do
-    local p = rl_p[i]
-    local t = rl_earliest(p[1], p[2], p[3], p[4], p[5], rl_at)
-    if t == nil then return {{'limit_busy', '1.000000', p[6]}} end
+    local t = rl_earliest_gated(rl_p[i], rl_at)
+    if t == nil then return {'limit_busy', '1.000000', rl_p[i][6]} end
     if t > rl_at then rl_at = t; moved = true end
   end
   if not moved then rl_settled = true; break end
 end
 -- No time every limit allows within the search bound: reserve nothing, look again then.
-if not rl_settled then return {{'limit_busy', string.format('%.6f', rl_at - now)}} end
-local function rl_reserve()
+if not rl_settled then return {'limit_busy', string.format('%.6f', rl_at - now)} end
+if rl_at > now then
   for i = 0, rl_n - 1 do
     local p = rl_p[i]
     rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1)
   end
+  return {'limit_delay', string.format('%.6f', rl_at - now)}
 end
-if rl_at > now then
-  rl_reserve()
-  return {{'limit_delay', string.format('%.6f', rl_at - now)}}
-end
-""",
-        commit="rl_reserve()",
+"""
+        commit = "rl_start_all(true)"
+    return Fragment(
+        name=f"ratelimit x{count}{' reserved' if reserved else ''}",
+        libraries=("ratelimit",),
+        nkeys=2 * count,
+        nargs=1 + 5 * count,
+        check=check,
+        commit=commit,
     )
 
 

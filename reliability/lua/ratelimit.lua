@@ -85,3 +85,32 @@ local function rl_available(kind, K, p1, p2)
   redis.call('ZREMRANGEBYSCORE', K, '-inf', now)
   return math.max(0, p1 - redis.call('ZCARD', K))
 end
+
+-- The start gate: reservations spread admissions over time, but a reserved copy starts
+-- when it is redelivered, which can be late. Every start is also logged (K..':starts'),
+-- and nothing starts while the log holds gmax starts within the gate window gw, so the
+-- admissions actually made never exceed the limit in any window, late copies included.
+local function rl_gate(kind, p1, p2)
+  if kind == 'gcra' then
+    local gw = math.max(1, 1 / p1)
+    return gw, math.max(1, math.floor(p1 * gw + 1e-9) + p2 - 1)
+  end
+  return p2, p1
+end
+
+local function rl_gate_free(K, gw, gmax, cost, t)
+  local S = K .. ':starts'
+  redis.call('ZREMRANGEBYSCORE', S, '-inf', now - gw)
+  local log = redis.call('ZRANGE', S, 0, -1, 'WITHSCORES')
+  local k = #log / 2
+  if k + cost <= gmax then return t end
+  return math.max(t, tonumber(log[2 * (k - gmax + cost)]) + gw)
+end
+
+local function rl_start(K, gw, cost, owner)
+  local S = K .. ':starts'
+  for i = 1, cost do
+    redis.call('ZADD', S, now, string.format('%.6f:%s:%d', now, owner, i))
+  end
+  redis.call('PEXPIRE', S, math.ceil((gw + 1) * 1000))
+end

@@ -161,9 +161,11 @@ def guarded_call(key: str) -> dict[str, Any]:
 
 @app.task(base=ReliableTask, name="test.limited", rate_limits=("test-limit",))
 def limited(key: str, tenant: str = "-") -> float:
-    """Records when it ran, on Redis time, in `<prefix>:test:admitted` (limit tests)."""
+    """Records when it was admitted (the admission script's Redis time) in
+    `<prefix>:test:admitted` (limit tests)."""
     client = runtime.store.client
-    seconds, micros = client.time()
-    stamp = seconds + micros / 1_000_000
+    d = current()
+    assert d is not None and d.admitted_at is not None
+    stamp = d.admitted_at
     client.rpush(f"{runtime.store.keys.prefix}:test:admitted", f"{stamp:.6f}:{key}:{tenant}")
     return stamp
