@@ -18,6 +18,16 @@ import structlog
 from reliability.security import Masker
 
 
+def drop_quiet_tracebacks(_logger: Any, method: str, event_dict: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """Celery attaches a traceback to every task log record, even a deliberate ``Ignore``
+    (each deferral) logged at INFO: keep tracebacks for warnings and errors only."""
+    data = event_dict.get("data")
+    if isinstance(data, dict) and "traceback" in data and method in ("debug", "info"):
+        event_dict["data"] = {k: v for k, v in data.items() if k != "traceback"}
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", json_output: bool = True,
                       masker: Masker | None = None) -> None:
     """Route structlog and stdlib logging through one JSON (or console) renderer."""
@@ -48,6 +58,7 @@ def configure_logging(level: str = "INFO", json_output: bool = True,
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            drop_quiet_tracebacks,
             structlog.processors.format_exc_info,
             masker.processor,
             renderer,
