@@ -20,7 +20,8 @@ waits, and an over-limit tenant's tasks wait outside the broker queue. Outside t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,10 @@ class RateLimit:
             raise ConfigurationError(f"rate limit {self.name}: rates and sizes must be positive")
         if self.window_seconds <= 0 or self.lease_seconds <= 0 or self.cost < 1:
             raise ConfigurationError(f"rate limit {self.name}: windows and cost must be positive")
+        if self.kind == "gcra" and self.cost > self.burst:
+            raise ConfigurationError(
+                f"rate limit {self.name}: cost {self.cost} exceeds burst {self.burst}; such a"
+                " call could never conform")
         if self.per not in ("global", "task", "tenant", "user", "ip") and not self.per.startswith(
                 "arg:"):
             raise ConfigurationError(f"rate limit {self.name}: unknown scope {self.per!r}")
@@ -166,7 +171,9 @@ if not rl_settled then return {'limit_busy', string.format('%.6f', rl_at - now)}
 if rl_at > now then
   for i = 0, rl_n - 1 do
     local p = rl_p[i]
-    rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1)
+    -- Concurrency places are taken by the copy when it runs (rl_start_all), not while
+    -- the message is parked: this delivery's owner would never release one.
+    if p[1] ~= 'concurrency' then rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1) end
   end
   return {'limit_delay', string.format('%.6f', rl_at - now)}
 end
@@ -242,18 +249,23 @@ class RateLimiter:
         log.warning("rate_limit_local_fallback", limit=self.limit.name, error=str(exc))
         return self.local_fallback
 
-    def try_acquire(self, tokens: int = 1, now: float | None = None) -> bool:
-        """Take ``tokens`` now if the fleet-wide limit allows; never waits."""
+    def try_acquire(self, tokens: int = 1, now: float | None = None,
+                    owner: str | None = None) -> bool:
+        """Take ``tokens`` now if the fleet-wide limit allows; never waits.
+
+        For a concurrency limit pass ``owner`` and :meth:`release` it (or use :meth:`hold`).
+        """
         try:
-            verdict, _ = self._run(tokens, f"try:{time.monotonic_ns()}", False, now)
+            verdict, _ = self._run(tokens, owner or f"try:{time.monotonic_ns()}", False, now)
         except BackendUnavailable as exc:
             return self._fallback(exc).try_acquire(tokens)
         return verdict == "ok"
 
-    def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
+    def acquire(self, tokens: int = 1, timeout: float | None = None,
+                owner: str | None = None) -> bool:
         """Wait for ``tokens`` (up to ``timeout`` seconds); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        owner = f"acq:{time.monotonic_ns()}"
+        owner = owner or f"acq:{time.monotonic_ns()}"
         try:
             verdict, wait = self._run(tokens, owner, False, None)
         except BackendUnavailable as exc:
@@ -272,6 +284,20 @@ class RateLimiter:
             if verdict == "ok":
                 log.info("tokens_acquired_after_wait", limit=self.limit.name, tokens=tokens)
                 return True
+
+    @contextmanager
+    def hold(self, tokens: int = 1, timeout: float | None = None) -> Iterator[str]:
+        """Hold places of a concurrency limit for a block; yields the owner, always released.
+
+        Raises :class:`TimeoutError` if no place frees within ``timeout``.
+        """
+        owner = f"hold:{time.monotonic_ns()}"
+        if not self.acquire(tokens, timeout, owner=owner):
+            raise TimeoutError(f"no place in rate limit {self.limit.name} within {timeout}s")
+        try:
+            yield owner
+        finally:
+            self.release(owner)
 
     def release(self, owner: str) -> None:
         """Free the concurrency places taken with ``owner`` (all of them, whatever the cost)."""

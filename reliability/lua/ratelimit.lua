@@ -92,8 +92,10 @@ end
 -- admissions actually made never exceed the limit in any window, late copies included.
 local function rl_gate(kind, p1, p2)
   if kind == 'gcra' then
+    -- GCRA's most in any window (t - gw, t]: burst, then one per 1/p1 while inside it,
+    -- i.e. p2 + ceil(p1 * gw) - 1 (floor would cap a fractional rate such as 2.5/s at 2/s).
     local gw = math.max(1, 1 / p1)
-    return gw, math.max(1, math.floor(p1 * gw + 1e-9) + p2 - 1)
+    return gw, math.max(1, math.ceil(p1 * gw - 1e-9) + p2 - 1)
   end
   return p2, p1
 end
