@@ -17,8 +17,8 @@ from celery import states
 from celery.backends.redis import RedisBackend
 
 from reliability import scripts
-from reliability.pipeline import take_pending
 from reliability.runtime import get_runtime
+from reliability.settlement import take_pending
 
 
 class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]

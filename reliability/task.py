@@ -95,7 +95,7 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Write the completion if the result backend did not (no result stored)."""
-        from reliability.pipeline import flush_pending
+        from reliability.settlement import flush_pending
 
         flush_pending(task_id)
 
