@@ -43,7 +43,7 @@ ledger_add(KEYS[4], ARGV[7], ARGV[8], ARGV[9], outcome, ARGV[10], '')
 # ARGV now, owner, fence, result, result_ttl_s, dlv_ttl_ms, maxlen, task_id, name,
 #      attempt, budget_window_s
 COMPLETE = compose(
-    "idempotency", "delivery", "ledger", "budget", "breaker", "guards",
+    "idempotency", "delivery", "ledger", "budget", "breaker", "ratelimit", "guards",
     body=_COMPLETE_BODY + "guards_settle(6, 12)\nreturn outcome\n",
 )
 
@@ -55,7 +55,7 @@ COMPLETE = compose(
 # backend, an already stored SUCCESS is never overwritten; a superseded holder stores
 # nothing.
 COMPLETE_AND_STORE = compose(
-    "idempotency", "delivery", "ledger", "budget", "breaker", "guards",
+    "idempotency", "delivery", "ledger", "budget", "breaker", "ratelimit", "guards",
     body=_COMPLETE_BODY + """
 guards_settle(7, 14)
 if outcome == 'succeeded' then
@@ -79,7 +79,7 @@ return outcome
 #      budget_min, park_id, delay_s, envelope, dlv_ttl_ms, maxlen, task_id, name,
 #      attempt, outcome, detail
 PARK = compose(
-    "idempotency", "delivery", "deferral", "ledger", "budget", "breaker", "guards",
+    "idempotency", "delivery", "deferral", "ledger", "budget", "breaker", "ratelimit", "guards",
     body="""
 guards_settle(8, 18)
 if ARGV[4] == 'retry' and KEYS[5] ~= '' then
@@ -102,7 +102,7 @@ return {'parked', string.format('%.6f', due)}
 # ARGV now, owner, fence, budget_window_s, dlq_id, envelope, dlq_max, dlv_ttl_ms,
 #      maxlen, task_id, name, attempt, failure_class
 DEAD_LETTER = compose(
-    "idempotency", "delivery", "dlq", "ledger", "budget", "breaker", "guards",
+    "idempotency", "delivery", "dlq", "ledger", "budget", "breaker", "ratelimit", "guards",
     body="""
 guards_settle(8, 14)
 if KEYS[1] ~= '' and ARGV[2] ~= '' then idem_release(KEYS[1], KEYS[2], ARGV[2], ARGV[3]) end

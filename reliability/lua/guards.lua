@@ -13,11 +13,5 @@ local function guards_settle(k, a)
     k = k + 4
     a = a + 3 + CB_CFG_ARGS
   end
-  for i = 0, tonumber(ARGV[a]) - 1 do
-    -- A holder of n places holds owner, owner#2 .. owner#n (ratelimit.lua rl_commit).
-    local n = 0
-    while redis.call('ZREM', KEYS[k + i], n == 0 and owner or owner .. '#' .. (n + 1)) == 1 do
-      n = n + 1
-    end
-  end
+  for i = 0, tonumber(ARGV[a]) - 1 do rl_release(KEYS[k + i], owner) end
 end
