@@ -124,20 +124,18 @@ local rl_p = {{}}
 for i = 0, rl_n - 1 do
   local a = rl_ab + 5 * i
   local p1, p2 = rl_params(KEYS[rl_kb + 2 * i + 2], ARGV[a + 2], ARGV[a + 3])
-  local kind = ARGV[a + 1]
-  local gw, gmax = rl_gate(kind, p1, p2)
-  rl_p[i] = {{kind, KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5], gw, gmax}}
+  rl_p[i] = {{ARGV[a + 1], KEYS[rl_kb + 2 * i + 1], p1, p2, tonumber(ARGV[a + 4]), ARGV[a + 5]}}
 end
 local function rl_earliest_gated(p, t)
   local at = rl_earliest(p[1], p[2], p[3], p[4], p[5], t)
   if at == nil or p[1] == 'concurrency' then return at end
-  return rl_gate_free(p[2], p[7], p[8], p[5], at)
+  return rl_gate_free(p[1], p[2], p[3], p[4], p[5], at)
 end
 local function rl_start_all(reserve)
   for i = 0, rl_n - 1 do
     local p = rl_p[i]
     if reserve or p[1] == 'concurrency' then rl_commit(p[1], p[2], p[3], p[4], p[5], rl_at, $A1) end
-    if p[1] ~= 'concurrency' then rl_start(p[2], p[7], p[5], $A1) end
+    if p[1] ~= 'concurrency' then rl_start(p[1], p[2], p[3], p[4], p[5], $A1) end
   end
 end
 """
@@ -147,7 +145,7 @@ for i = 0, rl_n - 1 do
   local p = rl_p[i]
   local t
   if p[1] == 'concurrency' then t = rl_earliest(p[1], p[2], p[3], p[4], p[5], now)
-  else t = rl_gate_free(p[2], p[7], p[8], p[5], now) end
+  else t = rl_gate_free(p[1], p[2], p[3], p[4], p[5], now) end
   if t == nil then return {'limit_busy', '1.000000', p[6]} end
   if t > rl_at then rl_at = t end
 end

@@ -12,6 +12,11 @@ local function rl_params(O, p1, p2)
   return tonumber(o[1] or p1), tonumber(o[2] or p2)
 end
 
+-- The score of the entry at a rank (0-based; -1 the newest): O(log n), never the whole log.
+local function rl_score_at(K, rank)
+  return tonumber(redis.call('ZRANGE', K, rank, rank, 'WITHSCORES')[2])
+end
+
 local function rl_earliest(kind, K, p1, p2, cost, t)
   if kind == 'gcra' then
     local interval = 1 / p1
@@ -20,13 +25,11 @@ local function rl_earliest(kind, K, p1, p2, cost, t)
   elseif kind == 'sliding' then
     if cost > p1 then return nil end  -- can never fit: refused like the other kinds
     redis.call('ZREMRANGEBYSCORE', K, '-inf', now - p2)
-    local log = redis.call('ZRANGE', K, 0, -1, 'WITHSCORES')
-    local k = #log / 2
+    local k = redis.call('ZCARD', K)
     if k + cost <= p1 then return t end
     -- The entry `cost` places before the (p1)-th newest bounds the next slot.
-    local bound = tonumber(log[2 * (k - p1 + cost)])
-    local last = tonumber(log[2 * k])
-    return math.max(t, bound + p2, last)
+    local bound = rl_score_at(K, k - p1 + cost - 1)
+    return math.max(t, bound + p2, rl_score_at(K, -1))
   elseif kind == 'fixed' then
     local window = math.floor(t / p2)
     for _ = 1, 1000 do
@@ -87,9 +90,12 @@ local function rl_available(kind, K, p1, p2)
 end
 
 -- The start gate: reservations spread admissions over time, but a reserved copy starts
--- when it is redelivered, which can be late. Every start is also logged (K..':starts'),
--- and nothing starts while the log holds gmax starts within the gate window gw, so the
--- admissions actually made never exceed the limit in any window, late copies included.
+-- when it is redelivered, which can be late. Starts are also logged (K..':starts') and
+-- nothing starts while the log holds the limit's most within the gate window, so the
+-- admissions actually made never exceed the limit in any window, late copies included;
+-- the window gives late copies slack (a second GCRA with burst 1 would not). The log
+-- holds only the starts of the last window. A fixed window gated so behaves as a
+-- sliding one: never twice its max across a window boundary.
 local function rl_gate(kind, p1, p2)
   if kind == 'gcra' then
     -- GCRA's most in any window (t - gw, t]: burst, then one per 1/p1 while inside it,
@@ -100,16 +106,17 @@ local function rl_gate(kind, p1, p2)
   return p2, p1
 end
 
-local function rl_gate_free(K, gw, gmax, cost, t)
+local function rl_gate_free(kind, K, p1, p2, cost, t)
+  local gw, most = rl_gate(kind, p1, p2)
   local S = K .. ':starts'
   redis.call('ZREMRANGEBYSCORE', S, '-inf', now - gw)
-  local log = redis.call('ZRANGE', S, 0, -1, 'WITHSCORES')
-  local k = #log / 2
-  if k + cost <= gmax then return t end
-  return math.max(t, tonumber(log[2 * (k - gmax + cost)]) + gw)
+  local k = redis.call('ZCARD', S)
+  if k + cost <= most then return t end
+  return math.max(t, rl_score_at(S, k - most + cost - 1) + gw)
 end
 
-local function rl_start(K, gw, cost, owner)
+local function rl_start(kind, K, p1, p2, cost, owner)
+  local gw = rl_gate(kind, p1, p2)
   local S = K .. ':starts'
   for i = 1, cost do
     redis.call('ZADD', S, now, string.format('%.6f:%s:%d', now, owner, i))
