@@ -5,13 +5,13 @@ each distinct ``i`` is a distinct key and none is skipped) and takes the default
 policy from settings: the guards a typical task declares. ``bench.guarded_noop``
 declares every guard (issue 3): idempotency, a retry policy, a circuit breaker and a
 rate limit that never delays. ``bench.limited_noop`` only has a global rate limit and
-stamps its start on Redis time (the utilisation bench).
+stamps its admission time, Redis time (the utilisation bench).
 """
 
 from __future__ import annotations
 
 from bench import guard_settings, marks
-from reliability import ReliableTask
+from reliability import ReliableTask, current
 from reliability.retry import RetryPolicy
 from reliability.runtime import get_runtime
 from worker.app import app
@@ -35,10 +35,12 @@ def guarded_noop(i: int) -> None:
 @app.task(base=ReliableTask, name="bench.limited_noop",
           rate_limits=(guard_settings.UTILISATION_LIMIT,))
 def limited_noop(i: int) -> None:
-    """Admitted by the global limit: stamps its start (Redis time) for the utilisation."""
+    """Admitted by the global limit: stamps its admission (the admission script's Redis
+    time, which the limit governs) for the utilisation."""
     store = get_runtime().store
-    store.run(guard_settings.STAMP, [guard_settings.admitted_key(store.keys.prefix)], [""],
-              "bench stamp")
+    d = current()
+    store.run(guard_settings.STAMP, [guard_settings.admitted_key(store.keys.prefix)],
+              [d.admitted_at if d is not None and d.admitted_at else ""], "bench stamp")
 
 
 @app.task(base=ReliableTask, name="bench.reliable_sleep", idempotency_key_args=("key",))
