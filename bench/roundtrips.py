@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,54 +51,11 @@ def _describe(args: tuple[Any, ...]) -> str:
     return name
 
 
-def install(directory: str) -> None:
-    """Patch redis-py and connect the task signals in this process (and its children)."""
-    from celery import signals
+def _patch(record: Callable[[str], None]) -> Callable[[], None]:
+    """Wrap redis-py's connection so ``record(kind)`` runs once per round trip (a pipeline
+    counts once, named after its first commands); returns the function that unpatches."""
     from redis.connection import AbstractConnection
 
-    _state["dir"] = directory
-    send_command = AbstractConnection.send_command
-    pack_commands = AbstractConnection.pack_commands
-    send_packed_command = AbstractConnection.send_packed_command
-    events: list[tuple[float, str, str]] = _state["events"]
-
-    def counting_send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _local.pending = _describe(args)
-        return send_command(self, *args, **kwargs)
-
-    def counting_pack_commands(self: Any, commands: Any) -> Any:
-        commands = list(commands)
-        names = [_describe(tuple(c)) for c in commands[:MAX_PIPELINE_NAMES]]
-        if len(commands) > MAX_PIPELINE_NAMES:
-            names.append(f"...{len(commands)}")
-        _local.pending = "+".join(names)
-        return pack_commands(self, commands)
-
-    def counting_send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
-        what = getattr(_local, "pending", None) or "?"
-        _local.pending = None
-        events.append((time.time(), threading.current_thread().name, what))
-        return send_packed_command(self, command, check_health)
-
-    AbstractConnection.send_command = counting_send_command
-    AbstractConnection.pack_commands = counting_pack_commands
-    AbstractConnection.send_packed_command = counting_send_packed_command
-
-    signals.task_prerun.connect(_on_prerun, weak=False)
-    signals.task_postrun.connect(_on_postrun, weak=False)
-    signals.worker_process_shutdown.connect(_on_child_exit, weak=False)
-    os.register_at_fork(after_in_child=_after_fork)
-    atexit.register(dump)
-
-
-@contextmanager
-def counting() -> Iterator[Counter[str]]:
-    """Count this thread's round trips, by kind, while the block runs (the bench process's
-    own publishing: celery-once takes its locks there)."""
-    from redis.connection import AbstractConnection
-
-    counter: Counter[str] = Counter()
-    me = threading.get_ident()
     local = threading.local()
     send_command = AbstractConnection.send_command
     pack_commands = AbstractConnection.pack_commands
@@ -119,19 +76,51 @@ def counting() -> Iterator[Counter[str]]:
     def counting_send_packed_command(self: Any, command: Any, check_health: bool = True) -> Any:
         what = getattr(local, "pending", None) or "?"
         local.pending = None
-        if threading.get_ident() == me:
-            counter[what] += 1
+        record(what)
         return send_packed_command(self, command, check_health)
 
     AbstractConnection.send_command = counting_send_command
     AbstractConnection.pack_commands = counting_pack_commands
     AbstractConnection.send_packed_command = counting_send_packed_command
-    try:
-        yield counter
-    finally:
+
+    def unpatch() -> None:
         AbstractConnection.send_command = send_command
         AbstractConnection.pack_commands = pack_commands
         AbstractConnection.send_packed_command = send_packed_command
+
+    return unpatch
+
+
+def install(directory: str) -> None:
+    """Patch redis-py and connect the task signals in this process (and its children)."""
+    from celery import signals
+
+    _state["dir"] = directory
+    events: list[tuple[float, str, str]] = _state["events"]
+    _patch(lambda what: events.append((time.time(), threading.current_thread().name, what)))
+    signals.task_prerun.connect(_on_prerun, weak=False)
+    signals.task_postrun.connect(_on_postrun, weak=False)
+    signals.worker_process_shutdown.connect(_on_child_exit, weak=False)
+    os.register_at_fork(after_in_child=_after_fork)
+    atexit.register(dump)
+
+
+@contextmanager
+def counting() -> Iterator[Counter[str]]:
+    """Count this thread's round trips, by kind, while the block runs (the bench process's
+    own publishing: celery-once takes its locks there)."""
+    counter: Counter[str] = Counter()
+    me = threading.get_ident()
+
+    def record(what: str) -> None:
+        if threading.get_ident() == me:
+            counter[what] += 1
+
+    unpatch = _patch(record)
+    try:
+        yield counter
+    finally:
+        unpatch()
 
 
 def _on_prerun(**_: Any) -> None:

@@ -143,10 +143,15 @@ class WorkerProcess:
         def watch() -> None:
             while not self._stopping:
                 proc = self.proc
-                if proc is not None and proc.poll() is not None and not self._stopping:
+                if proc is None:
+                    return
+                try:
+                    proc.wait(timeout=0.2)  # wakes at once when the worker exits
+                except subprocess.TimeoutExpired:
+                    continue
+                if not self._stopping:
                     self.restarts += 1
                     self.start(wait=False)
-                time.sleep(0.2)
 
         self._supervisor = threading.Thread(target=watch, daemon=True)
         self._supervisor.start()
