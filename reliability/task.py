@@ -142,6 +142,9 @@ def _check_options(cls: type[ReliableTask]) -> None:
         raise ConfigurationError(f"task {name}: breaker_fallback must be callable")
     if fallback is not None and not cls.__dict__.get("breaker"):
         raise ConfigurationError(f"task {name}: breaker_fallback needs a breaker")
+    if inspect.isfunction(fallback):
+        # A plain function on the class would bind to the task like a method.
+        cls.breaker_fallback = staticmethod(fallback)  # type: ignore[assignment]
     model = cls.__dict__.get("args_model")
     if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise ConfigurationError(f"task {name}: args_model must be a pydantic model class")

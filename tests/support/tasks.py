@@ -169,3 +169,15 @@ def limited(key: str, tenant: str = "-") -> float:
     stamp = d.admitted_at
     client.rpush(f"{runtime.store.keys.prefix}:test:admitted", f"{stamp:.6f}:{key}:{tenant}")
     return stamp
+
+
+def cached_answer(key: str) -> dict[str, Any]:
+    """The fallback of test.with_fallback: a cached value, marked stale."""
+    return {"key": key, "stale": True}
+
+
+@app.task(base=ReliableTask, name="test.with_fallback", idempotency_key_args=("key",),
+          breaker="test-breaker", breaker_fallback=cached_answer, retry_policy=FAST_RETRY)
+def with_fallback(key: str) -> dict[str, Any]:
+    """A sandbox call whose open breaker is answered by `cached_answer` instead."""
+    return post(f"{_sandbox()}/webhooks", {"key": key})
