@@ -158,7 +158,7 @@ if state ~= 'closed' then
                 h[2] or 'normal', c)
 else
   redis.call('HSET', KEYS[1], 'state', 'closed', 'consec', 0, 'half_ok', 0)
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[2] .. ':n', KEYS[3])
 end
 return state
 """)

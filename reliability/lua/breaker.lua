@@ -27,7 +27,7 @@ local function cb_transition(H, W, T, E, name, from, to, reason, mode, cfg)
     redis.call('DEL', T)
   else
     redis.call('HSET', H, 'consec', 0, 'half_ok', 0)
-    redis.call('DEL', W, T)
+    redis.call('DEL', W, W .. ':n', T)
   end
   redis.call('XADD', E, 'MAXLEN', '~', 10000, '*', 'breaker', name, 'from', from, 'to', to,
     'reason', reason, 'mode', mode, 'at', string.format('%.6f', now))
@@ -79,13 +79,20 @@ end
 local function cb_window(W, cfg, failed, slow)
   local calls, failures, slows = 0, 0, 0
   if cfg.kind == 'count' then
-    redis.call('LPUSH', W, (failed and 'f' or 'o') .. (slow and 's' or ''))
-    redis.call('LTRIM', W, 0, cfg.window - 1)
-    for _, v in ipairs(redis.call('LRANGE', W, 0, -1)) do
-      calls = calls + 1
-      if string.sub(v, 1, 1) == 'f' then failures = failures + 1 end
-      if string.find(v, 's', 2, true) then slows = slows + 1 end
+    -- The window's totals live beside it (W..':n') and change by the entry that enters
+    -- and the one that leaves: O(1) per call, never a read of the whole window.
+    local N = W .. ':n'
+    local function account(entry, delta)
+      redis.call('HINCRBY', N, 'c', delta)
+      if string.sub(entry, 1, 1) == 'f' then redis.call('HINCRBY', N, 'f', delta) end
+      if string.find(entry, 's', 2, true) then redis.call('HINCRBY', N, 's', delta) end
     end
+    local entry = (failed and 'f' or 'o') .. (slow and 's' or '')
+    redis.call('LPUSH', W, entry)
+    account(entry, 1)
+    while redis.call('LLEN', W) > cfg.window do account(redis.call('RPOP', W), -1) end
+    local n = redis.call('HMGET', N, 'c', 'f', 's')
+    calls, failures, slows = tonumber(n[1] or '0'), tonumber(n[2] or '0'), tonumber(n[3] or '0')
   else
     local bucket = math.floor(now)
     redis.call('HINCRBY', W, bucket .. ':c', 1)
