@@ -65,16 +65,18 @@ def derive_key(
     arguments: Mapping[str, Any],
     header: str | None = None,
     key_args: Sequence[str] = (),
+    fp: str | None = None,
 ) -> str:
     """The idempotency key: the producer's header, else declared arguments, else a hash.
 
-    Keys are namespaced by task name, so two tasks never share one by accident.
+    Keys are namespaced by task name, so two tasks never share one by accident. ``fp``
+    is the arguments' fingerprint when the caller has it already.
     """
     if header:
         return f"{name}:{header}"
     if key_args:
         return name + ":" + ",".join(f"{a}={arguments.get(a)}" for a in key_args)
-    return f"{name}:sha256:{fingerprint(arguments)}"
+    return f"{name}:sha256:{fp or fingerprint(arguments)}"
 
 
 # Admission fragment. KEYS idem, leases; ARGV fingerprint, owner, lease_s, ttl_s, tag.

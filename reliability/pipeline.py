@@ -169,10 +169,11 @@ class Pipeline(Settlement):
         if self.task.keyed or d.idempotency_header:
             if arguments is None:
                 arguments = idempotency.bind_arguments(self.signature, d.args, d.kwargs)
-            d.idempotency_key = idempotency.derive_key(
-                d.name, arguments, d.idempotency_header, self.task.idempotency_key_args
-            )
             d.fingerprint = idempotency.fingerprint(arguments)
+            d.idempotency_key = idempotency.derive_key(
+                d.name, arguments, d.idempotency_header, self.task.idempotency_key_args,
+                fp=d.fingerprint,
+            )
 
     # -- 3. admission ---------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ def kombu_restorer(app: Any) -> Restore:
     """
 
     def restore(tag: str) -> bool:
-        with app.connection_for_write() as conn:
+        with app.pool.acquire(block=True) as conn:  # a pooled connection, not a new one
             channel = conn.default_channel
             qos = getattr(channel, "qos", None)
             if qos is None or not hasattr(qos, "restore_by_tag"):

@@ -195,7 +195,7 @@ def sweep_orphans(app: Any) -> int:
     so do messages a producer published to a priority sub-queue, which workers with a
     single list per queue would otherwise never read.
     """
-    with app.connection_for_write() as conn:
+    with app.pool.acquire(block=True) as conn:  # a pooled connection, not a new one
         channel = conn.default_channel
         if not isinstance(channel, Channel):
             return 0
