@@ -99,6 +99,14 @@ class ReliableTask(Task):  # type: ignore[misc]
 
         flush_pending(task_id)
 
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """The body succeeded but Celery failed after it (storing the result, dispatching
+        callbacks): the completion is still written, before the ack."""
+        from reliability.settlement import flush_pending
+
+        flush_pending(task_id)
+
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: Any = None, countdown: float | None = None,
               max_retries: int | None = None, **options: Any) -> Any:
