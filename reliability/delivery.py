@@ -32,6 +32,9 @@ RESERVED = "rel_reserved"  # this copy's rate-limit slots were reserved when it 
 
 # Where ReliableRequest keeps values Celery's request dict would otherwise lose.
 REQUEST_CORRELATION_ID = "rel_correlation_id"
+# A nonce the worker's parent mints per delivery: the lease owner token. Delivery tags
+# repeat when kombu restores a message, so they cannot tell two deliveries apart.
+REQUEST_OWNER = "rel_owner"
 
 INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT,
                     RESERVED)
@@ -80,6 +83,7 @@ class Delivery:
     time_limits: tuple[float | None, float | None] | None = None  # producer's (hard, soft)
     expires: str | None = None  # producer's Celery `expires` (ISO-8601)
     delivery_tag: str = ""
+    owner_nonce: str | None = None
     redelivered: bool = False
     hostname: str = ""
     routing: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +103,8 @@ class Delivery:
 
     @property
     def owner(self) -> str:
-        """The lease owner token: unique per delivery, computable by the worker's parent."""
-        return f"{self.hostname}:{self.delivery_tag}:{self.task_id}"
+        """The lease owner token: unique per delivery, known to the worker's parent too."""
+        return self.owner_nonce or f"{self.hostname}:{self.delivery_tag}:{self.task_id}"
 
     @classmethod
     def from_request(cls, request: Any, name: str, args: Any, kwargs: Any) -> Delivery:
@@ -133,6 +137,7 @@ class Delivery:
             time_limits=_time_limits(get("timelimit")),
             expires=_text(get("expires")),
             delivery_tag=str(info.get("delivery_tag") or ""),
+            owner_nonce=_text(get(REQUEST_OWNER)),
             redelivered=bool(info.get("redelivered")),
             hostname=str(get("hostname") or ""),
             routing={

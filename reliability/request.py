@@ -11,6 +11,7 @@ Celery reads the limits, so prefork enforces it.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import structlog
@@ -22,7 +23,13 @@ from celery.worker.state import task_ready
 from reliability import metrics
 from reliability.consumer import hand_back
 from reliability.deadline import parse_deadline, soft_limit
-from reliability.delivery import CORRELATION_ID, DEADLINE, REQUEST_CORRELATION_ID, Delivery
+from reliability.delivery import (
+    CORRELATION_ID,
+    DEADLINE,
+    REQUEST_CORRELATION_ID,
+    REQUEST_OWNER,
+    Delivery,
+)
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
 from reliability.ledger import Outcome
@@ -44,6 +51,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
         # Celery replaces `correlation_id` with the AMQP property and drops the delivery
         # tag; keep both for the pool child (log context, lease owner token).
         self._request_dict[REQUEST_CORRELATION_ID] = correlation_id
+        self._request_dict[REQUEST_OWNER] = f"{self._hostname}:{uuid.uuid4().hex}"
         self._delivery_info["delivery_tag"] = message.delivery_tag
 
     @property
