@@ -345,8 +345,11 @@ class CircuitBreaker:
     def admission_args(self, owner: str) -> tuple[list[str], list[Any]]:
         return self.keys, [self.name, *self.config.args(), owner]
 
-    def settle_args(self, error: BaseException | None, duration: float) -> list[Any]:
-        return [self.name, self.config.classify(error), duration, *self.config.args()]
+    def settle_args(self, error: BaseException | None, duration: float,
+                    outcome: str | None = None) -> list[Any]:
+        """Settle-tail arguments; ``outcome`` overrides the classification of ``error``."""
+        return [self.name, outcome or self.config.classify(error), duration,
+                *self.config.args()]
 
 
 class BreakerRegistry:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
@@ -34,8 +34,12 @@ from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
 from reliability.ledger import Outcome
 from reliability.runtime import get_runtime
+from reliability.settlement import store_wait
 
 log = structlog.get_logger("reliability.request")
+# The parent settles on its consumer thread: it waits this long for the store, then
+# hands the message back unacked.
+PARENT_STORE_WAIT_SECONDS = 2.0
 
 
 class ReliableRequest(Request):  # type: ignore[misc]
@@ -79,15 +83,25 @@ class ReliableRequest(Request):  # type: ignore[misc]
         pipeline_for(self._task).identify(d)
         return d
 
+    def _settle(self, settle: Any, *args: Any) -> bool:
+        """Run a parent-side settlement with a short store wait; False if the store is away
+        (the caller then hands the message back unacked instead of acking it)."""
+        token = store_wait.set(PARENT_STORE_WAIT_SECONDS)
+        try:
+            settle(*args)
+        except (BackendUnavailable, Reject) as exc:
+            log.error("task_ending_unrecorded_requeued", task_id=self.id, error=str(exc))
+            return False
+        finally:
+            store_wait.reset(token)
+        return True
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        if not soft and self._task.acks_late:
-            try:
-                self._settle_hard_timeout(timeout)
-            except BackendUnavailable as exc:
-                log.error("task_timeout_unrecorded_requeued", task_id=self.id, error=str(exc))
-                task_ready(self)
-                self.reject(requeue=True)
-                return
+        if not soft and self._task.acks_late and not self._settle(
+                self._settle_hard_timeout, timeout):
+            task_ready(self)
+            self.reject(requeue=True)
+            return
         super().on_timeout(soft, timeout)
 
     def _settle_hard_timeout(self, timeout: float) -> None:
@@ -120,7 +134,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
             rt = get_runtime()
             d = self._delivery()
-            released = bool(d.idempotency_key) and pipeline_for(self._task).release(rt, d)
+            pipeline = pipeline_for(self._task)
+            released = bool(d.idempotency_key) and pipeline.release(rt, d)
+            pipeline.release_guards(rt, d)
             rt.ledger.record(d.task_id, d.name, Outcome.REQUEUED, d.attempt, type(exc).__name__)
         except BackendUnavailable as error:
             # The lease lapses by itself within its TTL; the message is requeued anyway.
@@ -149,10 +165,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
                           expired: bool) -> None:
-        try:
-            self._settle_revoked(reason, terminated, expired)
-        except BackendUnavailable as exc:
-            log.error("task_revoke_unrecorded_requeued", task_id=self.id, error=str(exc))
+        if not self._settle(self._settle_revoked, reason, terminated, expired):
             task_ready(self)
             self._already_revoked = True
             self.reject(requeue=True)

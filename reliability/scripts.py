@@ -155,3 +155,6 @@ end
 return out
 """,
 )
+
+# KEYS/ARGV: a guards tail only (guards.lua), after ARGV[1] = now.
+SETTLE_GUARDS = compose("breaker", "ratelimit", "guards", body="guards_settle(1, 2)\nreturn 1")

@@ -10,6 +10,7 @@ same methods for the endings only it sees (hard time limit, lost child, revoke).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import time
@@ -70,6 +71,13 @@ class Completion:
             log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
                         fence=d.fence)
         return outcome
+
+
+# How long a store operation waits for an unreachable store (None: the runtime's
+# setting). The worker's parent settles endings on its consumer thread, which must not
+# stall for long: it sets a short wait (see reliability.request).
+store_wait: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "reliable_store_wait", default=None)
 
 
 # Completions waiting to be fused into the result write, by task id (per thread).
@@ -289,8 +297,16 @@ class Settlement:
     def _arguments(self, d: Delivery) -> dict[str, Any]:
         return idempotency.bind_arguments(self.signature, d.args, d.kwargs)
 
-    def guard_tail(self, rt: Runtime, d: Delivery, error: BaseException | None
-                   ) -> tuple[list[str], list[Any]]:
+    def release_guards(self, rt: Runtime, d: Delivery) -> None:
+        """Free what the delivery holds in its guards (a breaker trial slot, concurrency
+        places) without judging the call: it ended without an outcome (lost child,
+        superseded, given up by the task)."""
+        keys, args = self.guard_tail(rt, d, None, outcome="ignore")
+        if keys:
+            rt.store.run(scripts.SETTLE_GUARDS, keys, ["", *args], "release guards")
+
+    def guard_tail(self, rt: Runtime, d: Delivery, error: BaseException | None,
+                   outcome: str | None = None) -> tuple[list[str], list[Any]]:
         """KEYS/ARGV tail settling the breaker and concurrency limits of a call that ran."""
         concurrency = [x for x in self.limits(rt) if x.kind == "concurrency"]
         if not self.task.breaker and not concurrency:
@@ -300,7 +316,7 @@ class Settlement:
         if self.task.breaker:
             breaker = self.breaker(rt)
             keys.extend(breaker.keys)
-            args.extend(breaker.settle_args(error, d.duration))
+            args.extend(breaker.settle_args(error, d.duration, outcome))
         args.append(len(concurrency))
         for limit in concurrency:
             scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
@@ -310,7 +326,7 @@ class Settlement:
     def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:
         """Run a store operation; if the store stays away, hand the message back unacked."""
         try:
-            return rt.wait_for_store(operation, fn)
+            return rt.wait_for_store(operation, fn, seconds=store_wait.get())
         except BackendUnavailable as exc:
             log.error("task_requeued_store_unavailable", operation=operation, error=str(exc))
             raise Reject(exc, requeue=True) from exc
