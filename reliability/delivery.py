@@ -117,7 +117,7 @@ class Delivery:
             name=name,
             args=tuple(args or ()),
             kwargs=dict(kwargs or {}),
-            retries=int(get("retries") or 0),
+            retries=max(0, int(_number(get("retries")) or 0)),
             # Celery overwrites `correlation_id` with the AMQP property (the task id); the
             # request keeps the producer's header under REQUEST_CORRELATION_ID.
             # Missing: the root task's id, so every delivery, retry and child of this work

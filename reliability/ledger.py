@@ -24,7 +24,9 @@ class Outcome(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     REVOKED = "revoked"
     FALLBACK = "fallback"  # the breaker was open; the task's fallback served the call
-    SUPERSEDED = "superseded"  # a stale holder finished after its successor took over
+    # A stale holder finished after a successor took its key over: its work is done by
+    # the successor (same or another task id), so the message is settled.
+    SUPERSEDED = "superseded"
     RETRIED = "retried"  # parked for a later attempt
     DEFERRED = "deferred"  # parked without spending an attempt (key in progress, ...)
     DUPLICATE_DELIVERY = "duplicate_delivery"  # another copy of this delivery already ran
@@ -33,7 +35,7 @@ class Outcome(StrEnum):
 
 FINAL = frozenset(
     {Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.DEAD_LETTERED, Outcome.REVOKED,
-     Outcome.FALLBACK}
+     Outcome.FALLBACK, Outcome.SUPERSEDED}
 )
 
 

@@ -45,7 +45,7 @@ from reliability.errors import (
 )
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime, get_runtime
-from reliability.settlement import Settlement
+from reliability.settlement import Settlement, is_settled, settled
 
 if TYPE_CHECKING:
     from reliability.task import ReliableTask
@@ -104,6 +104,14 @@ class Pipeline(Settlement):
         structlog.contextvars.bind_contextvars(**context)
         try:
             return self._execute(rt, d)
+        except (Ignore, Reject, Retry):
+            raise
+        except Exception as exc:
+            if not is_settled(exc):
+                # The pipeline's own code failed, not the body: never ack it unrecorded.
+                self.dead_letter(rt, d, FailureClass.POISON, exc=exc, ran=False,
+                                 reason=f"internal error handling the delivery: {exc!r}")
+            raise
         finally:
             deactivate(token)
 
@@ -124,8 +132,14 @@ class Pipeline(Settlement):
             error = request.exc or RuntimeError("retry requested by the task")
             d.duration = time.monotonic() - started
             return self._failed(rt, d, error, countdown=request.countdown)
-        except (Ignore, Reject, Retry):
-            self._release(rt, d)
+        except Retry as request:
+            # Celery's own retry raised by the body: the policy's retry, parked.
+            d.duration = time.monotonic() - started
+            when = request.when if isinstance(request.when, int | float) else None
+            return self._failed(rt, d, request.exc or request, countdown=when)
+        except (Ignore, Reject) as control:
+            d.duration = time.monotonic() - started
+            self._given_up(rt, d, control)
             raise
         except Exception as exc:
             d.duration = time.monotonic() - started
@@ -142,12 +156,12 @@ class Pipeline(Settlement):
         unreadable = validate_deadline(d.deadline_header)
         if unreadable:
             self.dead_letter(rt, d, FailureClass.POISON, reason=unreadable, ran=False)
-            raise PoisonMessage(unreadable)
+            raise settled(PoisonMessage(unreadable))
         left = remaining_seconds(d.deadline)
         if left is not None and left <= 0:
             reason = f"deadline {d.deadline_header} passed {-left:.3f}s before the task started"
             self.dead_letter(rt, d, FailureClass.EXPIRED, reason=reason, ran=False)
-            raise DeadlineExceeded(reason)
+            raise settled(DeadlineExceeded(reason))
         model = self.task.args_model
         arguments = None
         if model is not None:
@@ -161,7 +175,7 @@ class Pipeline(Settlement):
                 )
                 reason = f"invalid arguments: {problems}"
                 self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
-                raise PoisonMessage(reason) from None
+                raise settled(PoisonMessage(reason)) from None
         self.identify(d, arguments)
 
     def identify(self, d: Delivery, arguments: dict[str, Any] | None = None) -> None:
@@ -253,12 +267,12 @@ class Pipeline(Settlement):
         if decision == "conflict":
             reason = f"idempotency key {d.idempotency_key} holds different arguments"
             self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
-            raise IdempotencyConflict(reason)
+            raise settled(IdempotencyConflict(reason))
         if decision == "poison":
             reason = (f"redelivered {verdict.detail} times"
                       f" (max redeliveries {rt.config.max_redeliveries})")
             self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
-            raise PoisonMessage(reason)
+            raise settled(PoisonMessage(reason))
         raise RuntimeError(f"unknown admission verdict {decision!r}")
 
     def _breaker_refused(self, rt: Runtime, d: Delivery, decision: str, wait: float) -> Any:
@@ -268,7 +282,11 @@ class Pipeline(Settlement):
                  retry_in=round(wait, 3))
         fallback = self.task.breaker_fallback
         if fallback is not None:
-            value = fallback(*d.args, **d.kwargs)
+            try:
+                value = fallback(*d.args, **d.kwargs)
+            except Exception as exc:
+                # The fallback failed: settle it as the call's failure (retry or DLQ).
+                return self._failed(rt, d, exc)
             self._store(rt, "ledger", lambda: rt.ledger.record(
                 d.task_id, d.name, Outcome.FALLBACK, d.attempt, f"breaker {name} {decision}"))
             metrics.OUTCOMES.labels(d.name, Outcome.FALLBACK).inc()

@@ -10,6 +10,7 @@ same methods for the endings only it sees (hard time limit, lost child, revoke).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import threading
@@ -107,6 +108,14 @@ def flush_pending(task_id: str) -> None:
         completion.write(get_runtime())
 
 
+def _result_json(result: Any) -> str:
+    """The result as stored under the idempotency key (a repr when JSON cannot hold it)."""
+    try:
+        return json.dumps(result, default=str)
+    except (TypeError, ValueError):
+        return json.dumps(repr(result))
+
+
 def classify(exc: BaseException, retryable: bool) -> FailureClass:
     if isinstance(exc, IdempotencyConflict):
         return FailureClass.CONFLICT
@@ -115,6 +124,20 @@ def classify(exc: BaseException, retryable: bool) -> FailureClass:
     if isinstance(exc, DeadlineExceeded):
         return FailureClass.EXPIRED
     return FailureClass.TRANSIENT if retryable else FailureClass.PERMANENT
+
+
+_SETTLED = "_reliable_settled"
+
+
+def settled(exc: BaseException) -> BaseException:
+    """Mark an exception whose delivery already has its outcome recorded (DLQ entry)."""
+    with contextlib.suppress(AttributeError):
+        setattr(exc, _SETTLED, True)
+    return exc
+
+
+def is_settled(exc: BaseException) -> bool:
+    return bool(getattr(exc, _SETTLED, False))
 
 
 class Settlement:
@@ -133,13 +156,17 @@ class Settlement:
             delivery=d,
             keys=[self._idem_key(rt, d) if d.idempotency_key else "", keys.leases,
                   self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag)],
-            args=["", d.owner, str(d.fence), json.dumps(result, default=str),
+            args=["", d.owner, str(d.fence), _result_json(result),
                   self._result_ttl(rt), self._delivery_ttl_ms(rt), cfg.ledger_max_len,
                   d.task_id, d.name, d.attempt, cfg.budget_window_seconds],
             tail=self.guard_tail(rt, d, None),
         )
+        request = self.task.request
         if (getattr(self.task.backend, "fuses_completion", False)
-                and not get_actual_ignore_result(self.task, self.task.request)):
+                and not get_actual_ignore_result(self.task, request)
+                # Callbacks and chain steps are published before the result is stored: a
+                # fused write that then fails would publish them twice on redelivery.
+                and not request.callbacks and not request.chain):
             # Written together with Celery's result, in the backend's one round trip,
             # still before the ack (see reliability.backend).
             _pending[d.task_id] = completion
@@ -153,6 +180,7 @@ class Settlement:
         if isinstance(exc, StaleFencingToken) and d.fence:
             return self._superseded(rt, d, exc)
         decision, delay = self.settle_failure(rt, d, exc, countdown=countdown, ran=True)
+        settled(exc)
         # Celery stores exc.args in the result backend (and logs them): no secret in them.
         masked = rt.masker.data(list(exc.args))
         if masked != list(exc.args):
@@ -161,11 +189,28 @@ class Settlement:
             raise Retry(exc=exc, when=delay)
         raise exc
 
+    def _given_up(self, rt: Runtime, d: Delivery, control: Ignore | Reject) -> None:
+        """The body raised Celery's Ignore or Reject itself: record what becomes of it."""
+        self._release(rt, d)
+        self._store(rt, "release guards", lambda: self.release_guards(rt, d))
+        if isinstance(control, Reject) and not control.requeue:
+            self.dead_letter(rt, d, FailureClass.PERMANENT, ran=False,
+                             reason=f"rejected by the task: {control.reason!r}")
+            return
+        outcome, detail = ((Outcome.REQUEUED, "rejected by the task, requeued")
+                           if isinstance(control, Reject) else
+                           (Outcome.REVOKED, "ignored by the task"))
+        self._store(rt, "ledger", lambda: rt.ledger.record(
+            d.task_id, d.name, outcome, d.attempt, detail))
+        metrics.OUTCOMES.labels(d.name, outcome).inc()
+        log.warning("task_given_up_by_body", settled_as=str(outcome), detail=detail)
+
     def _superseded(self, rt: Runtime, d: Delivery, exc: StaleFencingToken) -> Any:
         """The provider saw a newer fence: a successor owns the key (and settles it).
 
         Not a failure of the work, so no retry and no DLQ entry: only a ledger record.
         """
+        self._store(rt, "release guards", lambda: self.release_guards(rt, d))
         self._store(rt, "superseded", lambda: rt.ledger.record(
             d.task_id, d.name, Outcome.SUPERSEDED, d.attempt, type(exc).__name__))
         metrics.OUTCOMES.labels(d.name, Outcome.SUPERSEDED).inc()
