@@ -26,6 +26,11 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
 
     fuses_completion = True
 
+    def _get_result_meta(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's meta (extended: with the task's arguments), configured secrets masked."""
+        meta = super()._get_result_meta(*args, **kwargs)
+        return get_runtime().masker.values(meta)
+
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
         completion = take_pending(str(task_id)) if state == states.SUCCESS else None

@@ -53,7 +53,7 @@ def envelope_for(message: Any, reason: str, error: BaseException | None) -> Dead
         args, kwargs = list(body[0] or []), dict(body[1] or {})
     else:
         data = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        raw = base64.b64encode(data[:MAX_RAW_BODY_BYTES]).decode()
+        raw = base64.b64encode(rt.masker.raw(data[:MAX_RAW_BODY_BYTES])).decode()
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
     info = message.delivery_info or {}
     return DeadLetter(

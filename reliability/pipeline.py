@@ -244,7 +244,7 @@ class Pipeline(Settlement):
         if decision == "busy":
             delay = min(rt.config.recheck_seconds, max(float(verdict.detail), 0.05))
             message = ParkedMessage.of(d, retries=d.retries, reason="idempotency key in progress",
-                                       extra_headers=self._carried_headers(d))
+                                       extra_headers=self._carried_headers(d, True))
             self._park(rt, d, message, delay, mode="defer", outcome=Outcome.DEFERRED,
                        detail="in_progress")
             log.info("task_deferred_in_progress", idempotency_key=d.idempotency_key,
@@ -296,6 +296,6 @@ class Pipeline(Settlement):
             # Trial slots free when a trial ends, usually long before their lease expires.
             wait = min(wait, rt.config.recheck_seconds)
         message = ParkedMessage.of(d, retries=d.retries, reason=decision,
-                                   extra_headers=self._carried_headers(d))
+                                   extra_headers=self._carried_headers(d, True))
         self._park(rt, d, message, wait, mode="defer", outcome=Outcome.DEFERRED, detail=decision)
         raise Ignore()

@@ -63,10 +63,11 @@ class RateLimit:
             raise ConfigurationError(f"rate limit {self.name}: rates and sizes must be positive")
         if self.window_seconds <= 0 or self.lease_seconds <= 0 or self.cost < 1:
             raise ConfigurationError(f"rate limit {self.name}: windows and cost must be positive")
-        if self.kind == "gcra" and self.cost > self.burst:
+        most = {"gcra": self.burst, "concurrency": self.limit}.get(self.kind, self.max_requests)
+        if self.cost > most:
             raise ConfigurationError(
-                f"rate limit {self.name}: cost {self.cost} exceeds burst {self.burst}; such a"
-                " call could never conform")
+                f"rate limit {self.name}: cost {self.cost} exceeds what the limit ever admits"
+                f" at once ({most}); such a call could never conform")
         if self.per not in ("global", "task", "tenant", "user", "ip") and not self.per.startswith(
                 "arg:"):
             raise ConfigurationError(f"rate limit {self.name}: unknown scope {self.per!r}")

@@ -7,6 +7,7 @@ appears in text or nested data; :func:`mask_secret` shortens one value for displ
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,14 +35,45 @@ class Masker:
     """Replaces every configured secret value, and URL passwords, with ``***``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        values = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH},
-                        key=len, reverse=True)
+        plain = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
+        # Also as a JSON renderer writes them (escaped quotes, backslashes, non-ASCII):
+        # log lines are masked after rendering.
+        escaped = {json.dumps(s)[1:-1] for s in plain}
+        values = sorted(plain | escaped, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
 
     def text(self, value: str) -> str:
         if self._pattern is not None:
             value = self._pattern.sub(MASK, value)
         return _URL_CREDENTIALS.sub(r"\g<scheme>\g<user>:" + MASK + "@", value)
+
+    def raw(self, value: bytes) -> bytes:
+        """Bytes with secrets masked (undecodable message bodies kept in the DLQ)."""
+        text = value.decode("utf-8", errors="surrogateescape")
+        return self.text(text).encode("utf-8", errors="surrogateescape")
+
+    def exception(self, exc: BaseException) -> None:
+        """Mask secrets in an exception's arguments and its whole cause/context chain, in
+        place: Celery stores and logs the formatted traceback of what it is given."""
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            masked = self.data(list(current.args))
+            if masked != list(current.args):
+                current.args = tuple(masked)
+            current = current.__cause__ or current.__context__
+
+    def values(self, value: Any) -> Any:
+        """A copy of nested data with configured secret values masked (keys not judged:
+        for results, which a caller may legitimately shape with a "token" field)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {k: self.values(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.values(v) for v in value]
+        return value
 
     def data(self, value: Any, key: str = "") -> Any:
         """A copy of nested data with secrets masked (values under sensitive keys too)."""

@@ -26,7 +26,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from reliability import breaker as breaker_mod
 from reliability import idempotency, metrics, ratelimit, scripts
 from reliability.deferral import ParkedMessage
-from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, Delivery
+from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, RESERVED, Delivery
 from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import (
     BackendUnavailable,
@@ -181,10 +181,9 @@ class Settlement:
             return self._superseded(rt, d, exc)
         decision, delay = self.settle_failure(rt, d, exc, countdown=countdown, ran=True)
         settled(exc)
-        # Celery stores exc.args in the result backend (and logs them): no secret in them.
-        masked = rt.masker.data(list(exc.args))
-        if masked != list(exc.args):
-            exc.args = tuple(masked)
+        # Celery stores the exception (and its traceback, causes included) in the result
+        # backend and logs it: no secret in any of it.
+        rt.masker.exception(exc)
         if decision == Outcome.RETRIED:
             raise Retry(exc=exc, when=delay)
         raise exc
@@ -376,8 +375,11 @@ class Settlement:
             log.error("task_requeued_store_unavailable", operation=operation, error=str(exc))
             raise Reject(exc, requeue=True) from exc
 
-    def _carried_headers(self, d: Delivery) -> dict[str, Any]:
-        carried: dict[str, Any] = {}
+    def _carried_headers(self, d: Delivery, keep_reservation: bool = False
+                         ) -> dict[str, Any]:
+        # A copy deferred again (not retried: a retry is a new call) keeps its reserved
+        # rate-limit slot; the start gate still applies to it.
+        carried: dict[str, Any] = {RESERVED: 1} if keep_reservation and d.reserved else {}
         if d.first_attempt_at is not None:
             carried[FIRST_ATTEMPT_AT] = d.first_attempt_at
         if d.previous_delay is not None:

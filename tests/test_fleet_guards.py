@@ -125,19 +125,19 @@ def trial_slot(store: Store) -> tuple[str, float] | None:
 
 
 def running_child(workers: list[WorkerProcess], producer: Celery,
-                  task_id: str) -> psutil.Process:
-    """The pool child executing ``task_id``, as its worker reports it (inspect)."""
+                  task_name: str) -> tuple[str, psutil.Process]:
+    """(task id, pool child) of the one ``task_name`` delivery running now (inspect)."""
     children = {p.pid: p for w in workers for p in w.children()}
 
-    def find() -> psutil.Process | None:
+    def find() -> tuple[str, psutil.Process] | None:
         inspector = producer.control.inspect(timeout=1.0)
-        for tasks in (inspector.active() or {}).values():
-            for task in tasks:
-                if task["id"] == task_id and task.get("worker_pid") in children:
-                    return children[task["worker_pid"]]
-        return None
+        running = [task for tasks in (inspector.active() or {}).values() for task in tasks
+                   if task["name"] == task_name and task.get("worker_pid") in children]
+        if len(running) != 1:
+            return None
+        return running[0]["id"], children[running[0]["worker_pid"]]
 
-    return wait_until(find, timeout=20, interval=0.1, message=f"the child running {task_id}")
+    return wait_until(find, timeout=20, interval=0.1, message=f"the one {task_name} running")
 
 
 def concurrent(calls: list[dict[str, Any]]) -> bool:
@@ -253,7 +253,7 @@ def test_a_half_open_breaker_admits_exactly_its_trial_calls_fleet_wide_then_lets
     assert len({c["idempotency_key"] for c in succeeded}) == 2 + parked
 
 
-def test_a_killed_trial_frees_its_slot_after_the_trial_lease(
+def test_a_killed_trial_frees_its_slot_at_once(
         environment: Environment, sandbox: SandboxProvider, store: Store) -> None:
     lease, parked = 3, 4
     producer = environment.producer()
@@ -267,10 +267,9 @@ def test_a_killed_trial_frees_its_slot_after_the_trial_lease(
         waiting = [producer.send_task(GUARDED, args=[f"w{i}"]) for i in range(parked)]
         # The first trial hangs in the provider long enough to be found and killed.
         sandbox.set_faults(outage=False, latency_seconds=5.0)
-        owner, expires = wait_until(lambda: trial_slot(store), timeout=20,
-                                    message="a half-open trial")
-        trial_id = owner.rsplit(":", 1)[1]
-        child = running_child(workers, producer, trial_id)
+        _owner, expires = wait_until(lambda: trial_slot(store), timeout=20,
+                                     message="a half-open trial")
+        trial_id, child = running_child(workers, producer, GUARDED)
         sandbox.set_faults(latency_seconds=0.0)
         child.send_signal(signal.SIGKILL)
         killed_at = redis_time(store)
@@ -285,15 +284,17 @@ def test_a_killed_trial_frees_its_slot_after_the_trial_lease(
     closed_at = float(next(e["at"] for e in events if e["to"] == "closed"))
     trial_calls = sorted((c for c in calls if half_open_at <= c["arrived_at"] < closed_at),
                          key=lambda c: c["arrived_at"])
-    print(f"\ntrial killed {killed_at - half_open_at:.3f}s after half-open, its slot lapsed "
-          f"at +{expires - half_open_at:.3f}s, next trial at "
+    print(f"\ntrial killed {killed_at - half_open_at:.3f}s after half-open (its lease would "
+          f"lapse at +{expires - half_open_at:.3f}s), next trial at "
           f"+{trial_calls[-1]['arrived_at'] - half_open_at:.3f}s, closed at "
           f"+{closed_at - half_open_at:.3f}s")
     assert len(values) == 2 + parked
     assert "requeued" in [r["outcome"] for r in rows[trial_id]]
-    # Exactly two trials: the killed one, then one more only once its lease lapsed.
+    # Exactly two trials: the killed one, then one more after the kill. The worker's parent
+    # frees the dead child's slot as soon as it notices the death (Celery may take up to
+    # its 5 s pool tick); at the latest, the slot's lease lapses.
     assert len(trial_calls) == 2
-    assert trial_calls[1]["arrived_at"] >= expires
+    assert killed_at <= trial_calls[1]["arrived_at"] < expires + 1.0
     # The killed trial counted neither way: no re-open, one close by the next trial.
     assert [e["to"] for e in events] == ["open", "half_open", "closed"]
 

@@ -71,6 +71,10 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         # One list per queue, so the transport can pop atomically (BLMOVE); messages a
         # producer sent with a priority are folded back into it by the maintenance sweep.
         transport["priority_steps"] = [0]
+    if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        # Publisher confirms: the mover deletes a parked message (and the DLQ an entry it
+        # redrives) only after the broker confirmed the copy.
+        transport["confirm_publish"] = True
     backend_transport: dict[str, Any] = {}
     if broker.global_keyprefix:
         transport["global_keyprefix"] = broker.global_keyprefix
