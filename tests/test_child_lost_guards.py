@@ -1,10 +1,8 @@
-"""Review: a lost pool child's concurrency place (and breaker trial slot) is not freed.
+"""A lost pool child frees its concurrency place (and breaker trial slot) at once.
 
-``ReliableRequest._child_lost`` releases the idempotency lease at once but never runs the
-guards' settle tail, so the dead delivery's concurrency place stays taken until the limit's
-``lease_seconds`` (default 300 s). With ``limit=1`` the requeued message (and every other
-task under that limit) is refused as ``limit_busy`` and re-parked every second for five
-minutes. A half-open breaker's trial slot leaks the same way (``trial_lease_seconds``).
+The worker's parent settles the dead delivery's guards when it notices the death, so the
+requeued message — and every other task under that limit — runs again promptly instead of
+waiting out the limit's ``lease_seconds``.
 
 The task below is registered only inside the worker this test starts (``REVIEW_TASKS``).
 """

@@ -1,19 +1,10 @@
-"""Review: redeliveries of one message on one worker share the lease owner token, and the
-parent releases "any fence of this owner" -- so a dying stale holder frees its successor.
+"""A dying stale holder never frees its successor's lease.
 
-``Delivery.owner`` is ``hostname:delivery_tag:task_id``; kombu's Redis transport keeps the
-delivery tag when it restores a message, so the reaper's restored copy, run by a sibling
-pool child, holds the key under the *same* owner. When the stale holder's child then dies
-(or hits its hard time limit), ``ReliableRequest._child_lost`` releases with fence ``''``
-(``idem_holds`` accepts any fence of the owner) and frees the successor's lease; Celery's
-``reject(requeue=True)`` restores the message again by the shared tag, and a third delivery
-runs the key while the successor is still running.
-
-Sequence: A starts (pid recorded) -> SIGSTOP A's child (a GIL-bound or stuck body: its lease
-keeper cannot renew) -> lease lapses, reaper restores the message -> B takes the key (fence 2)
-on a sibling child -> SIGKILL A's child -> the parent releases B's lease -> C runs beside B.
-
-The task below is registered only inside the worker this test starts (``REVIEW_TASKS``).
+Restored messages keep their kombu delivery tag, so the lease owner token is a nonce the
+worker's parent mints per delivery: the parent's release of a dead child's lease (any fence
+of that owner) can only ever free that delivery's own lease. Sequence: A's child is paused
+past its lease; the reaper restores the message and a sibling child (B) takes the key; A's
+child is then killed: B keeps its lease and no third delivery runs the key concurrently.
 """
 
 from __future__ import annotations

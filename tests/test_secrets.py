@@ -1,11 +1,10 @@
-"""Review: two ways a configured secret leaves the service unmasked.
+"""Configured secrets stay masked on the less obvious paths.
 
-1. ``ReliableConsumer`` keeps the raw body of a message it cannot decode (a refused pickle,
-   a broken JSON body) base64-encoded in the DLQ entry, unmasked: ``reliable dlq get`` / the
-   ops API hand the secret out to anyone who decodes it.
-2. ``Settlement._failed`` masks ``exc.args`` only. Celery stores the formatted traceback in
-   the result backend (FAILURE/RETRY meta); a chained cause (``raise X(...) from err``) is
-   printed there verbatim. (Logs are masked after rendering; the DLQ masks its traceback.)
+1. The raw body of a message the consumer cannot decode (a refused pickle) is kept in the
+   DLQ entry with secrets masked before it is base64-encoded.
+2. A chained cause (``raise X(...) from err``) holding a secret: the whole exception chain
+   is masked before Celery stores its traceback in the result backend.
+3. A secret that JSON escapes (quotes, non-ASCII) is masked in rendered log lines.
 
 The task below is registered only inside the worker this test starts (``REVIEW_TASKS``).
 """

@@ -1,9 +1,6 @@
-"""Review: an expired message seen while the state store is down must be requeued, not
-crash the consumer or be acked unwritten.
-
-``ReliableRequest._announce_revoked`` catches ``BackendUnavailable`` to requeue, but the
-expired path writes its DLQ entry through ``Settlement.dead_letter`` -> ``_store``, which
-turns ``BackendUnavailable`` into ``celery.exceptions.Reject``: the ``except`` never matches.
+"""An expired message met while the state store is down is requeued, not acked unwritten
+and not a crashed consumer: the worker's parent waits briefly for the store, hands the
+message back, and dead-letters it as expired once the store returns.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""Review: exceptions raised by the pipeline's own code escape it unsettled: the message is
-acked (Celery FAILURE, ``task_acks_on_failure_or_timeout``) with no ledger or DLQ record.
+"""Every delivery gets an outcome even when the pipeline's own code meets odd input.
 
-``Pipeline.execute`` settles only what the body raises. Two instances:
-
-* a body whose result ``json.dumps(..., default=str)`` cannot encode: the body ran, its
-  idempotency key is left ``running``;
-* a message whose ``retries`` header is not a number: ``Delivery.from_request`` raises
-  ``ValueError`` before any check -- an invalid payload that never reaches the DLQ as poison.
-
-``Settlement._succeeded`` builds the completion with ``json.dumps(result, default=str)``
-outside the pipeline's ``try``: ``default=str`` does not cover dict keys, so a result such as
-``{date(2024, 1, 1): 3}`` raises ``TypeError`` after the body ran. The exception escapes the
-task, Celery records FAILURE and acks: no completion, no DLQ entry, no ledger record, the lease
-stays ``running`` (and the breaker/concurrency tail is never settled).
-
-The task below is registered only inside the worker this test starts (``REVIEW_TASKS``).
+* a result JSON cannot encode (non-string dict keys): the completion is still written;
+* a message whose ``retries`` header is not a number runs as a first attempt.
+Anything else the pipeline itself raises is dead-lettered as poison, never acked silently.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Review: a body that raises Celery's own control-flow exceptions ends with no outcome.
+"""A body that raises Celery's own control-flow exceptions still leaves an outcome.
 
-``Pipeline._execute`` handles ``Ignore``/``Reject``/``Retry`` from the body by releasing the
-lease and re-raising: no ledger entry, no DLQ entry, no delivery record, no guard settle
-tail. ``raise Reject(exc, requeue=False)`` -- Celery's documented idiom for a poison message
-in an ``acks_late`` task -- thus drops the message on the Redis broker without a trace, and
-``raise Ignore()`` acks it; ``Ledger.reconcile`` reports both as lost.
+``raise Reject(exc, requeue=False)`` (Celery's idiom for a poison message) is dead-lettered
+as permanent; ``raise Ignore()`` is recorded as revoked ("ignored by the task").
 
 The tasks below are registered only inside the worker this test starts (``REVIEW_TASKS``).
 """

@@ -1,10 +1,5 @@
-"""Review: a breaker fallback that raises leaves the message acked with no DLQ entry and
-no ledger record.
-
-``Pipeline._breaker_refused`` calls ``task.breaker_fallback(*args, **kwargs)`` unguarded:
-its exception escapes the pipeline, Celery records FAILURE and acks (acks_late with
-``task_acks_on_failure_or_timeout``). With the breaker closed the same message would have
-been dead-lettered by ``_failed``.
+"""A breaker fallback that raises is the call's failure: retried by the policy, then
+dead-lettered — never acked silently.
 """
 
 from __future__ import annotations
