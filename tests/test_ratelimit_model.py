@@ -360,7 +360,7 @@ def test_concurrency_never_exceeds_its_limit_and_a_lapsed_holder_frees_its_place
     for n, (op, arg) in enumerate(ops):
         live = {o: h for o, h in holders.items() if h[0] > now}
         if op == "acquire":
-            cost = int(arg)
+            cost = min(int(arg), limit)  # a cost above the limit is refused at declaration
             verdict, _ = admit(store, [replace(base, cost=cost)], now,
                                owner=f"h{n}")
             fits = sum(c for _, c in live.values()) + cost <= limit
