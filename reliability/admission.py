@@ -9,7 +9,8 @@ trip for all its guards and nothing for guards it does not declare.
 In fragment Lua, ``$K1``/``$A1`` name the fragment's own first key/argument and
 ``$KB``/``$AB`` are its base offsets (``KEYS[$KB + 1]`` is ``$K1``). The base
 script provides ``now``, ``settle(outcome, detail)`` (ledger entry, plus the delivery
-record when one is part of the admission), and the variables ``fence`` and ``dlv_key``.
+record when one is part of the admission), and the variables ``fence``, ``dlv_key`` and
+``run_extra`` (strings a commit appends to the ``run`` verdict, e.g. ``trial``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BASE_ARGS = 6
 _HEADER = """
 local fence = 0
 local dlv_key = nil
+local run_extra = {}
 local function settle(outcome, detail)
   if dlv_key then delivery_finish(dlv_key, outcome, tonumber(ARGV[6])) end
   ledger_add(KEYS[1], ARGV[2], ARGV[3], ARGV[4], outcome, ARGV[5], detail)
@@ -107,7 +109,7 @@ def assemble(fragments: tuple[Fragment, ...]) -> str:
             _HEADER,
             *checks,
             *commits,
-            "return {'run', tostring(fence), string.format('%.6f', now)}",
+            "return {'run', tostring(fence), string.format('%.6f', now), unpack(run_extra)}",
         ]
     )
     return compose(*libraries, body=body)
@@ -128,7 +130,8 @@ def flatten(parts: Sequence[Part]) -> tuple[tuple[Fragment, ...], list[str], lis
 def parse(reply: Sequence[Any]) -> Verdict:
     decision = str(reply[0])
     if decision == "run":
-        return Verdict("run", fence=int(reply[1]), now=float(reply[2]))
+        return Verdict("run", fence=int(reply[1]), now=float(reply[2]),
+                       extra=[str(x) for x in reply[3:]])
     detail = "" if len(reply) < 2 or reply[1] is None else str(reply[1])
     return Verdict(decision, detail, extra=[str(x) for x in reply[2:]])
 

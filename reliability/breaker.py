@@ -128,7 +128,10 @@ local cb_c = cb_cfg(ARGV, $AB + 2)
 local cbv, cbw = cb_check($K1, $K2, $K3, $K4, $A1, cb_c)
 if cbv == 'open' or cbv == 'busy' then return {'breaker_' .. cbv, string.format('%.6f', cbw)} end
 """,
-    commit=f"if cbv == 'trial' then cb_take_trial($K3, ARGV[$AB + {2 + CFG_ARGS}], cb_c) end",
+    commit=f"""if cbv == 'trial' then
+  cb_take_trial($K3, ARGV[$AB + {2 + CFG_ARGS}], cb_c)
+  run_extra[#run_extra + 1] = 'trial'
+end""",
 )
 
 _CHECK = scripts.compose("breaker", body="""
@@ -141,6 +144,14 @@ _RECORD = scripts.compose("breaker", body="""
 local c = cb_cfg(ARGV, 6)
 return cb_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c, ARGV[3], ARGV[4],
                  tonumber(ARGV[5]))
+""")
+# KEYS trials   ARGV now, owner, fence (unused), seconds: a running trial keeps its slot.
+RENEW_TRIAL = scripts.compose(body="""
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[4]), ARGV[2])
+  return 1
+end
+return 0
 """)
 _READ = scripts.compose("breaker", body="""
 local c = cb_cfg(ARGV, 3)

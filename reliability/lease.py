@@ -1,4 +1,4 @@
-"""Keeps the idempotency leases of running bodies alive.
+"""Keeps the leases of running bodies alive: idempotency leases and breaker trial slots.
 
 One daemon thread per process renews every held lease when a third of its TTL has
 passed, so a body that runs for an hour keeps its key while a crashed holder's lease
@@ -33,6 +33,10 @@ class HeldLease:
     lease_seconds: float
     renew_at: float = 0.0
     lost: bool = field(default=False)
+    # What renews it: the idempotency lease by default (KEYS key, leases index).
+    script: str = scripts.RENEW
+    keys: list[str] = field(default_factory=list)
+    kind: str = "idempotency_lease"
 
 
 class LeaseKeeper:
@@ -46,8 +50,14 @@ class LeaseKeeper:
         self._pid = 0
         self._wake_at = 0.0
 
-    def hold(self, key: str, owner: str, fence: int, lease_seconds: float) -> HeldLease:
-        lease = HeldLease(key, owner, fence, lease_seconds)
+    def hold(self, key: str, owner: str, fence: int, lease_seconds: float, *,
+             script: str = scripts.RENEW, keys: list[str] | None = None,
+             kind: str = "idempotency_lease") -> HeldLease:
+        """Renew this lease while the body runs. ``script``/``keys`` renew another kind of
+        lease (a breaker trial slot); the script takes ARGV now, owner, fence, seconds."""
+        lease = HeldLease(key, owner, fence, lease_seconds, script=script,
+                          keys=keys if keys is not None else [key, self.store.keys.leases],
+                          kind=kind)
         lease.renew_at = time.monotonic() + lease_seconds * RENEW_FRACTION
         with self._cond:
             self._ensure_thread()
@@ -91,19 +101,19 @@ class LeaseKeeper:
     def _renew(self, lease: HeldLease) -> None:
         try:
             kept = self.store.run(
-                scripts.RENEW,
-                [lease.key, self.store.keys.leases],
+                lease.script,
+                lease.keys,
                 ["", lease.owner, str(lease.fence), lease.lease_seconds],
                 "lease renew",
             )
         except BackendUnavailable as exc:
             # Try again soon; if the store stays away the lease lapses, which is safe.
             lease.renew_at = time.monotonic() + 1.0
-            log.warning("idempotency_lease_renew_failed", key=lease.key, error=str(exc))
+            log.warning(f"{lease.kind}_renew_failed", key=lease.key, error=str(exc))
             return
         if not kept:
             lease.lost = True
             self.drop(lease)
-            log.warning("idempotency_lease_lost", key=lease.key, fence=lease.fence)
+            log.warning(f"{lease.kind}_lost", key=lease.key, fence=lease.fence)
             return
         lease.renew_at = time.monotonic() + lease.lease_seconds * RENEW_FRACTION

@@ -122,9 +122,16 @@ class Pipeline(Settlement):
             return self._refused(rt, d, verdict)
         d.fence = verdict.fence
         d.admitted_at = verdict.now or None
-        held = None
+        held = []
         if d.idempotency_key:
-            held = rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence, self._lease_seconds(rt))
+            held.append(rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence,
+                                       self._lease_seconds(rt)))
+        if "trial" in verdict.extra:
+            # A half-open trial keeps its slot while it runs, however slow the call.
+            breaker = self.breaker(rt)
+            held.append(rt.leases.hold(
+                breaker.keys[2], d.owner, 0, breaker.config.trial_lease_seconds,
+                script=breaker_mod.RENEW_TRIAL, keys=[breaker.keys[2]], kind="breaker_trial"))
         started = time.monotonic()
         try:
             result = self.task.run(*d.args, **d.kwargs)
@@ -145,8 +152,8 @@ class Pipeline(Settlement):
             d.duration = time.monotonic() - started
             return self._failed(rt, d, exc)
         finally:
-            if held is not None:
-                rt.leases.drop(held)
+            for lease in held:
+                rt.leases.drop(lease)
         d.duration = time.monotonic() - started
         return self._succeeded(rt, d, result)
 

@@ -65,7 +65,7 @@ def test_checks_run_in_fragment_order_and_commits_only_after_every_check() -> No
     last_check = reordered.index("delivery_admit(KEYS[4]")
     assert reordered.index("fence = idem_acquire(") > last_check
     assert reordered.rstrip().endswith(
-        "return {'run', tostring(fence), string.format('%.6f', now)}")
+        "return {'run', tostring(fence), string.format('%.6f', now), unpack(run_extra)}")
 
 
 def test_each_library_is_included_once() -> None:

@@ -364,3 +364,34 @@ def test_a_tenant_flooding_the_queue_leaves_another_tenants_tasks_on_their_own_s
           f"{busiest_window(flooder)[0]}")
     assert len(quiet) == QUIET
     assert finished <= schedule + 5
+
+
+def test_a_slow_trial_keeps_its_slot_beyond_the_trial_lease(
+        environment: Environment, sandbox: SandboxProvider, store: Store) -> None:
+    parked = 4
+    producer = environment.producer()
+    sandbox.set_faults(outage=True)
+    settings = breaker_settings(failure_threshold=2, recovery_timeout_seconds=1,
+                                half_open_max_calls=1, success_threshold=1,
+                                trial_lease_seconds=1)
+    with fleet(environment, RELIABLE_BREAKERS=settings):
+        opening = [producer.send_task(GUARDED, args=[f"f{i}"]) for i in range(2)]
+        wait_until(lambda: breaker_state(store) == "open", timeout=20, message="breaker open")
+        waiting = [producer.send_task(GUARDED, args=[f"w{i}"]) for i in range(parked)]
+        # The trial call takes three trial leases: its running body keeps the slot renewed.
+        sandbox.set_faults(outage=False, latency_by_endpoint={"webhooks": 3.0})
+        wait_until(lambda: breaker_state(store) == "closed", timeout=30,
+                   message="the slow trial closed the breaker")
+        sandbox.set_faults(latency_by_endpoint={})
+        values = [r.get(timeout=60) for r in opening + waiting]
+        calls = sandbox.effects(endpoint="webhooks")
+        events = transitions(store)
+    half_open_at = float(next(e["at"] for e in events if e["to"] == "half_open"))
+    closed_at = float(next(e["at"] for e in events if e["to"] == "closed"))
+    trial_calls = [c for c in calls if half_open_at <= c["arrived_at"] < closed_at]
+    print(f"\n{len(trial_calls)} call(s) while half-open for {closed_at - half_open_at:.2f}s "
+          "with a 1 s trial lease")
+    assert len(values) == 2 + parked
+    assert len(trial_calls) == 1
+    assert closed_at - half_open_at >= 3.0
+    assert [e["to"] for e in events] == ["open", "half_open", "closed"]
