@@ -74,7 +74,8 @@ def breakers(action: str, name: str | None, mode: str | None) -> int:
     if action == "list":
         for breaker in runtime.breakers:
             snap = breaker.snapshot()
-            print(f"{snap['name']:<16} {snap['state']:<10} mode={snap['mode']:<12} "
+            state = "open" if snap["mode"] == "forced_open" else snap["state"]
+            print(f"{snap['name']:<16} {state:<10} mode={snap['mode']:<12} "
                   f"open_until={snap['open_until'] or '-'}")
         return 0
     if not name:
