@@ -50,6 +50,9 @@ class BrokerSettings(BaseModel):
     # How often kombu sweeps for messages whose visibility timeout passed (kombu 5.7).
     unacked_restore_interval_seconds: int = Field(10, ge=1)
     global_keyprefix: str = ""
+    # Larger messages (the item on the Redis list, or the AMQP body) are dead-lettered as
+    # poison (too_large) without being decoded. 0 = no limit.
+    max_message_bytes: int = Field(1024 * 1024, ge=0)
 
 
 class WorkerSettings(BaseModel):

@@ -11,23 +11,22 @@ requeued instead, so nothing is acked unwritten.
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
 import structlog
 from celery.worker.consumer import Consumer
+from vine import promise
 
-from reliability import metrics
+from reliability import metrics, transport
 from reliability.delivery import PRODUCER_HEADERS
 from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import BackendUnavailable
+from reliability.poison import Poison, check_size, raw_excerpt
 from reliability.runtime import get_runtime
 
 log = structlog.get_logger("reliability.consumer")
 
-# Raw bodies kept in a DLQ entry are capped at this many bytes.
-MAX_RAW_BODY_BYTES = 64 * 1024
 # The consumer loop must not stall long on an unreachable store: wait this, then requeue.
 CONSUMER_STORE_WAIT_SECONDS = 2.0
 
@@ -37,57 +36,106 @@ def _decoded_json(message: Any) -> Any:
         return None
     try:
         return json.loads(message.body)
-    except (TypeError, ValueError, UnicodeDecodeError):
+    except (TypeError, ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
-def envelope_for(message: Any, reason: str, error: BaseException | None) -> DeadLetter:
-    """A DLQ envelope for a message that never reached a task."""
+def _body_bytes(message: Any) -> bytes:
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    return str(body).encode("utf-8", "surrogateescape")
+
+
+def envelope_for(message: Any, reason: str, error: BaseException | None, *,
+                 decode: bool = True) -> DeadLetter:
+    """A DLQ envelope for a message that never reached a task (``decode=False``: the body
+    is kept raw, e.g. for a message too large to decode)."""
     rt = get_runtime()
-    headers = dict(message.headers or {})
-    body = _decoded_json(message)
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    body = _decoded_json(message) if decode else None
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     raw = None
-    if isinstance(body, list) and len(body) >= 2:
+    if (isinstance(body, list) and len(body) >= 2 and isinstance(body[0], list | tuple | None)
+            and isinstance(body[1], dict | None)):
         args, kwargs = list(body[0] or []), dict(body[1] or {})
     else:
-        data = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        raw = base64.b64encode(rt.masker.raw(data[:MAX_RAW_BODY_BYTES])).decode()
+        raw = raw_excerpt(_body_bytes(message), rt.masker.raw)
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
-    info = message.delivery_info or {}
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
     return DeadLetter(
-        task_name=str(headers.get("task") or "<unknown>"),
-        task_id=str(headers.get("id") or ""),
+        task_name=_short(headers.get("task")) or "<unknown>",
+        task_id=_short(headers.get("id")) or "",
         failure_class=str(FailureClass.POISON),
         reason=rt.masker.text(reason),
         args=rt.masker.data(args),
         kwargs=rt.masker.data(kwargs),
-        correlation_id=producer.get("correlation_id"),
-        tenant_id=producer.get("tenant_id"),
+        correlation_id=_short(producer.get("correlation_id")),
+        tenant_id=_short(producer.get("tenant_id")),
         exception_type=type(error).__name__ if error else None,
-        exception_message=rt.masker.text(str(error)) if error else None,
-        headers=rt.masker.data(producer),
+        exception_message=rt.masker.text(str(error)[:2000]) if error else None,
+        headers=rt.masker.data({k: _short(v) for k, v in producer.items()}),
         routing={"exchange": info.get("exchange"), "routing_key": info.get("routing_key")},
         raw_body=raw,
     )
 
 
-def dead_letter_message(message: Any, reason: str, error: BaseException | None) -> bool:
-    """Write the DLQ entry; False (and the message requeued) if the store is away."""
+def _short(value: Any, limit: int = 200) -> str | None:
+    """A header value as text for an envelope, cut to ``limit`` characters (hostile
+    producers send anything: dicts, megabytes)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _write(entry: DeadLetter) -> bool:
+    """Write a DLQ entry, waiting briefly for the store; False if it stays away."""
     rt = get_runtime()
-    entry = envelope_for(message, reason, error)
     try:
         rt.wait_for_store("dead_letter", lambda: rt.dlq.add(entry, rt.ledger),
                           seconds=CONSUMER_STORE_WAIT_SECONDS)
     except BackendUnavailable as exc:
         log.error("message_requeued_store_unavailable", task_id=entry.task_id, error=str(exc))
-        message.reject(requeue=True)
         return False
     metrics.DEAD_LETTERS.labels(entry.task_name, entry.failure_class).inc()
     log.error("message_dead_lettered", task_id=entry.task_id, task_name=entry.task_name,
               failure_class=entry.failure_class, reason=entry.reason, dlq_id=entry.id)
     return True
+
+
+# Set on a kombu message once its DLQ entry is written, so nothing writes a second one.
+DEAD_LETTERED = "_reliable_dead_lettered"
+
+
+def dead_letter_message(message: Any, reason: str, error: BaseException | None, *,
+                        decode: bool = True) -> bool:
+    """Write the DLQ entry; False (and the message requeued) if the store is away."""
+    if getattr(message, DEAD_LETTERED, False):
+        return True
+    if _write(envelope_for(message, reason, error, decode=decode)):
+        setattr(message, DEAD_LETTERED, True)
+        return True
+    if not message.acknowledged:
+        message.reject(requeue=True)
+    return False
+
+
+def dead_letter_raw(item: bytes, queue: str, poison: Poison) -> bool:
+    """The transport's poison sink: a raw queue item that is no message at all."""
+    rt = get_runtime()
+    entry = DeadLetter(
+        task_name="<unknown>",
+        task_id="",
+        failure_class=str(FailureClass.POISON),
+        reason=rt.masker.text(f"{poison.kind}: {poison.reason}"),
+        exception_type=type(poison).__name__,
+        exception_message=poison.kind,
+        routing={"exchange": "", "routing_key": queue},
+        raw_body=raw_excerpt(item, rt.masker.raw),
+    )
+    return _write(entry)
 
 
 # Delivery tags of messages this process holds unacked but will never ack (the broker
@@ -110,6 +158,47 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
     where Celery would leave them for the visibility timeout (an hour); after
     reconnecting they are restored by delivery tag.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Raw items the transport finds unreadable reach the DLQ through this process.
+        transport.set_poison_sink(dead_letter_raw)
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        """Celery's handler, behind two checks: a size limit on the body before anything
+        decodes it, and a last line of defence — a message Celery's own code raises on
+        (not a connection error) is dead-lettered as poison instead of stopping the
+        worker."""
+        handle = super().create_task_handler(promise)
+        max_bytes = get_runtime().config.max_message_bytes
+        # kombu's Redis transport counts KeyError as a connection error (old redis-py); a
+        # KeyError from Celery's handler is about the message, so it must not restart the
+        # consumer (the message would be restored and fail again, forever).
+        connection_errors = tuple(e for e in self.connection_errors if e is not KeyError)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                check_size(len(_body_bytes(message)), max_bytes)
+            except Poison as poison:
+                reason = f"{poison.kind}: {poison.reason}"
+                if dead_letter_message(message, reason, poison, decode=False):
+                    message.ack()
+                return None
+            try:
+                return handle(message)
+            except connection_errors:
+                raise
+            except Exception as exc:
+                # Celery's own code failed on this message (possibly after acking it):
+                # record it if nothing did yet, settle it, and keep consuming.
+                log.error("task_message_handler_failed", error=f"{type(exc).__name__}: {exc}",
+                          exc_info=True)
+                reason = f"malformed task message: {type(exc).__name__}: {exc}"[:500]
+                if dead_letter_message(message, reason, exc) and not message.acknowledged:
+                    message.ack()
+                return None
+
+        return on_task_received
 
     def on_close(self) -> None:
         from celery.worker.state import active_requests, reserved_requests

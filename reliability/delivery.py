@@ -36,6 +36,9 @@ REQUEST_CORRELATION_ID = "rel_correlation_id"
 # repeat when kombu restores a message, so they cannot tell two deliveries apart.
 REQUEST_OWNER = "rel_owner"
 
+# Producer headers longer than this are refused (the message is dead-lettered as poison).
+MAX_HEADER_CHARS = 1024
+
 INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT,
                     RESERVED)
 PRODUCER_HEADERS = (IDEMPOTENCY_KEY, CORRELATION_ID, DEADLINE, TENANT_ID)
@@ -45,11 +48,55 @@ def _text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def _hex_id(value: Any) -> str | None:
+    """An internal id (defer/publish ids are uuid4 hex); anything else is ignored, so a
+    forged header can neither name arbitrary keys nor pass for one of our copies."""
+    text = _text(value)
+    if text is None or len(text) != 32 or not all(c in "0123456789abcdef" for c in text):
+        return None
+    return text
+
+
 def _number(value: Any) -> float | None:
     try:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def malformed(headers: dict[str, Any], args: Any, kwargs: Any) -> str | None:
+    """What is wrong with a task message's shape, or None. Checked by the worker's parent
+    before the message reaches a pool child, so garbage is dead-lettered as poison instead
+    of failing inside Celery (or the pool's time-limit thread)."""
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 255:
+        return "the task id is not a string of 1-255 characters"
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict):
+        return f"kwargs is a {type(kwargs).__name__}, not an object"
+    for name in PRODUCER_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return f"header {name!r} is a {type(value).__name__}, not a string"
+        if len(str(value)) > MAX_HEADER_CHARS:
+            return f"header {name!r} is longer than {MAX_HEADER_CHARS} characters"
+    retries = headers.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                or retries < 0):
+        return "header 'retries' is not a whole number >= 0"
+    limits = headers.get("timelimit")
+    if limits is not None and not _limits_valid(limits):
+        return "header 'timelimit' is not [hard, soft] seconds (numbers > 0 or null)"
+    return None
+
+
+def _limits_valid(limits: Any) -> bool:
+    return isinstance(limits, list | tuple) and len(limits) == 2 and all(
+        x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
+        for x in limits)
 
 
 def _time_limits(value: Any) -> tuple[float | None, float | None] | None:
@@ -128,8 +175,8 @@ class Delivery:
             deadline=parse_deadline(deadline_header),
             deadline_header=deadline_header,
             tenant_id=_text(get(TENANT_ID)),
-            defer_id=_text(get(DEFER_ID)),
-            publish_id=_text(get(PUBLISH_ID)),
+            defer_id=_hex_id(get(DEFER_ID)),
+            publish_id=_hex_id(get(PUBLISH_ID)),
             first_attempt_at=_number(get(FIRST_ATTEMPT_AT)),
             previous_delay=_number(get(PREVIOUS_DELAY)),
             redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),

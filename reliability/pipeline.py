@@ -169,6 +169,12 @@ class Pipeline(Settlement):
             reason = f"deadline {d.deadline_header} passed {-left:.3f}s before the task started"
             self.dead_letter(rt, d, FailureClass.EXPIRED, reason=reason, ran=False)
             raise settled(DeadlineExceeded(reason))
+        try:
+            self.signature.bind(*d.args, **d.kwargs)
+        except TypeError as exc:
+            reason = f"arguments do not fit the task's signature: {exc}"
+            self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
+            raise settled(PoisonMessage(reason)) from None
         model = self.task.args_model
         arguments = None
         if model is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import Reject, TimeLimitExceeded
+from celery.exceptions import InvalidTaskError, Reject, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
@@ -29,6 +29,7 @@ from reliability.delivery import (
     REQUEST_CORRELATION_ID,
     REQUEST_OWNER,
     Delivery,
+    malformed,
 )
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
@@ -52,6 +53,10 @@ class ReliableRequest(Request):  # type: ignore[misc]
         source = message.headers if headers is None else headers
         correlation_id = (source or {}).get(CORRELATION_ID)
         super().__init__(message, *args, **kwargs)
+        problem = malformed(self._request_dict, self._args, self._kwargs)
+        if problem:
+            # Celery's consumer dead-letters it as poison (ReliableConsumer.on_invalid_task).
+            raise InvalidTaskError(f"malformed task message: {problem}")
         # Celery replaces `correlation_id` with the AMQP property and drops the delivery
         # tag; keep both for the pool child (log context, lease owner token).
         self._request_dict[REQUEST_CORRELATION_ID] = correlation_id

@@ -21,6 +21,7 @@ from reliability.dlq import DeadLetterQueue
 from reliability.errors import BackendUnavailable, ConfigurationError
 from reliability.lease import LeaseKeeper
 from reliability.ledger import Ledger
+from reliability.poison import DEFAULT_MAX_MESSAGE_BYTES
 from reliability.ratelimit import DEFAULT_LIMITS, RateLimit
 from reliability.retry import RetryPolicy
 from reliability.security import Masker
@@ -49,6 +50,8 @@ class RuntimeConfig:
     dlq_max_redrives: int = 3
     # How long a task waits for an unreachable store before handing its message back.
     store_wait_seconds: float = 30.0
+    # Larger messages are dead-lettered as poison (too_large) without being decoded.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 class Runtime:

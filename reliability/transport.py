@@ -16,7 +16,17 @@ three. No library offers an atomic pop for kombu, so this transport changes only
   :func:`sweep_orphans`, which the maintenance leader runs.
 
 Workers consuming several queues (or priority sub-queues) fall back to kombu's BRPOP,
-with kombu's window; the README says so. Everything else is kombu's transport.
+with kombu's window; the README says so.
+
+It also makes sure no item can stop the worker. kombu decodes a popped item inside the
+consumer loop, so an item that is not JSON, not a kombu envelope or megabytes large
+raises there and the worker exits (and the next worker, handed the same item, exits
+too). Here every item is checked first (:mod:`reliability.poison`) and a poison item
+is handed to the poison sink — the consumer writes it to the DLQ — before it leaves
+the processing list; if the sink cannot write it, it goes back to the end of its queue.
+And a channel closed after its connection is gone (a Redis restart) no longer fails
+while restoring its unacked messages: they are restored by tag after reconnecting.
+Everything else is kombu's transport.
 """
 
 from __future__ import annotations
@@ -24,12 +34,18 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
+import structlog
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 from kombu.utils.objects import cached_property
+
+from reliability.poison import DEFAULT_MAX_MESSAGE_BYTES, Poison, check_item
+
+log = structlog.get_logger("reliability.transport")
 
 # Liveness of a process's processing list: refreshed at most this often, expires after.
 ALIVE_REFRESH_SECONDS = 5.0
@@ -39,6 +55,17 @@ REGISTRY = "_reliable.processing"
 FRONT_OF_QUEUE_HEADER = "rel_defer"
 # Delivery tags whose unacked record may exist without anyone holding the message.
 _UNCERTAIN_TAGS: list[str] = []
+
+# Writes a poison item to the DLQ: (raw item, queue, what is wrong) -> True once written.
+# Installed by the worker's consumer, which knows the state store.
+PoisonSink = Callable[[bytes, str, Poison], bool]
+_poison_sink: PoisonSink | None = None
+
+
+def set_poison_sink(sink: PoisonSink | None) -> None:
+    """Install the function that dead-letters poison items (the worker's consumer does)."""
+    global _poison_sink
+    _poison_sink = sink
 
 
 def _text(value: Any) -> str:
@@ -71,9 +98,29 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         virtual.QoS.append(self, message, delivery_tag)
         return None
 
+    def restore_unacked(self, client: Any = None) -> None:
+        """Restore delivered messages when the channel closes; if Redis is gone (a restart),
+        hand their tags to the next channel instead of failing the close (kombu then
+        raises inside ``_connparams`` and the worker exits: celery#9250)."""
+        if client is None and self.channel.connection.client is None:
+            self._hand_over()
+            return
+        try:
+            super().restore_unacked(client)
+        except (AttributeError, *self.channel.connection_errors) as exc:
+            log.warning("unacked_restore_deferred", count=len(self._delivered), error=str(exc))
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        _UNCERTAIN_TAGS.extend(str(tag) for tag in self._delivered)
+        self._delivered.clear()
+
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")
+    # Larger items are poison (``too_large``), dead-lettered without being decoded.
+    max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     _reliable_pending: tuple[str, Any] | None = None
     _reliable_moving: tuple[str, str] | None = None
     _reliable_recovered: set[str] | None = None
@@ -135,28 +182,98 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_read(self, **options: Any) -> bool:
         moving = self._reliable_moving
         if moving is None:
-            return bool(super()._brpop_read(**options))
+            return self._brpop_read_fallback(**options)
         queue, processing = moving
         try:
             try:
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
-                self.client.connection.disconnect()
+                if self.client.connection is not None:
+                    self.client.connection.disconnect()
+                if self._closing:
+                    return False
                 raise
             if not item:
                 raise kombu_redis.Empty()
             self._queue_cycle.rotate(queue)
-            self._reliable_pending = (self._full(processing), item)
-            try:
-                self.connection._deliver(loads(_text(item)), queue)
-            finally:
-                self._reliable_pending = None
+            self._deliver_item(item, queue, self._full(processing))
             return True
         finally:
             self._reliable_moving = None
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _brpop_read_fallback(self, **options: Any) -> bool:
+        """kombu's BRPOP read (several queues), with the item checked before decoding."""
+        try:
+            try:
+                dest_item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                       **options)
+            except self.connection_errors:
+                if self.client.connection is not None:
+                    self.client.connection.disconnect()
+                if self._closing:
+                    return False
+                raise
+            if not dest_item:
+                raise kombu_redis.Empty()
+            dest, item = dest_item
+            queue = _text(dest).rsplit(self.sep, 1)[0]  # the client strips the key prefix
+            self._queue_cycle.rotate(queue)
+            self._deliver_item(item, queue, None)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _deliver_item(self, item: bytes, queue: str, processing: str | None) -> None:
+        """Check the item, then deliver it (recorded unacked and removed from the
+        processing list in one step, see QoS.append) — or hand it to the poison sink."""
+        try:
+            payload = check_item(item, self.max_message_bytes)
+        except Poison as poison:
+            self._poisoned(item, queue, processing, poison)
+            return
+        self._reliable_pending = None if processing is None else (processing, item)
+        try:
+            self.connection._deliver(payload, queue)
+        finally:
+            self._reliable_pending = None
+
+    def _get(self, queue: str) -> Any:
+        """kombu's polling get (``basic_get``), with the item checked before decoding."""
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item:
+                    try:
+                        return check_item(item, self.max_message_bytes)
+                    except Poison as poison:
+                        self._poisoned(item, queue, None, poison)
+            raise kombu_redis.Empty()
+
+    def _poisoned(self, item: bytes, queue: str, processing: str | None,
+                  poison: Poison) -> None:
+        """Dead-letter a poison item, then let it leave; if it cannot be written, put it
+        back at the end of its queue (it is retried when the store answers again)."""
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        sink = _poison_sink
+        written = False
+        if sink is not None:
+            try:
+                written = bool(sink(raw, queue, poison))
+            except Exception:
+                log.exception("poison_sink_failed", queue=queue, kind=poison.kind)
+        else:
+            log.error("poison_without_sink", queue=queue, kind=poison.kind, size=len(raw))
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            if processing is not None:
+                # LREM/LPUSH: kombu prefixes LPUSH itself, not LREM (the key is already full).
+                pipe.execute_command("LREM", processing, 1, item)
+            if not written:
+                pipe.lpush(self._q_for_pri(queue, 0), item)
+            pipe.execute()
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         """Parked copies the mover republishes go to the *front* of their queue.
@@ -175,6 +292,26 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+# kombu picks the transport from a URL's "x+" prefix (redis+socket:// -> its own Redis
+# transport), ignoring the configured one: socket URLs name this transport by an alias.
+ALIAS = "reliable"
+TRANSPORT_PATH = "reliability.transport:Transport"
+SOCKET_FORMS = ("redis+socket://", "unix://", "socket://")
+TCP_FORMS = ("redis://", "rediss://")
+
+
+def broker_connection(url: str) -> tuple[str, str | None]:
+    """``(broker_url, broker_transport)`` that put this transport in effect for a Redis
+    broker URL in any accepted form; other URLs (AMQP) are returned unchanged."""
+    for form in SOCKET_FORMS:
+        if url.startswith(form):
+            TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT_PATH)
+            return f"{ALIAS}+socket://{url[len(form):]}", TRANSPORT_PATH
+    if url.startswith(TCP_FORMS):
+        return url, TRANSPORT_PATH
+    return url, None
 
 
 def _move_back(client: Any, processing: str, queue: str) -> int:

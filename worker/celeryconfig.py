@@ -13,6 +13,7 @@ from reliability.breaker import BreakerConfig
 from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
 from reliability.runtime import RuntimeConfig
+from reliability.transport import broker_connection
 from worker.embedded import backend_url_for, broker_url_for, ensure_embedded_redis
 
 TASK_MODULES = [
@@ -57,20 +58,25 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         dlq_max_entries=settings.dlq.max_entries,
         dlq_max_redrives=settings.dlq.max_redrives,
         store_wait_seconds=settings.redis.unavailable_wait_seconds,
+        max_message_bytes=settings.broker.max_message_bytes,
     )
 
 
 def celery_config(settings: Settings, url: str) -> dict[str, Any]:
     broker = settings.broker
-    broker_url = broker.url.get_secret_value() if broker.url else broker_url_for(url)
+    # Our transport (reliability/transport.py) for every Redis URL form: it closes kombu's
+    # pop-then-record window and dead-letters items that are no message at all.
+    broker_url, broker_transport = broker_connection(
+        broker.url.get_secret_value() if broker.url else broker_url_for(url))
     transport: dict[str, Any] = {
         "visibility_timeout": broker.visibility_timeout_seconds,
         "unacked_restore_interval": broker.unacked_restore_interval_seconds,
     }
-    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+    if broker_transport is not None:
         # One list per queue, so the transport can pop atomically (BLMOVE); messages a
         # producer sent with a priority are folded back into it by the maintenance sweep.
         transport["priority_steps"] = [0]
+        transport["max_message_bytes"] = broker.max_message_bytes
     if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         # Publisher confirms: the mover deletes a parked message (and the DLQ an entry it
         # redrives) only after the broker confirmed the copy.
@@ -80,11 +86,9 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         transport["global_keyprefix"] = broker.global_keyprefix
         backend_transport["global_keyprefix"] = broker.global_keyprefix
     w = settings.worker
-    # Our transport closes kombu's pop-then-record window on Redis brokers.
-    redis_broker = broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
     return {
         "broker_url": broker_url,
-        "broker_transport": "reliability.transport:Transport" if redis_broker else None,
+        "broker_transport": broker_transport,
         # On the state store's Redis, results are written together with the completion
         # record (one round trip): reliability.backend.
         "result_backend": (broker.result_backend_url.get_secret_value()

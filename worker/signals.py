@@ -22,7 +22,7 @@ from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
-from reliability.transport import sweep_orphans
+from reliability.transport import TRANSPORT_PATH, sweep_orphans
 
 log = structlog.get_logger("worker")
 
@@ -55,9 +55,8 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         propagate_context(headers)
 
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
-        broker = str(app.conf.broker_url)
         reaper = (Reaper(runtime.store, kombu_restorer(app))
-                  if broker.startswith(("redis", "rediss", "unix")) else None)
+                  if app.conf.broker_transport == TRANSPORT_PATH else None)
         mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
                       batch_size=settings.deferral.batch_size)
         hooks = default_hooks()

@@ -1,0 +1,106 @@
+"""Poison: whatever sits on a queue that can never be a task, told apart before it is decoded.
+
+Producers send garbage: text that is not JSON, binary, JSON without kombu's envelope or
+Celery's headers, megabytes. Unchecked, one such item makes kombu or Celery raise inside
+the consumer loop and the worker exits (and the next worker, handed the same item, exits
+too). Every item is therefore checked here first, in time linear in its size:
+
+* :func:`check_item` — the raw bytes popped from a Redis queue: at most ``max_bytes``
+  (checked before anything is decoded), UTF-8 JSON, a kombu envelope whose fields have
+  the types kombu and Celery read (a body that decodes with its stated encoding, a
+  delivery tag, dict headers and properties);
+* :func:`check_size` — a message body from any broker (RabbitMQ included).
+
+A failed check raises :class:`Poison`; the caller dead-letters the raw bytes (base64,
+capped at :data:`MAX_RAW_BYTES`) *before* the item leaves the queue, logs and counts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from typing import Any
+
+# Raw bytes kept in a DLQ entry for an item that could not be decoded.
+MAX_RAW_BYTES = 64 * 1024
+# Default largest message accepted (bytes of the item on the queue): larger is poison.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class Poison(Exception):
+    """An item that can never run. ``kind`` is a short stable code (``too_large``,
+    ``not_json``, ``bad_envelope``, ...); ``reason`` says what was wrong, for people."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+def check_size(size: int, max_bytes: int) -> None:
+    """Raise ``too_large`` when a message is bigger than the limit (0 = no limit)."""
+    if max_bytes and size > max_bytes:
+        raise Poison("too_large", f"message of {size:,} bytes exceeds the {max_bytes:,}-byte limit")
+
+
+def check_item(item: bytes | str, max_bytes: int) -> dict[str, Any]:
+    """The kombu envelope held by a raw Redis queue item, or :class:`Poison`."""
+    raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
+    check_size(len(raw), max_bytes)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Poison(
+            "not_utf8", f"bytes that are not UTF-8 text ({exc.reason} at {exc.start})"
+        ) from None
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        raise Poison("not_json", "JSON nested too deeply") from None
+    except ValueError as exc:
+        raise Poison("not_json", f"not JSON: {exc}") from None
+    return check_envelope(payload)
+
+
+def check_envelope(payload: Any) -> dict[str, Any]:
+    """Check the fields kombu's virtual transport and Celery's consumer read, and their types."""
+    if not isinstance(payload, dict):
+        raise Poison("bad_envelope", f"a JSON {type(payload).__name__}, not a kombu envelope")
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        raise Poison("bad_envelope", "no 'properties' object (not a kombu message)")
+    tag = properties.get("delivery_tag")
+    if not isinstance(tag, str) or not tag:
+        raise Poison("bad_envelope", "no delivery tag in 'properties'")
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(
+        isinstance(info.get(k), str) for k in ("exchange", "routing_key")
+    ):
+        raise Poison("bad_envelope", "no 'properties.delivery_info' with exchange and routing key")
+    headers = payload.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise Poison("bad_envelope", "'headers' is not an object")
+    for name in ("content-type", "content-encoding"):
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            raise Poison("bad_envelope", f"'{name}' is not a string")
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str):
+        raise Poison("bad_envelope", f"'body' is a JSON {type(body).__name__}, not a string")
+    encoding = properties.get("body_encoding")
+    if body and encoding == "base64":
+        try:
+            base64.b64decode(body.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise Poison("bad_envelope", "'body' is not valid base64") from None
+    elif encoding not in (None, "base64"):
+        raise Poison("bad_envelope", f"unknown body encoding {str(encoding)[:40]!r}")
+    return payload
+
+
+def raw_excerpt(item: bytes | str, mask: Callable[[bytes], bytes] | None = None) -> str:
+    """The item's first :data:`MAX_RAW_BYTES` bytes, secrets masked, base64 (never decoded)."""
+    raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
+    head = raw[:MAX_RAW_BYTES]
+    return base64.b64encode(mask(head) if mask else head).decode("ascii")
