@@ -15,6 +15,7 @@ import functools
 import hashlib
 import inspect
 import json
+import types
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ DEFAULT_EFFECT_TTL_SECONDS = 72 * 3600
 # Leases of plain-code callers (not tasks, which use the settings) last this long.
 DEFAULT_LEASE_SECONDS = 60.0
 # What a repeated call returns under ``@idempotent(mark_duplicates=True)`` (seed 000).
-DUPLICATE_MARKER: Mapping[str, Any] = {"skipped": True, "reason": "idempotent_duplicate"}
+DUPLICATE_MARKER: Mapping[str, Any] = types.MappingProxyType(
+    {"skipped": True, "reason": "idempotent_duplicate"})
 
 
 class InProgress(ReliabilityError):

@@ -28,7 +28,7 @@ from reliability import runtime as runtime_module
 from reliability.breaker import SERVICE_DEFAULTS, BreakerConfig, CircuitState
 from reliability.effects import EffectType, entity_id, wrap_effect, wrap_order_placement
 from reliability.errors import ConfigurationError, TransientError
-from reliability.idempotency import IdempotencyStore, idempotent
+from reliability.idempotency import IdempotencyStore, SideEffectWrapper, idempotent
 from reliability.idempotency_keys import (
     check_idempotency,
     clear_idempotency,
@@ -438,4 +438,6 @@ def test_wrap_helpers_await_async_effects_and_refuse_bad_input(bare_store: Store
         wrap_order_placement(bare_store, lambda: None)
     with pytest.raises(TypeError, match="cannot key on a object"):
         wrap_order_placement(bare_store, lambda: None, order=object())
+    with pytest.raises(ValueError, match="non-empty effect type and entity id"):
+        SideEffectWrapper(bare_store).run("", "e1", deliver)
     assert sent == ["hook"]
