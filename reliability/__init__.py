@@ -4,7 +4,29 @@ Imports nothing from ``worker/`` or ``tasks/``; the worker builds these objects 
 settings.
 """
 
+from reliability.breaker import (
+    BreakerConfig,
+    BreakerMode,
+    CircuitBreaker,
+    CircuitBreakerError,
+    CircuitState,
+    get_circuit_breaker,
+)
+from reliability.callables import AwaitableReturned
 from reliability.delivery import current, outgoing_headers
+from reliability.effects import (
+    EffectType,
+    wrap_effect,
+    wrap_export_generation,
+    wrap_ledger_write,
+    wrap_notification_send,
+    wrap_order_placement,
+    wrap_payment_charge,
+    wrap_pnl_write,
+    wrap_position_update,
+    wrap_trade_state_write,
+    wrap_webhook_delivery,
+)
 from reliability.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -16,16 +38,36 @@ from reliability.errors import (
     StaleFencingToken,
     TransientError,
 )
-from reliability.idempotency import IdempotencyStore, SideEffectWrapper, idempotent
+from reliability.idempotency import (
+    DUPLICATE_MARKER,
+    IdempotencyStore,
+    InProgress,
+    SideEffectWrapper,
+    idempotent,
+)
+from reliability.idempotency_keys import (
+    check_idempotency,
+    clear_idempotency,
+    generate_idempotency_key,
+)
 from reliability.retry import RetryPolicy
 from reliability.task import ReliableTask
 
 __all__ = [
+    "DUPLICATE_MARKER",
+    "AwaitableReturned",
     "BackendUnavailable",
+    "BreakerConfig",
+    "BreakerMode",
+    "CircuitBreaker",
+    "CircuitBreakerError",
+    "CircuitState",
     "ConfigurationError",
     "DeadlineExceeded",
+    "EffectType",
     "IdempotencyConflict",
     "IdempotencyStore",
+    "InProgress",
     "PermanentError",
     "PoisonMessage",
     "ReliabilityError",
@@ -34,7 +76,21 @@ __all__ = [
     "SideEffectWrapper",
     "StaleFencingToken",
     "TransientError",
+    "check_idempotency",
+    "clear_idempotency",
     "current",
+    "generate_idempotency_key",
+    "get_circuit_breaker",
     "idempotent",
     "outgoing_headers",
+    "wrap_effect",
+    "wrap_export_generation",
+    "wrap_ledger_write",
+    "wrap_notification_send",
+    "wrap_order_placement",
+    "wrap_payment_charge",
+    "wrap_pnl_write",
+    "wrap_position_update",
+    "wrap_trade_state_write",
+    "wrap_webhook_delivery",
 ]

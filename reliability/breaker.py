@@ -11,8 +11,11 @@ count. Every transition is appended once to a stream that :mod:`reliability.aler
 delivers once, fleet-wide, to logs and hooks.
 
 Inside tasks the breaker is part of the admission script (no extra round trip); outside
-tasks use :meth:`CircuitBreaker.call`, its async variant, the decorator or the context
-manager. ``state`` may be served from a local cache kept coherent by Redis invalidation.
+tasks use :meth:`CircuitBreaker.call` (``await breaker.call(fn)`` for a coroutine function),
+the decorator, or :meth:`CircuitBreaker.guard` (``with`` or ``async with``); sync and async
+callables are admitted, timed and recorded alike (:mod:`reliability.callables`), and
+:func:`get_circuit_breaker` finds one by name (seed 003). ``state`` may be served from a
+local cache kept coherent by Redis invalidation.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -30,7 +33,13 @@ import structlog
 
 from reliability import metrics, scripts
 from reliability.admission import Fragment
-from reliability.errors import BackendUnavailable, PermanentError, ReliabilityError
+from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
+from reliability.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    PermanentError,
+    ReliabilityError,
+)
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.breaker")
@@ -214,6 +223,34 @@ class LocalBreaker:
         self.trial = False
 
 
+class BreakerCall:
+    """One call through a breaker, as a context manager for ``with`` and ``async with``.
+
+    Entry admits (a fresh owner token, so a half-open trial slot is this call's); exit
+    records the block's outcome and duration. The Redis round trips are short blocking
+    calls, in async code too (there is no asyncio Redis client in the library).
+    """
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.owner = f"call:{uuid.uuid4().hex}"
+        self.started = 0.0
+
+    def __enter__(self) -> BreakerCall:
+        self.breaker.admit(self.owner)
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
+        self.breaker.record(self.owner, error, time.monotonic() - self.started)
+
+    async def __aenter__(self) -> BreakerCall:
+        return self.__enter__()
+
+    async def __aexit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
+        self.__exit__(_type, error, _tb)
+
+
 @dataclass
 class CircuitBreaker:
     """One named breaker, shared fleet-wide through the store.
@@ -263,6 +300,20 @@ class CircuitBreaker:
             return CircuitState.HALF_OPEN
         return CircuitState(state)
 
+    @property
+    def failure_count(self) -> int:
+        """Consecutive failures counted fleet-wide since the breaker last closed (seed 000).
+
+        The count that trips ``failure_threshold``; it stays at its value while the breaker
+        is open and returns to 0 when it closes or is reset. From the local cache when one
+        is configured, else one read.
+        """
+        cache = self.cache() if callable(self.cache) else self.cache
+        if cache is not None:
+            return int(cache.get_hash(self.keys[0]).get("consec") or 0)
+        found = self.store.call("breaker read", lambda c: c.hget(self.keys[0], "consec"))
+        return int(found or 0)
+
     def set_mode(self, mode: BreakerMode) -> None:
         """Forced-open, disabled, shadow or normal, fleet-wide and persisted."""
         self.store.call("breaker mode", lambda c: c.hset(self.keys[0], "mode", str(mode)))
@@ -301,8 +352,13 @@ class CircuitBreaker:
 
     def record(self, owner: str, error: BaseException | None, duration: float,
                now: float | None = None) -> str:
-        """Feed one call's outcome; returns the breaker's state afterwards."""
-        outcome = self.config.classify(error)
+        """Feed one call's outcome; returns the breaker's state afterwards.
+
+        A callable that returned an awaitable it should have been awaited for
+        (:class:`~reliability.callables.AwaitableReturned`) counts as neither outcome.
+        """
+        outcome = ("ignore" if isinstance(error, AwaitableReturned)
+                   else self.config.classify(error))
         try:
             return str(self.store.run(
                 _RECORD, self.keys,
@@ -314,34 +370,43 @@ class CircuitBreaker:
             local.record(outcome)
             return "open (local)" if local.open_until else "closed (local)"
 
-    @contextmanager
-    def guard(self) -> Iterator[None]:
-        """``with breaker.guard(): call()`` — admits, times and records the call."""
-        owner = f"call:{time.monotonic_ns()}:{id(self)}"
-        self.admit(owner)
-        started = time.monotonic()
-        try:
-            yield
-        except BaseException as exc:
-            self.record(owner, exc, time.monotonic() - started)
-            raise
-        self.record(owner, None, time.monotonic() - started)
+    def guard(self) -> BreakerCall:
+        """``with breaker.guard(): call()`` or ``async with breaker.guard(): await call()``:
+        admits on entry (raising :class:`CircuitBreakerError` when refused), then times
+        the block and records how it ended."""
+        return BreakerCall(self)
 
     def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call ``fn`` through the breaker and return its result.
+
+        A coroutine function gets an awaitable back (``await breaker.call(fetch, url)``)
+        that admits, awaits, times and records when awaited, like :meth:`call_async`. A
+        plain function that returns an awaitable is refused with
+        :class:`~reliability.callables.AwaitableReturned`, recorded as neither outcome.
+        """
+        if is_async_callable(fn):
+            return self.call_async(fn, *args, **kwargs)  # type: ignore[return-value,arg-type]
         with self.guard():
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            refuse_awaitable(result, fn, f"circuit breaker {self.name!r}")
+            return result
 
     async def call_async(self, fn: Callable[P, Awaitable[R]], *args: P.args,
                          **kwargs: P.kwargs) -> R:
-        with self.guard():
-            return await fn(*args, **kwargs)
+        """Await ``fn(*args, **kwargs)`` through the breaker (a plain function's result is
+        taken as it is); the outcome is recorded when the await ends."""
+        async with self.guard():
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                return await result
+            return result  # type: ignore[return-value]
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Use as a decorator on sync or async functions."""
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call_async(fn, *args, **kwargs)
+                return await self.call_async(fn, *args, **kwargs)  # type: ignore[arg-type]
 
             return async_wrapper  # type: ignore[return-value]
 
@@ -385,5 +450,43 @@ class BreakerRegistry:
                 cache=self.cache)
         return found
 
+    def register(self, name: str, config: BreakerConfig) -> CircuitBreaker:
+        """Define a breaker in code and return it; the same definition again is a no-op.
+
+        A name already defined with another config is refused: every process must judge
+        one shared breaker by the same policy.
+        """
+        known = self.configs.get(name)
+        if known is not None and known != config:
+            raise ConfigurationError(
+                f"circuit breaker {name!r} is already defined with {known}; call"
+                " get_circuit_breaker without a config to use it")
+        self.configs[name] = config
+        return self.get(name)
+
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return (self.get(name) for name in sorted(self.configs))
+
+
+def get_circuit_breaker(name: str, config: BreakerConfig | None = None, *,
+                        store: Store | None = None) -> CircuitBreaker:
+    """The breaker ``name`` (seed 003): ``cb = get_circuit_breaker("my_service", config)``.
+
+    Without ``store`` it comes from the worker's runtime registry (settings and the
+    built-in defaults), so it is the same object the tasks' breaker uses; a ``config`` for
+    a new name registers it there, and one that differs from the defined policy is a
+    :class:`~reliability.errors.ConfigurationError`. With ``store`` a breaker over that
+    store is built from ``config`` or the built-in default for ``name``. An unknown name
+    without a config raises :class:`KeyError`.
+    """
+    if store is None:
+        from reliability.runtime import get_runtime
+
+        registry = get_runtime().breakers
+        return registry.get(name) if config is None else registry.register(name, config)
+    if config is None:
+        config = SERVICE_DEFAULTS.get(name)
+        if config is None:
+            raise KeyError(f"no circuit breaker named {name!r} among the built-in defaults"
+                           f" {sorted(SERVICE_DEFAULTS)}; pass a BreakerConfig")
+    return CircuitBreaker(name, store, config)

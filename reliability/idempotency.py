@@ -5,7 +5,8 @@ a lease with an owner token and a fencing number, *done* with its stored result,
 *released* after a failure so a retry may run. Inside tasks the check and the lease are
 part of the admission script; this module also offers the same state machine to plain
 code: :class:`IdempotencyStore`, :func:`idempotent`, and :class:`SideEffectWrapper`
-(seed 004's ``effect:{type}:{entity_id}``).
+(seed 004's ``effect:{type}:{entity_id}``), for sync and async callables alike. Keys by
+task or function name (seed 000, 002) are in :mod:`reliability.idempotency_keys`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,30 @@ import functools
 import hashlib
 import inspect
 import json
+import types
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
+
+import structlog
 
 from reliability import scripts
 from reliability.admission import Fragment
-from reliability.errors import IdempotencyConflict, ReliabilityError
+from reliability.callables import describe, is_async_callable, refuse_awaitable
+from reliability.errors import ConfigurationError, IdempotencyConflict, ReliabilityError
 from reliability.store import Store
 
 R = TypeVar("R")
+log = structlog.get_logger("reliability.idempotency")
 
 # Effects of the side-effect wrapper are remembered 72 hours unless told otherwise.
 DEFAULT_EFFECT_TTL_SECONDS = 72 * 3600
 # Leases of plain-code callers (not tasks, which use the settings) last this long.
 DEFAULT_LEASE_SECONDS = 60.0
+# What a repeated call returns under ``@idempotent(mark_duplicates=True)`` (seed 000).
+DUPLICATE_MARKER: Mapping[str, Any] = types.MappingProxyType(
+    {"skipped": True, "reason": "idempotent_duplicate"})
 
 
 class InProgress(ReliabilityError):
@@ -109,6 +118,15 @@ _COMPLETE = scripts.compose(
     "idempotency",
     body="return idem_complete(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))",
 )
+# KEYS idem   ARGV now: 'done', 'running' (under a live lease) or 'free'; reads only.
+_STATUS = scripts.compose(
+    body="""
+local h = redis.call('HMGET', KEYS[1], 'state', 'until')
+if h[1] == 'done' then return 'done' end
+if h[1] == 'running' and tonumber(h[2] or '0') > now then return 'running' end
+return 'free'
+""",
+)
 
 
 @dataclass
@@ -121,7 +139,12 @@ class Lease:
 
 
 class IdempotencyStore:
-    """The idempotency state machine for code outside tasks (and admin tools)."""
+    """The idempotency state machine for code outside tasks (and admin tools).
+
+    Logs ``idempotency_lock_acquired`` when it takes a lease, ``task_skipped_idempotent``
+    when a completed key returns its stored result instead of running, and
+    ``idempotency_lock_released_on_error`` when a failed call frees its key (seed 000).
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -132,6 +155,11 @@ class IdempotencyStore:
     def state(self, redis_key: str) -> dict[str, str]:
         """The raw state hash (empty when the key is unknown): check without locking."""
         return self.store.call("idempotency check", lambda c: c.hgetall(redis_key))
+
+    def status(self, redis_key: str) -> str:
+        """``done``, ``running`` (under a live lease, on Redis time) or ``free`` (unknown,
+        released after a failure, or a lapsed lease): whether a call would run now."""
+        return str(self.store.run(_STATUS, [redis_key], [""], "idempotency status"))
 
     def is_done(self, redis_key: str) -> bool:
         return self.state(redis_key).get("state") == "done"
@@ -159,6 +187,7 @@ class IdempotencyStore:
         )
         decision, detail = str(reply[0]), reply[1]
         if decision == "run":
+            log.info("idempotency_lock_acquired", idempotency_key=redis_key, fence=int(detail))
             return "run", Lease(redis_key, owner, int(detail))
         if decision == "done":
             return "done", json.loads(detail) if detail else None
@@ -199,29 +228,123 @@ class IdempotencyStore:
             )
         )
 
+    @overload
+    def run_once(  # type: ignore[overload-overlap]
+        self, redis_key: str, fp: str, fn: Callable[[Lease], Awaitable[R]], *,
+        ttl_seconds: int = ..., lease_seconds: float = ...,
+    ) -> Awaitable[tuple[bool, R]]: ...
+
+    @overload
+    def run_once(
+        self, redis_key: str, fp: str, fn: Callable[[Lease], R], *,
+        ttl_seconds: int = ..., lease_seconds: float = ...,
+    ) -> tuple[bool, R]: ...
+
     def run_once(
         self,
         redis_key: str,
         fp: str,
-        fn: Callable[[Lease], R],
+        fn: Callable[[Lease], Any],
         *,
         ttl_seconds: int = DEFAULT_EFFECT_TTL_SECONDS,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    ) -> tuple[bool, R]:
-        """Run ``fn`` unless the key is done: ``(executed, result)``; failures release."""
+    ) -> Any:
+        """Run ``fn(lease)`` unless the key is done: ``(executed, result)``; failures release.
+
+        A coroutine function gets an awaitable back that takes the lease, awaits ``fn``
+        and stores the awaited result (a done key is still returned through the await).
+        A plain function that returns an awaitable is refused with
+        :class:`~reliability.callables.AwaitableReturned` and its lease released.
+        """
+        if is_async_callable(fn):
+            return self._run_once_async(redis_key, fp, fn, ttl_seconds, lease_seconds)
+        lease, stored = self._begin(redis_key, fp, ttl_seconds, lease_seconds)
+        if lease is None:
+            return False, stored
+        try:
+            result = fn(lease)
+            refuse_awaitable(result, fn, "IdempotencyStore.run_once")
+        except BaseException as exc:
+            self._released_on_error(lease, exc)
+            raise
+        self.complete(lease, result, ttl_seconds)
+        return True, result
+
+    async def _run_once_async(self, redis_key: str, fp: str,
+                              fn: Callable[[Lease], Awaitable[R]], ttl_seconds: int,
+                              lease_seconds: float) -> tuple[bool, R]:
+        lease, stored = self._begin(redis_key, fp, ttl_seconds, lease_seconds)
+        if lease is None:
+            return False, stored
+        try:
+            result = await fn(lease)
+        except BaseException as exc:  # cancellation too: the key must not stay taken
+            self._released_on_error(lease, exc)
+            raise
+        self.complete(lease, result, ttl_seconds)
+        return True, result
+
+    def _begin(self, redis_key: str, fp: str, ttl_seconds: int, lease_seconds: float
+               ) -> tuple[Lease | None, Any]:
+        """(lease, None) to run, or (None, stored result) when the key is done."""
         decision, value = self.acquire(
             redis_key, fp, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds
         )
         if decision == "done":
-            return False, value
-        lease: Lease = value
-        try:
-            result = fn(lease)
-        except BaseException:
-            self.release(lease)
-            raise
-        self.complete(lease, result, ttl_seconds)
-        return True, result
+            log.info("task_skipped_idempotent", idempotency_key=redis_key)
+            return None, value
+        return value, None
+
+    def _released_on_error(self, lease: Lease, exc: BaseException) -> None:
+        self.release(lease)
+        log.info("idempotency_lock_released_on_error", idempotency_key=lease.key,
+                 error=type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class IdempotentFunction:
+    """An ``@idempotent`` function as :func:`check_idempotency` finds it: how its key is made."""
+
+    name: str  # the key's namespace: module.qualname unless given
+    signature: inspect.Signature
+    key_args: tuple[str, ...]
+    store: Store | Callable[[], Store] | None
+
+    def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]
+               ) -> tuple[IdempotencyStore, str, str]:
+        """(store, Redis key, fingerprint) of a call with these arguments."""
+        arguments = bind_arguments(self.signature, args, kwargs)
+        fp = fingerprint(arguments)
+        ids = IdempotencyStore(resolve_store(self.store))
+        key = derive_key(self.name, arguments, key_args=self.key_args, fp=fp)
+        return ids, ids.redis_key(key), fp
+
+
+# @idempotent functions by name (the short name and module.qualname, or the given name);
+# None marks a short name that two different functions share.
+_FUNCTIONS: dict[str, IdempotentFunction | None] = {}
+
+
+def idempotent_function(name: str) -> IdempotentFunction | None:
+    """The ``@idempotent`` function registered as ``name``, None if there is none;
+    :class:`LookupError` when two functions share that short name."""
+    found = _FUNCTIONS.get(name)
+    if found is None and name in _FUNCTIONS:
+        raise LookupError(f"several @idempotent functions are named {name!r}: use the"
+                          " module.qualname name or @idempotent(name=...)")
+    return found
+
+
+def _register(fn: Callable[..., Any], found: IdempotentFunction, explicit: bool) -> None:
+    """Under its key namespace (the latest definition wins) and, unless named explicitly,
+    its short name; a short name never displaces another function's namespace name."""
+    _FUNCTIONS[found.name] = found
+    short = fn.__name__
+    if explicit or short == found.name:
+        return
+    known = _FUNCTIONS.get(short, found)
+    if known is not None and known.name != short:
+        _FUNCTIONS[short] = found if known.name == found.name else None
 
 
 def idempotent(
@@ -230,34 +353,67 @@ def idempotent(
     store: Store | Callable[[], Store] | None = None,
     key_args: Sequence[str] = (),
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    name: str | None = None,
+    mark_duplicates: bool = False,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Run a plain function at most once per key within ``ttl`` seconds, fleet-wide.
 
-    A repeated call returns the stored result without running. The key comes from
-    ``key_args`` or from all arguments. ``store`` defaults to the worker's runtime store.
+    Works on ``def`` and ``async def`` functions alike (an async one is awaited before
+    its result is stored). A repeated call returns the stored result without running,
+    or with ``mark_duplicates=True`` the marker ``{"skipped": True, "reason":
+    "idempotent_duplicate"}`` (seed 000). The key comes from ``key_args`` or from all
+    arguments, namespaced by ``name`` (default ``module.qualname``);
+    ``check_idempotency`` finds the function by that name or by its short name.
+    ``store`` defaults to the worker's runtime store.
     """
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
         signature = inspect.signature(fn)
-        name = f"{fn.__module__}.{fn.__qualname__}"
+        params = signature.parameters
+        open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [a for a in key_args if a not in params]
+        if missing and not open_kwargs:
+            raise ConfigurationError(
+                f"@idempotent {describe(fn)}: key_args {missing} are not parameters")
+        found = IdempotentFunction(name or f"{fn.__module__}.{fn.__qualname__}", signature,
+                                   tuple(key_args), store)
+        _register(fn, found, name is not None)
+
+        def answer(executed: bool, result: Any) -> Any:
+            return result if executed or not mark_duplicates else dict(DUPLICATE_MARKER)
+
+        if is_async_callable(fn):
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                ids, redis_key, fp = found.locate(args, kwargs)
+
+                async def body(_lease: Lease) -> Any:
+                    return await fn(*args, **kwargs)  # type: ignore[misc]
+
+                return answer(*await ids.run_once(
+                    redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds))
+
+            return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> R:
-            arguments = bind_arguments(signature, args, kwargs)
-            ids = IdempotencyStore(_resolve(store))
-            redis_key = ids.redis_key(derive_key(name, arguments, key_args=key_args))
-            _, result = ids.run_once(
-                redis_key, fingerprint(arguments), lambda _lease: fn(*args, **kwargs),
-                ttl_seconds=ttl, lease_seconds=lease_seconds,
-            )
-            return result
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ids, redis_key, fp = found.locate(args, kwargs)
+
+            def body(_lease: Lease) -> Any:
+                result = fn(*args, **kwargs)
+                refuse_awaitable(result, fn, "@idempotent")
+                return result
+
+            return answer(*ids.run_once(
+                redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds))
 
         return wrapper
 
     return decorate
 
 
-def _resolve(store: Store | Callable[[], Store] | None) -> Store:
+def resolve_store(store: Store | Callable[[], Store] | None) -> Store:
+    """A store, a callable returning one, or (None) the worker's runtime store."""
     if isinstance(store, Store):
         return store
     if callable(store):
@@ -268,7 +424,10 @@ def _resolve(store: Store | Callable[[], Store] | None) -> Store:
 
 
 class SideEffectWrapper:
-    """Exactly-once side effects keyed ``effect:{type}:{entity_id}`` (seed 004)."""
+    """Exactly-once side effects keyed ``effect:{type}:{entity_id}`` (seed 004).
+
+    Seed 004's effect types and ``wrap_*`` helpers are in :mod:`reliability.effects`.
+    """
 
     def __init__(self, store: Store, ttl_seconds: int = DEFAULT_EFFECT_TTL_SECONDS) -> None:
         self.ids = IdempotencyStore(store)
@@ -281,15 +440,31 @@ class SideEffectWrapper:
         self,
         effect_type: str,
         entity_id: str,
-        fn: Callable[..., R],
+        fn: Callable[..., Any],
         *args: Any,
         ttl_seconds: int | None = None,
         **kwargs: Any,
-    ) -> tuple[bool, R]:
-        """``(executed, result)``: False with the cached result when already done."""
-        return self.ids.run_once(
-            self.key(effect_type, str(entity_id)),
-            fingerprint({"args": list(args), "kwargs": kwargs}),
-            lambda _lease: fn(*args, **kwargs),
-            ttl_seconds=ttl_seconds or self.ttl_seconds,
-        )
+    ) -> Any:
+        """``(executed, result)``: False with the cached result when already done.
+
+        For a coroutine function, an awaitable of that pair (``fn`` is awaited before its
+        result is stored).
+        """
+        effect_type, entity_id = str(effect_type), str(entity_id)
+        if not effect_type or not entity_id:
+            raise ValueError("a side effect needs a non-empty effect type and entity id")
+        key = self.key(effect_type, entity_id)
+        fp = fingerprint({"args": list(args), "kwargs": kwargs})
+        ttl = ttl_seconds or self.ttl_seconds
+        if is_async_callable(fn):
+            async def body(_lease: Lease) -> Any:
+                return await fn(*args, **kwargs)
+
+            return self.ids.run_once(key, fp, body, ttl_seconds=ttl)
+
+        def call(_lease: Lease) -> Any:
+            result = fn(*args, **kwargs)
+            refuse_awaitable(result, fn, "SideEffectWrapper.run")
+            return result
+
+        return self.ids.run_once(key, fp, call, ttl_seconds=ttl)

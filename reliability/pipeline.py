@@ -124,6 +124,7 @@ class Pipeline(Settlement):
         d.admitted_at = verdict.now or None
         held = []
         if d.idempotency_key:
+            log.debug("idempotency_lock_acquired", idempotency_key=d.idempotency_key, fence=d.fence)
             held.append(rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence,
                                        self._lease_seconds(rt)))
         if "trial" in verdict.extra:

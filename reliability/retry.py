@@ -13,7 +13,7 @@ with the sleep injected. The delay math lives once, in tenacity ``wait_base`` st
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import functools
 import math
 import random
 import time
@@ -26,6 +26,7 @@ from tenacity.retry import retry_base, retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_base, stop_before_delay
 from tenacity.wait import wait_base, wait_exponential, wait_fixed, wait_incrementing
 
+from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
 from reliability.errors import ConfigurationError, PermanentError
 
 if TYPE_CHECKING:
@@ -223,7 +224,10 @@ class RetryPolicy:
         return self._evaluate(wait, attempt, previous_delay)
 
     def is_retryable(self, error: BaseException) -> bool:
-        """True if ``error`` is one of ``retry_on`` and none of ``give_up_on``."""
+        """True if ``error`` is one of ``retry_on`` and none of ``give_up_on`` (a callable
+        that returned an awaitable unawaited is a programming error: never retried)."""
+        if isinstance(error, AwaitableReturned):
+            return False
         return isinstance(error, self.retry_on) and not isinstance(error, self.give_up_on)
 
     def decide(
@@ -303,10 +307,22 @@ class RetryPolicy:
         return AsyncRetrying(**options)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` to retry in-process; coroutine functions use ``AsyncRetrying``."""
-        if inspect.iscoroutinefunction(fn):
+        """Decorate ``fn`` to retry in-process; coroutine functions use ``AsyncRetrying``.
+
+        A plain function that returns an awaitable is refused at its first attempt with
+        :class:`~reliability.callables.AwaitableReturned` (never retried): its failures
+        would surface only after the retrying had ended.
+        """
+        if is_async_callable(fn):
             return cast("Callable[P, R]", self.async_retrying().wraps(fn))
-        return self.retrying().wraps(fn)
+
+        @functools.wraps(fn)
+        def attempt(*args: P.args, **kwargs: P.kwargs) -> R:
+            result = fn(*args, **kwargs)
+            refuse_awaitable(result, fn, "RetryPolicy")
+            return result
+
+        return self.retrying().wraps(attempt)
 
     def replace(self, **changes: object) -> RetryPolicy:
         """A copy with ``changes`` applied, validated again."""
