@@ -39,6 +39,8 @@ Kind = Literal["gcra", "sliding", "fixed", "concurrency"]
 Scope = str  # "global" | "task" | "tenant" | "user" | "ip" | "arg:<name>"
 
 SCOPE_ARGS = {"user": "user_id", "ip": "ip"}
+# RateLimit's whole-number fields (the others are seconds or rates).
+_COUNTS = frozenset({"burst", "max_requests", "limit", "cost"})
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ class RateLimiter:
         raw = self.store.call("rate limit read", lambda c: c.hmget(self.keys[1], "p1", "p2"))
         fields = {"gcra": ("rate", "burst"), "concurrency": ("limit", "lease_seconds")}.get(
             self.limit.kind, ("max_requests", "window_seconds"))
-        changes = {name: type(getattr(self.limit, name))(float(value))
+        changes = {name: int(float(value)) if name in _COUNTS else float(value)
                    for name, value in zip(fields, raw, strict=True) if value is not None}
         return replace(self.limit, **changes)
 

@@ -140,7 +140,8 @@ def breakers(service: Any, action: str, name: str | None, mode: str | None) -> i
 
 
 def _num(value: float) -> str:
-    return f"{value:g}"
+    """A number as an operator writes it: 20, 0.5, 1000000 (never 1e+06)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6f}".rstrip("0")
 
 
 def _values(limit: RateLimit) -> str:

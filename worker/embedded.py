@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # Unix socket paths are limited to ~107 bytes; longer ones move to the temp dir.
 MAX_SOCKET_PATH = 100
@@ -50,7 +52,10 @@ def _alive(socket: Path) -> bool:
     if not socket.exists():
         return False
     try:
-        return bool(redis.Redis(unix_socket_path=str(socket), socket_timeout=1).ping())
+        client = redis.Redis(
+            unix_socket_path=str(socket), socket_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
+        return bool(client.ping())
     except (redis.exceptions.RedisError, OSError):
         return False
 
@@ -127,13 +132,20 @@ def ensure_embedded_redis(data_dir: str | os.PathLike[str]) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs; an exited one awaiting its reaper (a zombie) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 def stop_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
@@ -145,7 +157,12 @@ def stop_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
     socket = _socket_path(directory)
     if not _alive(socket):
         return False
-    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=STOP_TIMEOUT_SECONDS)
+    # No retries: the server closing the connection is the expected answer to SHUTDOWN.
+    client = redis.Redis(
+        unix_socket_path=str(socket),
+        socket_timeout=STOP_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
     try:
         pid = int(client.info("server")["process_id"])
         client.shutdown(nosave=True)

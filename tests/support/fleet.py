@@ -92,11 +92,14 @@ class Environment:
             "RELIABLE_WORKER__TASK_MODULES": '["tests.support.tasks"]',
             "RELIABLE_LOG__JSON_OUTPUT": "true",
             "RELIABLE_LOG__LEVEL": "INFO",
-            # The business tasks' limits, opened wide: tests of limits set their own.
+            # The business tasks' limits, opened wide: tests of limits set their own. Every
+            # name a test task declares is defined (a worker refuses undefined ones).
             "RELIABLE_RATE_LIMITS": json.dumps({
                 name: {"kind": "gcra", "rate": 1_000_000, "burst": 1_000_000}
-                for name in ("payment-gateway", "notification-per-user", "analytics-export")
+                for name in ("payment-gateway", "notification-per-user", "analytics-export",
+                             "test-limit")
             }),
+            "RELIABLE_BREAKERS": json.dumps({"test-breaker": {}}),
             "PYTHONPATH": str(ROOT),
         })
         if self.broker_url:
