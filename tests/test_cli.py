@@ -13,12 +13,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from reliability.breaker import BreakerConfig, CircuitBreaker, CircuitBreakerError
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, delete_prefix
+from tests.support.lifecycle import no_url_env, servers_on
 from tests.support.redis_server import free_port
 from worker import embedded
 
@@ -41,12 +41,6 @@ def cli_env(redis_url: str) -> Iterator[Environment]:
     env = Environment(redis_url=redis_url)
     yield env
     delete_prefix(redis_url, env.prefix)
-
-
-def no_url_env(data_dir: Path) -> dict[str, str]:
-    env = Environment(redis_url="unused").env(RELIABLE_REDIS__DATA_DIR=str(data_dir))
-    del env["RELIABLE_REDIS__URL"]
-    return env
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, pattern: str) -> None:
@@ -196,17 +190,6 @@ def test_breakers_print_when_an_open_breaker_may_half_open_in_iso_8601_utc(
     assert done.returncode == 0, done.stderr
     [row] = [line for line in done.stdout.splitlines() if line.startswith("payment ")]
     assert re.fullmatch(rf"payment +open +mode=normal +open_until={ISO}", row), row
-
-
-def servers_on(data_dir: Path) -> list[psutil.Process]:
-    """Running redis-server processes on the data directory's socket (by process title)."""
-    socket = embedded.embedded_url(data_dir).removeprefix("unix://")
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if socket in " ".join(process.info["cmdline"] or ()) and process.is_running():
-                found.append(process)
-    return found
 
 
 def test_a_command_with_no_redis_url_starts_the_embedded_redis_and_stops_it_after(

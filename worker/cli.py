@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from config import Environment, load_settings
@@ -31,8 +32,9 @@ from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
 SANDBOX_DEFAULT = "http://127.0.0.1:8099"
-# What reliable run allows beyond the worker's own soft-shutdown grace before it kills.
-STOP_MARGIN_SECONDS = 30.0
+# What reliable run allows beyond the worker's soft-shutdown grace before it escalates
+# a shutdown step (warm -> cold -> kill).
+STOP_MARGIN_SECONDS = 10.0
 BREAKER_MODES = ("normal", "forced_open", "disabled", "shadow")
 # The values `limits set` can change, per kind (RateLimiter.set_rate's arguments).
 SETTABLE = {
@@ -77,8 +79,10 @@ def run(
         env,
         max_deaths=max_deaths,
         window_seconds=window_seconds,
-        stop_timeout=settings.worker.soft_shutdown_timeout_seconds + STOP_MARGIN_SECONDS,
+        grace_seconds=settings.worker.soft_shutdown_timeout_seconds + STOP_MARGIN_SECONDS,
     )
+    # Beat keeps its schedule file in the data directory, with or without a Redis URL.
+    Path(settings.redis.data_dir).mkdir(parents=True, exist_ok=True)
     data_dir = embedded_data_dir(settings)
     started = False
     try:

@@ -9,9 +9,11 @@ Ctrl-C reaches only the supervisor, which forwards it deliberately:
   configuration: restarting cannot help), makes the supervisor stop everything and exit
   non-zero — the service is never left up with nothing consuming;
 * the first Ctrl-C / SIGTERM / SIGHUP is a warm shutdown (SIGTERM to each child: Celery
-  finishes running tasks); a second one is a cold shutdown (the worker gets SIGQUIT,
-  the others SIGKILL); a third, or ``stop_timeout`` seconds without the children ending,
-  SIGKILLs every process group it started. Nothing it started outlives it.
+  finishes running tasks); a second one is a cold shutdown (the worker gets SIGQUIT —
+  Celery cancels running tasks after its soft-shutdown grace and hands their messages
+  back —, the others SIGKILL); a third SIGKILLs every process group it started. A
+  shutdown step the children have not finished within ``grace_seconds`` escalates by
+  itself, so stopping always ends, and nothing it started outlives it.
 """
 
 from __future__ import annotations
@@ -78,18 +80,19 @@ class Supervisor:
         *,
         max_deaths: int = MAX_DEATHS,
         window_seconds: float = WINDOW_SECONDS,
-        stop_timeout: float = 60.0,
+        grace_seconds: float = 40.0,
         say: Callable[[str], None] = _say,
     ) -> None:
         self.children = [_Child(p) for p in programs]
         self.env = env
         self.max_deaths = max(1, max_deaths)
         self.window_seconds = window_seconds
-        self.stop_timeout = stop_timeout
+        self.grace_seconds = grace_seconds
         self.say = say
-        self._requests = 0  # stop requests received (signals)
-        self._handled = 0  # stop requests acted on
-        self._stop_deadline: float | None = None
+        self._signals = 0  # stop signals received (only the handler writes it)
+        self._seen = 0  # stop signals acted on
+        self._level = 0  # 0 running, 1 warm shutdown, 2 cold shutdown, 3 killed
+        self._deadline: float | None = None  # when the shutdown escalates by itself
         self._code = 0
 
     def run(self) -> int:
@@ -108,11 +111,11 @@ class Supervisor:
         return self._code
 
     def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
-        self._requests += 1
+        self._signals += 1
 
     @property
     def stopping(self) -> bool:
-        return self._handled > 0
+        return self._level > 0
 
     def _finished(self) -> bool:
         return self.stopping and all(
@@ -120,14 +123,12 @@ class Supervisor:
         )
 
     def _step(self) -> None:
-        while self._handled < self._requests:
-            self._handled += 1
-            self._escalate(self._handled, "on request")
+        while self._seen < self._signals:
+            self._seen += 1
+            self._escalate("on request")
         if self.stopping:
-            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-                self.say(f"children still running after {self.stop_timeout:.0f} s: killing them")
-                self._signal_groups(signal.SIGKILL)
-                self._stop_deadline = None
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                self._escalate(f"(still running after {self.grace_seconds:.0f} s)")
             return
         now = time.monotonic()
         for child in self.children:
@@ -175,26 +176,28 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         """Stop on the supervisor's own decision: as the first Ctrl-C would."""
-        self._requests += 1
-        self._handled = self._requests
-        self._escalate(1, "")
+        self._escalate("")
 
-    def _escalate(self, level: int, why: str) -> None:
+    def _escalate(self, why: str) -> None:
+        """One step further: warm shutdown, cold shutdown, kill. Each of the first two
+        escalates by itself after ``grace_seconds``."""
+        self._level = min(self._level + 1, 3)
         running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         for child in self.children:
             child.restart_at = None
-        if level == 1:
+        self._deadline = time.monotonic() + self.grace_seconds
+        if self._level == 1:
             if why:
                 self.say(f"warm shutdown {why} (Ctrl-C again for a cold shutdown)")
-            self._stop_deadline = time.monotonic() + self.stop_timeout
             for child in running:
                 self._signal(child, signal.SIGTERM)
-        elif level == 2:
-            self.say(f"cold shutdown {why}")
+        elif self._level == 2:
+            self.say(f"cold shutdown {why} (Ctrl-C again to kill)")
             for child in running:
                 self._signal(child, child.program.cold_signal)
         else:
             self.say(f"killing every process {why}")
+            self._deadline = None
             self._signal_groups(signal.SIGKILL)
 
     def _signal(self, child: _Child, sig: int) -> None:
