@@ -89,10 +89,6 @@ def readme_env(shared_env: Environment) -> Iterator[dict[str, str]]:
     run one task, so the DLQ and the ledger have something to show."""
     settings = readme_settings()
     assert {"RELIABLE_RATE_LIMITS", "RELIABLE_BREAKERS"} <= set(settings)
-    for name in ("RELIABLE_RATE_LIMITS", "RELIABLE_BREAKERS"):  # plus the test tasks' names
-        settings[name] = json.dumps(
-            {**json.loads(shared_env.env()[name]), **json.loads(settings[name])}
-        )
     env = shared_env.env(**settings)
     with WorkerProcess(shared_env, concurrency=1, **settings):
         producer = shared_env.producer()

@@ -27,7 +27,7 @@ from config import Environment, load_settings
 from reliability.ratelimit import RateLimit, RateLimiter
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
-from worker.console import EXIT_USAGE, CommandError, OneLineParser, iso, operate
+from worker.console import EXIT_INTERRUPTED, EXIT_USAGE, CommandError, OneLineParser, iso, operate
 from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
@@ -95,6 +95,8 @@ def run(
                 f"{'' if started else ' (already running: left running at exit)'}"
             )
         return supervisor.run()
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over: nothing started
+        return EXIT_INTERRUPTED
     finally:
         if started:
             assert data_dir is not None
@@ -240,9 +242,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-deaths",
         type=int,
         default=MAX_DEATHS,
-        help="give up when a child dies this often within --window",
+        help="give up when a child dies this often within --window (5)",
     )
-    p_run.add_argument("--window", type=float, default=WINDOW_SECONDS, metavar="SECONDS")
+    p_run.add_argument(
+        "--window",
+        type=float,
+        default=WINDOW_SECONDS,
+        metavar="SECONDS",
+        help="seconds in which --max-deaths deaths make it give up (60)",
+    )
     sub.add_parser(
         "dlq", help="the dead-letter queue CLI (see reliable dlq --help)", add_help=False
     )

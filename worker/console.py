@@ -57,6 +57,10 @@ def iso(timestamp: float | str | None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _masked(masker: Any, exc: BaseException) -> str:
+    return masker.text(str(exc)) if masker is not None else str(exc)
+
+
 def operate(prog: str, action: Callable[[Any], int]) -> int:
     """Run ``action(worker.app module)`` against the configured (or embedded) Redis.
 
@@ -78,14 +82,10 @@ def operate(prog: str, action: Callable[[Any], int]) -> int:
             return action(service)
     except CommandError as exc:
         return fail(prog, str(exc))
-    except (
-        BackendUnavailable,
-        redis.exceptions.RedisError,
-        OperationalError,
-        ConnectionError,
-    ) as exc:
-        text = masker.text(str(exc)) if masker is not None else str(exc)
-        return fail(prog, f"cannot reach Redis: {text}")
+    except (BackendUnavailable, redis.exceptions.RedisError, ConnectionError) as exc:
+        return fail(prog, f"cannot reach Redis: {_masked(masker, exc)}")
+    except OperationalError as exc:  # kombu: publishing (dlq retry) to the broker
+        return fail(prog, f"cannot reach the broker: {_masked(masker, exc)}")
     except (ReliabilityError, EmbeddedRedisError) as exc:
         return fail(prog, str(exc))
     except KeyboardInterrupt:

