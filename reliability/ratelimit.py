@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import structlog
@@ -39,6 +39,8 @@ Kind = Literal["gcra", "sliding", "fixed", "concurrency"]
 Scope = str  # "global" | "task" | "tenant" | "user" | "ip" | "arg:<name>"
 
 SCOPE_ARGS = {"user": "user_id", "ip": "ip"}
+# RateLimit's whole-number fields (the others are seconds or rates).
+_COUNTS = frozenset({"burst", "max_requests", "limit", "cost"})
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,16 @@ class RateLimiter:
         if mapping:
             self.store.call("rate limit set", lambda c: c.hset(self.keys[1], mapping=mapping))
             log.info("rate_limit_changed", limit=self.limit.name, **mapping)
+
+    def current(self) -> RateLimit:
+        """The limit as the fleet applies it now: its policy with the runtime overrides of
+        :meth:`set_rate` (cleared by :meth:`reset`)."""
+        raw = self.store.call("rate limit read", lambda c: c.hmget(self.keys[1], "p1", "p2"))
+        fields = {"gcra": ("rate", "burst"), "concurrency": ("limit", "lease_seconds")}.get(
+            self.limit.kind, ("max_requests", "window_seconds"))
+        changes = {name: int(float(value)) if name in _COUNTS else float(value)
+                   for name, value in zip(fields, raw, strict=True) if value is not None}
+        return replace(self.limit, **changes)
 
     def reset(self) -> None:
         """Forget usage and runtime overrides: the limit starts full."""

@@ -2,7 +2,8 @@
 
 Redis: ``REDIS_URL`` or 127.0.0.1:6379; when neither answers, an embedded Redis is
 started so the suite runs anywhere — except in CI (``CI`` set), where a missing
-service fails the run. RabbitMQ tests skip locally without RabbitMQ and fail in CI.
+service fails the run. The session stops the embedded Redis it started (and leaves one
+it found running alone). RabbitMQ tests skip locally without RabbitMQ and fail in CI.
 """
 
 from __future__ import annotations
@@ -33,15 +34,18 @@ def _redis_answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     if _redis_answers(url):
-        return url
+        yield url
+        return
     if IN_CI:
         pytest.fail(f"Redis is required in CI and does not answer at {url}")
-    from worker.embedded import ensure_embedded_redis
+    from worker import embedded
 
-    return ensure_embedded_redis(os.path.join(tempfile.gettempdir(), "reliable-test-redis"))
+    data_dir = os.path.join(tempfile.gettempdir(), "reliable-test-redis")
+    with embedded.serving(data_dir):
+        yield embedded.embedded_url(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 Settings are read here, at the edge, and turned into the Celery configuration
 (:mod:`worker.celeryconfig`) and the reliability :class:`~reliability.runtime.Runtime`
-every process shares. With no Redis URL configured (development, tests) an embedded
-Redis is started and used as broker, result backend and state store.
+every process shares. With no Redis URL configured (development, tests) the embedded
+Redis's socket is used as broker, result backend and state store; importing starts
+nothing — the process that runs the service starts the server (``reliable run``, or a
+standalone worker or beat at init: :mod:`worker.signals`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
 from reliability.runtime import RuntimeConfig
 from reliability.transport import broker_connection
-from worker.embedded import backend_url_for, broker_url_for, ensure_embedded_redis
+from worker.embedded import backend_url_for, broker_url_for, embedded_url
 
 TASK_MODULES = [
     "tasks.payments",
@@ -29,9 +29,19 @@ DELIVERY_TTL_MARGIN_SECONDS = 600
 
 
 def state_url(settings: Settings) -> str:
+    """The state store's URL: the configured one, else the embedded server's socket.
+
+    Computing it starts nothing; whoever runs the service starts the embedded server
+    (:func:`embedded_data_dir` says whether one is needed).
+    """
     if settings.redis.url is not None:
         return settings.redis.url.get_secret_value()
-    return ensure_embedded_redis(settings.redis.data_dir)
+    return embedded_url(settings.redis.data_dir)
+
+
+def embedded_data_dir(settings: Settings) -> str | None:
+    """The embedded server's data directory when no Redis URL is configured, else None."""
+    return None if settings.redis.url is not None else str(settings.redis.data_dir)
 
 
 def runtime_config(settings: Settings) -> RuntimeConfig:

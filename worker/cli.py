@@ -2,156 +2,329 @@
 
 ``reliable run`` starts everything a developer needs on a fresh machine: the embedded
 Redis when no URL is configured, the sandbox provider (development only, when the
-providers point at it), a worker and beat. Ctrl-C (or SIGTERM) stops them with a warm
-shutdown, so running tasks finish and nothing is lost. ``reliable dlq ...`` is the
-dead-letter queue CLI; ``reliable ledger`` tails the outcome ledger.
+providers point at it), a worker and beat — and supervises them (:mod:`worker.supervisor`):
+a child that exits is restarted with backoff, one that keeps dying stops the lot.
+Ctrl-C (or SIGTERM) is a warm shutdown of everything it started, then of the embedded
+Redis it started; a second Ctrl-C is a cold shutdown.
+
+``reliable dlq ...`` is the dead-letter queue CLI, ``reliable ledger`` tails the outcome
+ledger, ``reliable breakers`` and ``reliable limits`` show and change the fleet's circuit
+breakers and rate limits. Errors are one line on stderr (:mod:`worker.console`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from config import Environment, load_settings
-from worker.embedded import ensure_embedded_redis
+from reliability.ratelimit import RateLimit, RateLimiter
+from worker import embedded
+from worker.celeryconfig import embedded_data_dir
+from worker.console import EXIT_INTERRUPTED, EXIT_USAGE, CommandError, OneLineParser, iso, operate
+from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
+PROG = "reliable"
 SANDBOX_DEFAULT = "http://127.0.0.1:8099"
+# What reliable run allows beyond the worker's soft-shutdown grace before it escalates
+# a shutdown step (warm -> cold -> kill).
+STOP_MARGIN_SECONDS = 10.0
+BREAKER_MODES = ("normal", "forced_open", "disabled", "shadow")
+# The values `limits set` can change, per kind (RateLimiter.set_rate's arguments).
+SETTABLE = {
+    "gcra": ("rate", "burst"),
+    "sliding": ("max_requests", "window_seconds"),
+    "fixed": ("max_requests", "window_seconds"),
+    "concurrency": ("limit",),
+}
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", *args], env=env)
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
 
 
-def run(concurrency: int | None, with_beat: bool, with_sandbox: bool) -> int:
+def run(
+    concurrency: int | None,
+    with_beat: bool,
+    with_sandbox: bool,
+    *,
+    max_deaths: int = MAX_DEATHS,
+    window_seconds: float = WINDOW_SECONDS,
+) -> int:
     settings = load_settings()
     env = dict(os.environ)
-    if settings.redis.url is None:
-        url = ensure_embedded_redis(settings.redis.data_dir)
-        env["RELIABLE_REDIS__URL"] = url
-        print(f"embedded redis (AOF, appendfsync always): {url}", flush=True)
-    children: list[subprocess.Popen[bytes]] = []
-    if (with_sandbox and settings.environment is Environment.DEVELOPMENT
-            and settings.providers.payment_base_url == SANDBOX_DEFAULT):
-        children.append(_spawn(["worker.sandbox", "--port", "8099"], env))
-    worker = ["celery", "-A", "worker.app", "worker", "-l", settings.log.level]
+    programs: list[Program] = []
+    if (
+        with_sandbox
+        and settings.environment is Environment.DEVELOPMENT
+        and settings.providers.payment_base_url == SANDBOX_DEFAULT
+    ):
+        programs.append(Program("sandbox", _python("worker.sandbox", "--port", "8099")))
+    worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
     if concurrency:
         worker += ["-c", str(concurrency)]
-    children.append(_spawn(worker, env))
+    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
     if with_beat:
-        children.append(_spawn(["celery", "-A", "worker.app", "beat", "-l", "INFO"], env))
+        programs.append(
+            Program("beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"))
+        )
+    supervisor = Supervisor(
+        programs,
+        env,
+        max_deaths=max_deaths,
+        window_seconds=window_seconds,
+        grace_seconds=settings.worker.soft_shutdown_timeout_seconds + STOP_MARGIN_SECONDS,
+    )
+    # Beat keeps its schedule file in the data directory, with or without a Redis URL.
+    Path(settings.redis.data_dir).mkdir(parents=True, exist_ok=True)
+    data_dir = embedded_data_dir(settings)
+    started = False
+    try:
+        if data_dir is not None:
+            started = embedded.start_embedded_redis(data_dir)
+            env["RELIABLE_REDIS__URL"] = embedded.embedded_url(data_dir)
+            supervisor.say(
+                f"embedded redis (AOF, appendfsync always) at "
+                f"{env['RELIABLE_REDIS__URL']}"
+                f"{'' if started else ' (already running: left running at exit)'}"
+            )
+        return supervisor.run()
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over: nothing started
+        return EXIT_INTERRUPTED
+    finally:
+        if started:
+            assert data_dir is not None
+            embedded.stop_embedded_redis(data_dir)
+            supervisor.say("embedded redis stopped")
 
-    def stop(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    code = 0
-    for child in children:
-        code = code or (child.wait() or 0)
-    return code
-
-
-def tail_ledger(count: int) -> int:
-    from worker.app import runtime
-
-    for row in reversed(runtime.ledger.tail(count)):
-        print(f"{row['id']}  {row.get('outcome', ''):<18} {row.get('task', ''):<22} "
-              f"{row.get('task_id', '')}  attempt={row.get('attempt', '')} "
-              f"{row.get('detail', '')}")
+def tail_ledger(service: Any, count: int) -> int:
+    for row in reversed(service.runtime.ledger.tail(count)):
+        at = row.get("at") or int(str(row["id"]).split("-")[0]) / 1000
+        print(
+            f"{iso(at)}  {row.get('outcome', ''):<18} {row.get('task', ''):<22} "
+            f"{row.get('task_id', '')}  attempt={row.get('attempt', '')}  "
+            f"{row.get('detail', '')}".rstrip()
+        )
     return 0
 
 
-def breakers(action: str, name: str | None, mode: str | None) -> int:
-    from reliability.breaker import BreakerMode
-    from worker.app import runtime
+def _breaker_line(snap: dict[str, Any]) -> str:
+    state = "open" if snap["mode"] == "forced_open" else snap["state"]
+    return (
+        f"{snap['name']:<16} {state:<10} mode={snap['mode']:<12} "
+        f"open_until={iso(snap['open_until'])}"
+    )
 
+
+def breakers(service: Any, action: str, name: str | None, mode: str | None) -> int:
+    from reliability.breaker import BreakerMode
+
+    registry = service.runtime.breakers
     if action == "list":
-        for breaker in runtime.breakers:
-            snap = breaker.snapshot()
-            state = "open" if snap["mode"] == "forced_open" else snap["state"]
-            print(f"{snap['name']:<16} {state:<10} mode={snap['mode']:<12} "
-                  f"open_until={snap['open_until'] or '-'}")
+        for breaker in registry:
+            print(_breaker_line(breaker.snapshot()))
         return 0
-    if not name:
-        print("a breaker name is required", file=sys.stderr)
-        return 2
-    breaker = runtime.breakers.get(name)
+    assert name is not None  # main() checked the arguments
+    if name not in registry.configs:
+        raise CommandError(
+            f"no circuit breaker named {name!r} (known: {', '.join(sorted(registry.configs))})"
+        )
+    breaker = registry.get(name)
     if action == "reset":
         breaker.reset()
     else:
-        breaker.set_mode(BreakerMode(mode or "normal"))
-    print(breaker.snapshot())
+        breaker.set_mode(BreakerMode(mode))
+    print(_breaker_line(breaker.snapshot()))
     return 0
 
 
-def limits(action: str, name: str | None, scope: str, values: dict[str, float | None]) -> int:
-    from reliability.ratelimit import RateLimiter
-    from worker.app import runtime
+def _num(value: float) -> str:
+    """A number as an operator writes it: 20, 0.5, 1000000 (never 1e+06)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6f}".rstrip("0")
 
-    if action == "list":
-        for limit in runtime.rate_limits.values():
-            print(f"{limit.name:<24} {limit.kind:<12} per={limit.per:<8} params={limit.params}")
-        return 0
-    if not name:
-        print("a rate limit name is required", file=sys.stderr)
-        return 2
-    limiter = RateLimiter(runtime.store, runtime.rate_limit(name), scope=scope)
-    if action == "reset":
-        limiter.reset()
+
+def _values(limit: RateLimit) -> str:
+    if limit.kind == "gcra":
+        values = f"rate={_num(limit.rate)}/s burst={limit.burst}"
+    elif limit.kind == "concurrency":
+        values = f"limit={limit.limit} lease={_num(limit.lease_seconds)}s"
     else:
-        limiter.set_rate(values.get("rate"), values.get("burst"),  # type: ignore[arg-type]
-                         max_requests=values.get("max_requests"),  # type: ignore[arg-type]
-                         window_seconds=values.get("window_seconds"),
-                         limit=values.get("limit"))  # type: ignore[arg-type]
-    print(f"{name}[{scope}]: available {limiter.available_tokens:.2f}")
+        values = f"max_requests={limit.max_requests} window={_num(limit.window_seconds)}s"
+    return values + (f" cost={limit.cost}" if limit.cost != 1 else "")
+
+
+def describe(limit: RateLimit) -> str:
+    """A limit's values, labelled: ``gcra  rate=20/s burst=30  per=global``."""
+    return f"{limit.kind:<12} {_values(limit):<32} per={limit.per}"
+
+
+def _limit_line(limiter: RateLimiter) -> str:
+    """The limit as the fleet applies it now, and its settings when changed at runtime."""
+    current = limiter.current()
+    line = f"{limiter.limit.name:<24} {describe(current)}"
+    if current != limiter.limit:
+        line += f"  (set at runtime; settings: {_values(limiter.limit)})"
+    return line
+
+
+def _configured(service: Any, name: str) -> RateLimit:
+    limits = service.runtime.rate_limits
+    if name not in limits:
+        raise CommandError(f"no rate limit named {name!r} (known: {', '.join(sorted(limits))})")
+    return limits[name]
+
+
+def limits(
+    service: Any, action: str, name: str | None, scope: str | None, values: dict[str, Any]
+) -> int:
+    store = service.runtime.store
+    if action == "list":
+        for limit in service.runtime.rate_limits.values():
+            print(_limit_line(RateLimiter(store, limit)))
+        return 0
+    assert name is not None  # main() checked the arguments
+    limit = _configured(service, name)
+    if action == "set":
+        allowed = SETTABLE[limit.kind]
+        wrong = sorted(set(values) - set(allowed))
+        if wrong or not values:
+            options = " and/or ".join(f"--{o.replace('_', '-')}" for o in allowed)
+            raise CommandError(f"rate limit {name} is {limit.kind}: set {options}")
+        limiter = RateLimiter(store, limit)
+        # Validated as the limit would be (a non-positive rate, a burst below the cost).
+        wanted = dataclasses.replace(limiter.current(), **values)
+        given = set(values)
+
+        def pick(name: str) -> Any:
+            return getattr(wanted, name) if name in given else None
+
+        limiter.set_rate(
+            pick("rate"),
+            pick("burst"),
+            max_requests=pick("max_requests"),
+            window_seconds=pick("window_seconds"),
+            limit=pick("limit"),
+        )
+        print(_limit_line(limiter))
+        return 0
+    if limit.per == "global" and scope not in (None, "-"):
+        raise CommandError(f"rate limit {name} is global: it takes no --scope")
+    if limit.per != "global" and scope is None:
+        raise CommandError(
+            f"rate limit {name} is per {limit.per}: name the value to reset "
+            f"with --scope (e.g. a tenant id; '-' for calls without one)"
+        )
+    limiter = RateLimiter(store, limit, scope=scope or "-")
+    limiter.reset()
+    where = "" if limit.per == "global" else f" scope={scope}"
+    print(
+        f"{name}{where}: usage reset, runtime overrides cleared; "
+        f"{_num(limiter.available_tokens)} available now"
+    )
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reliable", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="worker + beat (+ embedded redis and sandbox)")
+    p_run = sub.add_parser("run", help="worker + beat (+ embedded redis and sandbox), supervised")
     p_run.add_argument("-c", "--concurrency", type=int)
     p_run.add_argument("--no-beat", action="store_true")
     p_run.add_argument("--no-sandbox", action="store_true")
-    sub.add_parser("dlq", help="the dead-letter queue CLI (see reliable dlq --help)",
-                   add_help=False)
+    p_run.add_argument(
+        "--max-deaths",
+        type=int,
+        default=MAX_DEATHS,
+        help="give up when a child dies this often within --window (5)",
+    )
+    p_run.add_argument(
+        "--window",
+        type=float,
+        default=WINDOW_SECONDS,
+        metavar="SECONDS",
+        help="seconds in which --max-deaths deaths make it give up (60)",
+    )
+    sub.add_parser(
+        "dlq", help="the dead-letter queue CLI (see reliable dlq --help)", add_help=False
+    )
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=int, default=50)
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
-    p_cb.add_argument("mode", nargs="?", choices=["normal", "forced_open", "disabled", "shadow"])
+    p_cb.add_argument("mode", nargs="?", choices=BREAKER_MODES)
     p_rl = sub.add_parser("limits", help="list rate limits, change one at runtime, reset one")
     p_rl.add_argument("action", choices=["list", "set", "reset"])
     p_rl.add_argument("name", nargs="?")
-    p_rl.add_argument("--scope", default="-", help="tenant/user/... value, '-' for global")
-    for option in ("rate", "burst", "max-requests", "window-seconds", "limit"):
-        p_rl.add_argument(f"--{option}", type=float)
+    p_rl.add_argument("--scope", help="the tenant/user/... value of a scoped limit to reset")
+    for option, kind in (
+        ("rate", float),
+        ("burst", int),
+        ("max-requests", int),
+        ("window-seconds", float),
+        ("limit", int),
+    ):
+        p_rl.add_argument(f"--{option}", type=kind)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """Argument combinations argparse cannot express: a one-line usage error (exit 2)."""
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "breakers":
+        if args.action != "list" and not args.name:
+            parser.error(f"breakers {args.action} needs a breaker name")
+        if args.action == "mode" and not args.mode:
+            parser.error(f"breakers mode needs a mode: {', '.join(BREAKER_MODES)}")
+        if args.action != "mode" and args.mode:
+            parser.error(f"unrecognized arguments: {args.mode}")
+    if args.command == "limits":
+        if args.action != "list" and not args.name:
+            parser.error(f"limits {args.action} needs a rate limit name")
+        if args.action == "list" and args.name:
+            parser.error(f"unrecognized arguments: {args.name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "run":
-        return run(args.concurrency, not args.no_beat, not args.no_sandbox)
     if args.command == "dlq":
         from worker.dlq_cli import main as dlq_main
 
         return dlq_main(rest)
+    _check(parser, args, rest)
+    if args.command == "run":
+        if args.max_deaths < 1 or args.window <= 0:
+            parser.error("--max-deaths and --window must be positive")
+        return run(
+            args.concurrency,
+            not args.no_beat,
+            not args.no_sandbox,
+            max_deaths=args.max_deaths,
+            window_seconds=args.window,
+        )
     if args.command == "ledger":
-        return tail_ledger(args.count)
+        return operate(PROG, lambda service: tail_ledger(service, args.count))
     if args.command == "breakers":
-        return breakers(args.action, args.name, args.mode)
+        return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
     if args.command == "limits":
-        values = {"rate": args.rate, "burst": args.burst and int(args.burst),
-                  "max_requests": args.max_requests and int(args.max_requests),
-                  "window_seconds": args.window_seconds,
-                  "limit": args.limit and int(args.limit)}
-        return limits(args.action, args.name, args.scope, values)
-    return 2
+        values = {
+            k: v
+            for k in ("rate", "burst", "max_requests", "window_seconds", "limit")
+            if (v := getattr(args, k)) is not None
+        }
+        return operate(
+            PROG, lambda service: limits(service, args.action, args.name, args.scope, values)
+        )
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

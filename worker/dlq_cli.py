@@ -2,25 +2,32 @@
 
 Retry re-enqueues with the same idempotency key and correlation id; an entry is removed
 only after its re-enqueue succeeded, and the number of redrives per entry is capped.
-Purge asks for confirmation unless ``--yes`` is given.
+Purge asks for confirmation unless ``--yes`` is given. Times are ISO-8601 UTC; errors
+are one line on stderr (:mod:`worker.console`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import Any
 
-from reliability.dlq import DeadLetter, Filter, RedriveRefused
+from reliability.dlq import DeadLetter, FailureClass, Filter
+from worker.console import CommandError, OneLineParser, iso, operate
+
+PROG = "reliable dlq"
+TIME_FIELDS = ("first_failure_at", "last_failure_at")
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _shown(entry: DeadLetter) -> dict[str, Any]:
+    """An entry as printed (``show``, ``list --json``): its times in ISO-8601 UTC."""
+    data = asdict(entry)
+    for name in TIME_FIELDS:
+        data[name] = iso(data[name])
+    return data
 
 
 def _filter(args: argparse.Namespace) -> Filter:
@@ -33,21 +40,20 @@ def _publisher(app: Any) -> Any:
         options: dict[str, Any] = {}
         if entry.routing.get("routing_key"):
             options["routing_key"] = entry.routing["routing_key"]
-        result = app.send_task(entry.task_name, args=entry.args, kwargs=entry.kwargs,
-                               headers=headers, **options)
+        result = app.send_task(
+            entry.task_name, args=entry.args, kwargs=entry.kwargs, headers=headers, **options
+        )
         return str(result.id)
 
     return publish
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reliable dlq", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def filtered(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--class", dest="failure_class",
-                       help="transient, permanent, expired, poison, conflict, "
-                            "retry_budget_exhausted")
+        p.add_argument("--class", dest="failure_class", choices=[c.value for c in FailureClass])
         p.add_argument("--task", help="task name, e.g. payments.charge")
         p.add_argument("--since-minutes", type=float)
         return p
@@ -64,57 +70,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_purge = filtered(sub.add_parser("purge", help="delete matching entries"))
     p_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("count", help="how many entries")
-    args = parser.parse_args(argv)
+    return parser
 
-    from worker.app import app, runtime
 
-    dlq = runtime.dlq
+def command(service: Any, args: argparse.Namespace) -> int:
+    """Run one parsed ``reliable dlq`` command against the service's DLQ."""
+    dlq = service.runtime.dlq
     if args.command == "count":
         print(dlq.count())
         return 0
     if args.command == "list":
         entries = dlq.list(_filter(args), offset=args.offset, limit=args.limit)
         if args.json:
-            print(json.dumps([asdict(e) for e in entries], indent=2, default=str))
+            print(json.dumps([_shown(e) for e in entries], indent=2, default=str))
             return 0
         for e in entries:
-            print(f"{e.id}  {_when(e.last_failure_at)}  {e.failure_class:<22} {e.task_name:<20} "
-                  f"attempts={e.attempts} redrives={e.redrive_count}  {e.reason[:80]}")
+            print(
+                f"{e.id}  {iso(e.last_failure_at)}  {e.failure_class:<22} {e.task_name:<20} "
+                f"attempts={e.attempts} redrives={e.redrive_count}  {e.reason[:80]}"
+            )
         print(f"-- {len(entries)} shown of {dlq.count()} total")
         return 0
     if args.command == "show":
         entry = dlq.get(args.id)
         if entry is None:
-            print(f"no DLQ entry {args.id}", file=sys.stderr)
-            return 1
-        print(json.dumps(asdict(entry), indent=2, default=str))
+            raise CommandError(f"no DLQ entry {args.id}")
+        print(json.dumps(_shown(entry), indent=2, default=str))
         return 0
     if args.command == "retry":
-        publish = _publisher(app)
+        publish = _publisher(service.app)
         if args.all:
             done, refused = dlq.redrive_matching(_filter(args), publish)
             print(f"re-enqueued {len(done)}; refused {len(refused)} (redrive cap)")
-            return 0 if not refused else 1
-        if not args.id:
-            parser.error("retry needs an entry id or --all")
-        try:
-            task_id = dlq.redrive(args.id, publish)
-        except RedriveRefused as exc:
-            print(str(exc), file=sys.stderr)
-            return 1
+            if refused:
+                raise CommandError(
+                    f"{len(refused)} entries reached the redrive cap "
+                    f"({dlq.max_redrives}) and stay in the DLQ"
+                )
+            return 0
+        task_id = dlq.redrive(args.id, publish)  # RedriveRefused: one line, exit 1
         print(f"re-enqueued as task {task_id}")
         return 0
-    if args.command == "purge":
-        where = _filter(args)
-        matching = sum(1 for _ in dlq.iter(where))
-        if not args.yes:
+    where = _filter(args)  # purge
+    matching = sum(1 for _ in dlq.iter(where))
+    if not args.yes:
+        try:
             answer = input(f"delete {matching} DLQ entries? type 'yes' to confirm: ")
-            if answer.strip().lower() != "yes":
-                print("nothing deleted")
-                return 1
-        print(f"deleted {dlq.purge(where)}")
-        return 0
-    return 2
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() != "yes":
+            print("nothing deleted")  # the operator's answer, not an error: exit 1, no line
+            return 1
+    print(f"deleted {dlq.purge(where)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "retry" and bool(args.id) == bool(args.all):
+        parser.error("retry needs an entry id or --all (not both)")
+    return operate(PROG, lambda service: command(service, args))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
 from reliability.transport import TRANSPORT_PATH, sweep_orphans
+from worker import embedded, preflight
+from worker.celeryconfig import embedded_data_dir
 
 log = structlog.get_logger("worker")
 
@@ -46,10 +48,19 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         configure_logging(settings.log.level, settings.log.json_output, runtime.masker)
 
     def on_worker_init(**_: Any) -> None:
+        # Main process, before consuming: refuse names the settings do not define, then
+        # start the embedded Redis if none is configured (stopped at exit if started here).
+        preflight.refuse_broken_configuration(app.tasks, runtime)
+        own_embedded_redis()
         run_security_checks(settings, production=settings.environment is Environment.PRODUCTION)
         log.info("worker_configured", environment=str(settings.environment),
                  queue=settings.broker.queue, key_prefix=settings.redis.key_prefix,
                  broker=runtime.masker.text(str(app.conf.broker_url)))
+
+    def own_embedded_redis(**_: Any) -> None:
+        data_dir = embedded_data_dir(settings)
+        if data_dir is not None:
+            embedded.own_for_process(data_dir)
 
     def on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
         propagate_context(headers)
@@ -81,6 +92,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
 
     signals.setup_logging.connect(setup_logging, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.beat_init.connect(own_embedded_redis, weak=False)
     signals.before_task_publish.connect(on_publish, weak=False)
     signals.task_postrun.connect(lambda **_: clear_task_context(), weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
