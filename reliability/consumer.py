@@ -138,6 +138,12 @@ def dead_letter_raw(item: bytes, queue: str, poison: Poison) -> bool:
     return _write(entry)
 
 
+def _running_tags() -> set[str]:
+    from celery.worker.state import active_requests
+
+    return {str(r.message.delivery_tag) for r in tuple(active_requests) if not r.acknowledged}
+
+
 # Delivery tags of messages this process holds unacked but will never ack (the broker
 # connection they came on is gone); restored to the queue after reconnecting.
 _orphaned_tags: list[str] = []
@@ -163,6 +169,9 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # Raw items the transport finds unreadable reach the DLQ through this process.
         transport.set_poison_sink(dead_letter_raw)
+        # Messages of tasks still running are not restored after a reconnect (a second copy
+        # would run beside them); they are acked through the new connection when they end.
+        transport.set_running_tags(_running_tags)
 
     def create_task_handler(self, promise: Any = promise) -> Any:
         """Celery's handler, behind two checks: a size limit on the body before anything

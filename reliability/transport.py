@@ -53,8 +53,27 @@ ALIVE_TTL_MS = 30_000
 REGISTRY = "_reliable.processing"
 # Messages carrying this header are published to the front of their queue (see _put).
 FRONT_OF_QUEUE_HEADER = "rel_defer"
-# Delivery tags whose unacked record may exist without anyone holding the message.
+# Delivery tags whose unacked record may exist without anyone holding the message:
+# restored by tag through the next channel (unless the task is still running here).
 _UNCERTAIN_TAGS: list[str] = []
+# Delivery tags acked (or rejected for good) while their channel's connection was gone:
+# their unacked records are removed through the next channel.
+_LATE_ACKS: list[str] = []
+
+
+def _nothing_running() -> set[str]:
+    return set()
+
+
+# Delivery tags of tasks still running in this process (the worker's consumer knows):
+# their messages are not restored after a reconnect, they are acked when they end.
+_running_tags: Callable[[], set[str]] = _nothing_running
+
+
+def set_running_tags(fn: Callable[[], set[str]]) -> None:
+    """Install what tells the transport which delivery tags are still being worked on."""
+    global _running_tags
+    _running_tags = fn
 
 # Writes a poison item to the DLQ: (raw item, queue, what is wrong) -> True once written.
 # Installed by the worker's consumer, which knows the state store.
@@ -98,6 +117,35 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         virtual.QoS.append(self, message, delivery_tag)
         return None
 
+    def _connection_gone(self) -> bool:
+        channel = self.channel
+        return bool(channel.closed or channel.connection is None
+                    or channel.connection.client is None)
+
+    def ack(self, delivery_tag: Any) -> None:
+        """Ack; if this channel's connection is gone (a Redis restart while the task ran),
+        the unacked record is removed through the next channel instead of failing."""
+        if not self._connection_gone():
+            try:
+                super().ack(delivery_tag)
+                return
+            except (AttributeError, *self.channel.connection_errors) as exc:
+                log.warning("ack_deferred_until_reconnect", delivery_tag=str(delivery_tag),
+                            error=str(exc))
+        _LATE_ACKS.append(str(delivery_tag))
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if not self._connection_gone():
+            try:
+                super().reject(delivery_tag, requeue=requeue)
+                return
+            except (AttributeError, *self.channel.connection_errors) as exc:
+                log.warning("reject_deferred_until_reconnect", delivery_tag=str(delivery_tag),
+                            error=str(exc))
+        (_UNCERTAIN_TAGS if requeue else _LATE_ACKS).append(str(delivery_tag))
+        virtual.QoS.ack(self, delivery_tag)
+
     def restore_unacked(self, client: Any = None) -> None:
         """Restore delivered messages when the channel closes; if Redis is gone (a restart),
         hand their tags to the next channel instead of failing the close (kombu then
@@ -139,6 +187,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         if timeout is None:
             timeout = self.brpop_timeout
+        self._settle_orphans()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
@@ -167,9 +216,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             with self.conn_or_acquire() as client:
                 if processing not in recovered:
                     moved = _move_back(client, self._full(processing), self._full(key))
-                    while _UNCERTAIN_TAGS:
-                        self.qos.restore_by_tag(_UNCERTAIN_TAGS.pop(), client=client)
-                        moved += 1
                     if moved:
                         kombu_redis.logger.warning(
                             "Restored %d popped but unheld message(s) to %s", moved, key)
@@ -178,6 +224,28 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 client.execute_command("HSET", REGISTRY, self._full(processing), self._full(key))
                 client.execute_command("SET", processing + ":alive", "1", "PX", ALIVE_TTL_MS)
             self._reliable_alive_at = now
+
+    def _settle_orphans(self) -> None:
+        """Finish what a lost connection left: late acks first, then restore messages
+        whose records may exist with nobody holding them (not the ones still running)."""
+        if not _LATE_ACKS and not _UNCERTAIN_TAGS:
+            return
+        with self.conn_or_acquire() as client:
+            acked = 0
+            while _LATE_ACKS:
+                tag = _LATE_ACKS.pop()
+                self.qos._remove_from_indices(tag, client.pipeline()).execute()
+                acked += 1
+            running = _running_tags()
+            keep = [tag for tag in _UNCERTAIN_TAGS if tag in running]
+            restored = 0
+            for tag in _UNCERTAIN_TAGS:
+                if tag not in running:
+                    self.qos.restore_by_tag(tag, client=client)
+                    restored += 1
+            _UNCERTAIN_TAGS[:] = keep
+        log.warning("unacked_settled_after_reconnect", acked=acked, restored=restored,
+                    still_running=len(keep))
 
     def _brpop_read(self, **options: Any) -> bool:
         moving = self._reliable_moving

@@ -10,7 +10,10 @@ standalone worker or beat at init: :mod:`worker.signals`).
 
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 
 from config import Settings, load_settings
 from reliability.runtime import Runtime, set_runtime
@@ -39,6 +42,10 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     return app, runtime
 
 
+# We keep running tasks alive on a broker blip on purpose (see celeryconfig): Celery's
+# nudge towards killing them is noise here.
+warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                        message=r"\s*In Celery 5.1 we introduced")
 settings = load_settings()
 app, runtime = build(settings)
 

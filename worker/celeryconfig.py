@@ -119,9 +119,13 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
+        # Never give up reconnecting: a worker that exits on a long Redis outage crash-loops.
+        "broker_connection_max_retries": None,
         "worker_soft_shutdown_timeout": w.soft_shutdown_timeout_seconds,
         "worker_enable_soft_shutdown_on_idle": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker blip must not kill running bodies (they would run again): they finish,
+        # and their acks go through the new connection (reliability/transport.py).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_soft_time_limit": w.default_soft_time_limit_seconds,
         "task_time_limit": w.default_time_limit_seconds,
         "task_default_queue": broker.queue,
