@@ -12,6 +12,7 @@ requeued instead, so nothing is acked unwritten.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 from typing import Any
 
@@ -22,7 +23,9 @@ from reliability import metrics
 from reliability.delivery import PRODUCER_HEADERS
 from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import BackendUnavailable
+from reliability.reprs import sensitive_of
 from reliability.runtime import get_runtime
+from reliability.security import changed_arguments
 
 log = structlog.get_logger("reliability.consumer")
 
@@ -41,8 +44,10 @@ def _decoded_json(message: Any) -> Any:
         return None
 
 
-def envelope_for(message: Any, reason: str, error: BaseException | None) -> DeadLetter:
-    """A DLQ envelope for a message that never reached a task."""
+def envelope_for(message: Any, reason: str, error: BaseException | None,
+                 task: Any = None) -> DeadLetter:
+    """A DLQ envelope for a message that never reached a task (``task``: the registered
+    task of that name, if any, whose sensitive arguments are masked whole)."""
     rt = get_runtime()
     headers = dict(message.headers or {})
     body = _decoded_json(message)
@@ -56,13 +61,15 @@ def envelope_for(message: Any, reason: str, error: BaseException | None) -> Dead
         raw = base64.b64encode(rt.masker.raw(data[:MAX_RAW_BODY_BYTES])).decode()
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
     info = message.delivery_info or {}
+    masked_args, masked_kwargs = rt.masker.call(args, kwargs, sensitive_of(task))
+    parameters = list(inspect.signature(task.run).parameters) if task is not None else []
     return DeadLetter(
         task_name=str(headers.get("task") or "<unknown>"),
         task_id=str(headers.get("id") or ""),
         failure_class=str(FailureClass.POISON),
         reason=rt.masker.text(reason),
-        args=rt.masker.data(args),
-        kwargs=rt.masker.data(kwargs),
+        args=masked_args,
+        kwargs=masked_kwargs,
         correlation_id=producer.get("correlation_id"),
         tenant_id=producer.get("tenant_id"),
         exception_type=type(error).__name__ if error else None,
@@ -70,13 +77,15 @@ def envelope_for(message: Any, reason: str, error: BaseException | None) -> Dead
         headers=rt.masker.data(producer),
         routing={"exchange": info.get("exchange"), "routing_key": info.get("routing_key")},
         raw_body=raw,
+        masked_args=changed_arguments(parameters, args, kwargs, masked_args, masked_kwargs),
     )
 
 
-def dead_letter_message(message: Any, reason: str, error: BaseException | None) -> bool:
+def dead_letter_message(message: Any, reason: str, error: BaseException | None,
+                        task: Any = None) -> bool:
     """Write the DLQ entry; False (and the message requeued) if the store is away."""
     rt = get_runtime()
-    entry = envelope_for(message, reason, error)
+    entry = envelope_for(message, reason, error, task)
     try:
         rt.wait_for_store("dead_letter", lambda: rt.dlq.add(entry, rt.ledger),
                           seconds=CONSUMER_STORE_WAIT_SECONDS)
@@ -138,14 +147,18 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
         if dead_letter_message(message, f"unknown task {name!r}: not registered", exc):
             super().on_unknown_task(body, message, exc)
 
+    def _task_of(self, message: Any) -> Any:
+        name = (message.headers or {}).get("task")
+        return self.app.tasks.get(name) if isinstance(name, str) else None
+
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc):
+        if dead_letter_message(message, reason, exc, self._task_of(message)):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc):
+        if dead_letter_message(message, reason, exc, self._task_of(message)):
             super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:

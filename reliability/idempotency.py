@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from reliability import scripts
 from reliability.admission import Fragment
 from reliability.errors import IdempotencyConflict, ReliabilityError
+from reliability.security import key_token
 from reliability.store import Store
 
 R = TypeVar("R")
@@ -69,13 +70,20 @@ def derive_key(
 ) -> str:
     """The idempotency key: the producer's header, else declared arguments, else a hash.
 
-    Keys are namespaced by task name, so two tasks never share one by accident. ``fp``
-    is the arguments' fingerprint when the caller has it already.
+    Keys are namespaced by task name, so two tasks never share one by accident, and are
+    deterministic: the same arguments always give the same key. A key is part of a Redis
+    key name (and logged, and sent downstream as ``Idempotency-Key``), so it never
+    embeds argument values: ``name:args:<sha256>`` hashes the declared arguments (each
+    as text, so ``1`` and ``"1"`` key alike, as a producer's id may arrive either way),
+    ``name:sha256:<fp>`` all of them. A producer's header stays readable when short and
+    of a safe charset (``name:order-42``), else ``name:sha256=<hex>``. ``fp`` is the
+    arguments' fingerprint when the caller has it already.
     """
     if header:
-        return f"{name}:{header}"
+        return f"{name}:{key_token(header)}"
     if key_args:
-        return name + ":" + ",".join(f"{a}={arguments.get(a)}" for a in key_args)
+        text = ",".join(f"{a}={arguments.get(a)}" for a in key_args)
+        return f"{name}:args:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
     return f"{name}:sha256:{fp or fingerprint(arguments)}"
 
 

@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 
 from reliability.dlq import DeadLetterQueue
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
@@ -271,7 +272,8 @@ def test_sigkill_of_pool_children_during_a_run_loses_nothing_and_charges_each_pa
     assert killer.kills > 0 and sum(requeued.values()) > 0
     assert overlapping_calls(calls) == 0
     # A provider honouring Idempotency-Key sees exactly one effect per succeeded payment.
-    key_of = {tid: f"payments.charge:payment_id=chaos-{i}" for i, tid in enumerate(task_ids)}
+    key_of = {tid: derive_key("payments.charge", {"payment_id": f"chaos-{i}"},
+                              key_args=("payment_id",)) for i, tid in enumerate(task_ids)}
     assert {key_of[tid] for tid in succeeded} <= set(effects) <= set(key_of.values())
     # Raw repeats of a key happen only when a kill landed between the provider's effect and
     # the completion record (DESIGN §5): one per requeue at most, each with a newer fence.

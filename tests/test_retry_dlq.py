@@ -20,6 +20,7 @@ import pytest
 from celery import Celery
 
 from reliability.dlq import DeadLetter, DeadLetterQueue
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
@@ -138,7 +139,8 @@ def test_a_payment_id_charged_again_with_another_amount_is_dead_lettered_as_conf
     assert outcomes(shared_store, second.id) == ["dead_lettered"]
     [entry] = dead_letters(shared_store, second.id)
     assert entry.failure_class == "conflict"
-    assert entry.idempotency_key == f"payments.charge:payment_id={payment_id}"
+    assert entry.idempotency_key == derive_key("payments.charge", {"payment_id": payment_id},
+                                               key_args=("payment_id",))
     assert entry.kwargs["amount"] == 200
 
 

@@ -21,7 +21,7 @@ from reliability.maintenance import Maintenance
 from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
-from reliability.security import run_security_checks
+from reliability.security import clear_delivery_values, run_security_checks
 from reliability.transport import sweep_orphans
 
 log = structlog.get_logger("worker")
@@ -84,5 +84,6 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.before_task_publish.connect(on_publish, weak=False)
     signals.task_postrun.connect(lambda **_: clear_task_context(), weak=False)
+    signals.task_postrun.connect(lambda **_: clear_delivery_values(), weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
