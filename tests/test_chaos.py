@@ -55,7 +55,7 @@ def overlapping_calls(calls: list[dict[str, Any]]) -> int:
 
 def lease(store: Store, task_name: str, key: str) -> dict[str, str]:
     """The idempotency hash of ``key`` (state, owner, fence, until, ...)."""
-    idem = store.keys.idem(task_name, f"{task_name}:key={key}")
+    idem = store.keys.idem(task_name, derive_key(task_name, {"key": key}, key_args=("key",)))
     return store.call("read lease", lambda c: c.hgetall(idem))
 
 

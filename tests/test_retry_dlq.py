@@ -104,7 +104,7 @@ def test_a_task_out_of_attempts_is_dead_lettered_as_transient_with_its_envelope(
     assert entry.attempts == FAST_RETRY.max_attempts
     assert entry.exception_type == "TransientError"
     assert entry.correlation_id == correlation_id
-    assert entry.idempotency_key == f"test.call:key={key}"
+    assert entry.idempotency_key == derive_key("test.call", {"key": key}, key_args=("key",))
     assert entry.args == [key] and entry.task_name == "test.call"
 
 
