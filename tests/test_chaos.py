@@ -111,8 +111,8 @@ def test_a_pool_child_killed_mid_task_has_its_task_completed_long_before_the_lea
     assert outcomes(store, result.id) == ["requeued", "succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (f"{SLOW_CALL}:key=child", 2, "effect")]
-    assert value["idempotency_key"] == f"{SLOW_CALL}:key=child"
+        (derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",)), 2, "effect")]
+    assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",))
     assert lease(store, SLOW_CALL, "child")["state"] == "done"
     assert "task_child_lost_requeued" in log and '"lease_released": true' in log
 
@@ -154,8 +154,8 @@ def test_a_worker_killed_mid_task_is_revived_by_the_reaper_once_the_lease_lapses
     assert outcomes(store, result.id) == ["succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (f"{SLOW_CALL}:key=host", 2, "effect")]
-    assert value["idempotency_key"] == f"{SLOW_CALL}:key=host"
+        (derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",)), 2, "effect")]
+    assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",))
     assert '"event": "lease_lapsed"' in log and '"message_restored": true' in log
 
 
@@ -166,7 +166,7 @@ def test_a_holder_paused_past_its_lease_cannot_commit_after_its_successor(
 ) -> None:
     sandbox.set_faults(latency_seconds=0.02)
     producer = environment.producer()
-    key = f"{SLOW_CALL}:key=paused"
+    key = derive_key(SLOW_CALL, {"key": "paused"}, key_args=("key",))
     with WorkerProcess(environment, concurrency=2,
                        RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="3") as worker:
         result = producer.send_task(SLOW_CALL, kwargs={"key": "paused", "before": 2.0})
