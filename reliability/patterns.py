@@ -24,6 +24,7 @@ literal is absent are skipped after one ``in`` check.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -82,25 +83,41 @@ def luhn_valid(digits: str) -> bool:
     return (odd + even) % 10 == 0
 
 
-def _card_end(groups: list[str], start: int) -> int:
+@functools.lru_cache(maxsize=4096)
+def _luhn_parts(group: str) -> tuple[int, int]:
+    """A group's share of a Luhn sum: (its first digit doubled, its first digit plain).
+
+    Cached: a card's groups are short, so a run of groups costs a lookup per group.
+    """
+    evens, odds = group[0::2], group[1::2]
+    first_doubled = sum(map(int, evens.translate(_LUHN_DOUBLE))) + sum(map(int, odds))
+    first_plain = sum(map(int, evens)) + sum(map(int, odds.translate(_LUHN_DOUBLE)))
+    return first_doubled, first_plain
+
+
+def _card_end(groups: list[str], lengths: list[int], start: int) -> int:
     """The last group of the longest card number starting at ``groups[start]``, or -1.
 
     A card starts with a group of at least four digits (or is one contiguous group of
     13-19) and its further groups have at least three digits (4-4-4-4, 4-6-5, 4-4-4-4-3).
+    The Luhn sum is kept for both parities while the window grows (digits at even
+    offsets doubled, or odd ones), so each window costs one step, not a recount.
     """
-    first = groups[start]
-    if len(first) < 4 or first[0] not in _CARD_FIRST_DIGITS:
+    if lengths[start] < 4 or groups[start][0] not in _CARD_FIRST_DIGITS:
         return -1
-    best, total, digits = -1, 0, ""
+    best, total, even, odd = -1, 0, 0, 0
     for end in range(start, len(groups)):
-        group = groups[end]
-        if end > start and len(group) < 3:
+        length = lengths[end]
+        if (end > start and length < 3) or total + length > CARD_MAX_DIGITS:
             break
-        total += len(group)
-        if total > CARD_MAX_DIGITS:
-            break
-        digits += group
-        if total >= CARD_MIN_DIGITS and luhn_valid(digits):
+        first_doubled, first_plain = _luhn_parts(groups[end])
+        if total % 2 == 0:
+            even, odd = even + first_doubled, odd + first_plain
+        else:
+            even, odd = even + first_plain, odd + first_doubled
+        total += length
+        # The rightmost digit is never doubled: with an even total, even offsets are.
+        if total >= CARD_MIN_DIGITS and (even if total % 2 == 0 else odd) % 10 == 0:
             best = end
     return best
 
@@ -111,12 +128,13 @@ def _mask_card_run(match: re.Match[str]) -> str:
         return run
     pieces = _GROUPS.split(run)  # digits, separator, digits, ...
     groups = pieces[0::2]
+    lengths = list(map(len, groups))
     if len(groups) == 1:
-        return MASK if _card_end(groups, 0) == 0 else run
+        return MASK if _card_end(groups, lengths, 0) == 0 else run
     out: list[str] = []
     index, changed = 0, False
     while index < len(groups):
-        end = _card_end(groups, index)
+        end = _card_end(groups, lengths, index)
         if end < 0:
             out.append(groups[index])
             if index + 1 < len(groups):
