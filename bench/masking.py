@@ -28,7 +28,8 @@ MB = 1_000_000
 CONFIGURED = "sk_live_configured_0123456789abcdef"
 # The implementation this replaces (reliability/security.py before issue 6).
 OLD_URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I
+)
 
 
 def old_text(value: str) -> str:
@@ -39,18 +40,30 @@ def mixed_text(size: int, seed: int = 6) -> str:
     """Log-like text: words, ids, amounts, dates, URLs, a few secrets and card numbers."""
     rng = random.Random(seed)
     samples = [
-        "https://api.example.com/v1/charges?page=2", "https://hooks.example.com/in/abc",
-        "https://user:s3cretpw@hooks.example.com/in", "https://h/cb?api_key=ak_123456&x=1",
-        "order 12345", "amount=1999", "2024-05-01T10:00:00Z", "+44 20 7946 0958",
-        "4111 1111 1111 1111", "4111111111111112", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x",
-        CONFIGURED, "user@example.com", "retry in 3.5s",
+        "https://api.example.com/v1/charges?page=2",
+        "https://hooks.example.com/in/abc",
+        "https://user:s3cretpw@hooks.example.com/in",
+        "https://h/cb?api_key=ak_123456&x=1",
+        "order 12345",
+        "amount=1999",
+        "2024-05-01T10:00:00Z",
+        "+44 20 7946 0958",
+        "4111 1111 1111 1111",
+        "4111111111111112",
+        "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x",
+        CONFIGURED,
+        "user@example.com",
+        "retry in 3.5s",
     ]
     alphabet = string.ascii_letters + string.digits
     parts: list[str] = []
     total = 0
     while total < size:
-        word = (rng.choice(samples) if rng.random() < 0.2
-                else "".join(rng.choices(alphabet, k=rng.randint(1, 12))))
+        word = (
+            rng.choice(samples)
+            if rng.random() < 0.2
+            else "".join(rng.choices(alphabet, k=rng.randint(1, 12)))
+        )
         parts.append(word)
         total += len(word) + 1
     return " ".join(parts)[:size]
@@ -89,16 +102,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="old regex on 10-40 k only (80 k takes ~25 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="old regex on 10-40 k only (80 k takes ~25 s)"
+    )
     args = parser.parse_args()
     size = int(args.size_mb * MB)
     masker = Masker([CONFIGURED, "hunter2-password"])
 
     print(f"Masker.text on {args.size_mb:g} MB (best of {args.repeat}):")
     text = mixed_text(size)
-    print(f"  {'mixed text (URLs, digits, letters)':<36} "
-          f"{best_of(args.repeat, lambda: masker.text(text)):7.3f} s")
+    print(
+        f"  {'mixed text (URLs, digits, letters)':<36} "
+        f"{best_of(args.repeat, lambda: masker.text(text)):7.3f} s"
+    )
     for name, make in WORST_CASES.items():
         worst = make(size)
         print(f"  {name:<36} {best_of(args.repeat, lambda w=worst: masker.text(w)):7.3f} s")
@@ -116,8 +132,10 @@ def main() -> None:
         letters = "a" * n
         old = best_of(1, lambda s=letters: old_text(s))
         new = best_of(args.repeat, lambda s=letters: masker.text(s))
-        print(f"  {n // 1000:>3} k chars: old {old:8.3f} s   new {new:.5f} s   "
-              f"old/new {old / new:>10,.0f}x")
+        print(
+            f"  {n // 1000:>3} k chars: old {old:8.3f} s   new {new:.5f} s   "
+            f"old/new {old / new:>10,.0f}x"
+        )
 
 
 if __name__ == "__main__":

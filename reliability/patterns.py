@@ -46,7 +46,8 @@ _URL = re.compile(r"://([^\s/?#:\"'<>]{0,256}):([^\s/?#\"'<>]{1,4096})@")
 # in the regex itself, so ordinary parameters cost no Python call). Name parts bounded.
 _QUERY = re.compile(
     r"([?&])([A-Za-z0-9_.\-]{0,32}?(?i:pass|secret|token|api[_-]?key|authorization|credential"
-    r"|private[_-]?key|cvv|cvc)[A-Za-z0-9_.\-]{0,32})=[^&\s\"'<>#]++")
+    r"|private[_-]?key|cvv|cvc)[A-Za-z0-9_.\-]{0,32})=[^&\s\"'<>#]++"
+)
 # Bearer tokens: led by the literal "earer" (then checked for its B), at least 8
 # token characters so prose ("Bearer tokens expire") stays readable.
 _TOKEN_CHARS = r"[A-Za-z0-9\-._~+/]{8,}+=*+"
@@ -54,15 +55,22 @@ _BEARER = re.compile(r"earer(?<=[Bb]earer)(?<![A-Za-z0-9_][Bb]earer)([ \t]{1,8})
 _BEARER_UPPER = re.compile(r"EARER(?<=BEARER)(?<![A-Za-z0-9_]BEARER)([ \t]{1,8})" + _TOKEN_CHARS)
 # (literal that must be present, regex, replacement keeping the recognisable prefix)
 _PREFIXED_KEYS: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("k_", re.compile(r"(k_(?:live|test)_)(?<=[sr]k_live_|[sr]k_test_)"
-                      r"(?<![A-Za-z0-9][sr]k_live_)(?<![A-Za-z0-9][sr]k_test_)[A-Za-z0-9]{8,}+"),
-     r"\1" + MASK),
+    (
+        "k_",
+        re.compile(
+            r"(k_(?:live|test)_)(?<=[sr]k_live_|[sr]k_test_)"
+            r"(?<![A-Za-z0-9][sr]k_live_)(?<![A-Za-z0-9][sr]k_test_)[A-Za-z0-9]{8,}+"
+        ),
+        r"\1" + MASK,
+    ),
     ("whsec_", re.compile(r"(whsec_)(?<![A-Za-z0-9]whsec_)[A-Za-z0-9+/=]{16,}+"), r"\1" + MASK),
-    ("gh", re.compile(r"(gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)[A-Za-z0-9]{20,}+"),
-     r"\1" + MASK),
+    ("gh", re.compile(r"(gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)[A-Za-z0-9]{20,}+"), r"\1" + MASK),
     ("github_pat_", re.compile(r"(github_pat_)[A-Za-z0-9_]{20,}+"), r"\1" + MASK),
-    ("xox", re.compile(r"(xox[abposr]-)(?<![A-Za-z0-9]xox[abposr]-)[A-Za-z0-9\-]{10,}+"),
-     r"\1" + MASK),
+    (
+        "xox",
+        re.compile(r"(xox[abposr]-)(?<![A-Za-z0-9]xox[abposr]-)[A-Za-z0-9\-]{10,}+"),
+        r"\1" + MASK,
+    ),
 )
 # A run of digit groups separated by single spaces or dashes, at least 13 characters
 # long (possessive: each run is consumed once). Not after a digit or '.', so the
@@ -152,8 +160,9 @@ def _mask_card_run(match: re.Match[str]) -> str:
 _Step = tuple[str, Callable[[str], str]]
 
 
-def _sub(pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str]
-         ) -> Callable[[str], str]:
+def _sub(
+    pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str]
+) -> Callable[[str], str]:
     return lambda text: pattern.sub(replacement, text)
 
 

@@ -51,13 +51,18 @@ def sensitive_of(task: Any) -> SensitiveArgs:
     return found if isinstance(found, SensitiveArgs) else NO_SENSITIVE_ARGS
 
 
-def masked_reprs(task: Any, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
-                 max_chars: int = REPR_MAX_CHARS, masker: Masker | None = None
-                 ) -> tuple[str, str]:
+def masked_reprs(
+    task: Any,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    max_chars: int = REPR_MAX_CHARS,
+    masker: Masker | None = None,
+) -> tuple[str, str]:
     """``(argsrepr, kwargsrepr)`` of a call, masked, each at most ~``max_chars``."""
     masker = masker or current_masker()
     masked_args, masked_kwargs = masker.call(
-        args or (), kwargs or {}, sensitive_of(task), cap=max_chars + _CUT_MARGIN_CHARS)
+        args or (), kwargs or {}, sensitive_of(task), cap=max_chars + _CUT_MARGIN_CHARS
+    )
     shown_args: Any = tuple(masked_args) if isinstance(args, tuple) else masked_args
     return saferepr(shown_args, max_chars), saferepr(masked_kwargs, max_chars)
 
@@ -69,19 +74,31 @@ class ReliableAMQP(AMQP):  # type: ignore[misc]
     secrets masked in its text.
     """
 
-    def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None,
-                   *rest: Any, argsrepr: str | None = None, kwargsrepr: str | None = None,
-                   **options: Any) -> Any:
+    def as_task_v2(
+        self,
+        task_id: str,
+        name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        *rest: Any,
+        argsrepr: str | None = None,
+        kwargsrepr: str | None = None,
+        **options: Any,
+    ) -> Any:
         masker = current_masker()
         if argsrepr is None or kwargsrepr is None:
             task = self.app.tasks.get(name)
             shown_args, shown_kwargs = masked_reprs(
-                task, args if isinstance(args, list | tuple) else (),
+                task,
+                args if isinstance(args, list | tuple) else (),
                 kwargs if isinstance(kwargs, Mapping) else {},
-                self.argsrepr_maxsize, masker)
+                self.argsrepr_maxsize,
+                masker,
+            )
             argsrepr = shown_args if argsrepr is None else masker.text(argsrepr)
             kwargsrepr = shown_kwargs if kwargsrepr is None else masker.text(kwargsrepr)
         else:
             argsrepr, kwargsrepr = masker.text(argsrepr), masker.text(kwargsrepr)
-        return super().as_task_v2(task_id, name, args, kwargs, *rest, argsrepr=argsrepr,
-                                  kwargsrepr=kwargsrepr, **options)
+        return super().as_task_v2(
+            task_id, name, args, kwargs, *rest, argsrepr=argsrepr, kwargsrepr=kwargsrepr, **options
+        )

@@ -28,10 +28,18 @@ import structlog
 
 from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns
 
-__all__ = ["MASK", "SENSITIVE_KEY", "Masker", "SensitiveArgs", "changed_arguments",
-           "clear_delivery_values",
-           "key_token", "mask_secret", "run_security_checks",
-           "set_delivery_values"]
+__all__ = [
+    "MASK",
+    "SENSITIVE_KEY",
+    "Masker",
+    "SensitiveArgs",
+    "changed_arguments",
+    "clear_delivery_values",
+    "key_token",
+    "mask_secret",
+    "run_security_checks",
+    "set_delivery_values",
+]
 
 # Secrets shorter than this are not masked by value (too likely to hit innocent text);
 # the settings validation refuses them in production instead.
@@ -77,7 +85,8 @@ def _forms(values: Iterable[str]) -> tuple[str, ...]:
 # The current delivery's sensitive argument values (set by the task for the length of
 # one delivery, so an exception message or a log line quoting them is masked too).
 _delivery: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "reliable_sensitive_values", default=())
+    "reliable_sensitive_values", default=()
+)
 
 
 def set_delivery_values(values: Iterable[str]) -> None:
@@ -125,13 +134,16 @@ class SensitiveArgs:
     def _keyword(self, name: str) -> bool:
         return name in self.names or (self.star_kwargs and name not in self.parameters)
 
-    def redact(self, args: Sequence[Any], kwargs: Mapping[str, Any]
-               ) -> tuple[list[Any], dict[str, Any]]:
+    def redact(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         """Copies with the sensitive arguments replaced by ``***`` (nothing else touched)."""
         if not self:
             return list(args), dict(kwargs)
-        return ([MASK if self._position(i) else v for i, v in enumerate(args)],
-                {k: MASK if self._keyword(k) else v for k, v in kwargs.items()})
+        return (
+            [MASK if self._position(i) else v for i, v in enumerate(args)],
+            {k: MASK if self._keyword(k) else v for k, v in kwargs.items()},
+        )
 
     def values(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
         """The text the sensitive arguments hold (string and number leaves), longest
@@ -161,16 +173,22 @@ class SensitiveArgs:
 NO_SENSITIVE_ARGS = SensitiveArgs()
 
 
-def changed_arguments(parameters: Sequence[str], args: Sequence[Any],
-                      kwargs: Mapping[str, Any], masked_args: Sequence[Any],
-                      masked_kwargs: Mapping[str, Any]) -> list[str]:
+def changed_arguments(
+    parameters: Sequence[str],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    masked_args: Sequence[Any],
+    masked_kwargs: Mapping[str, Any],
+) -> list[str]:
     """Names of the arguments masking changed (``args[i]`` past the named parameters).
 
     A DLQ entry lists them: redriving it would run the work with ``***`` in their place.
     """
-    names = [parameters[i] if i < len(parameters) else f"args[{i}]"
-             for i, (raw, shown) in enumerate(zip(args, masked_args, strict=False))
-             if not _same(raw, shown)]
+    names = [
+        parameters[i] if i < len(parameters) else f"args[{i}]"
+        for i, (raw, shown) in enumerate(zip(args, masked_args, strict=False))
+        if not _same(raw, shown)
+    ]
     names += [k for k, v in kwargs.items() if not _same(v, masked_kwargs.get(k))]
     return names
 
@@ -245,9 +263,14 @@ class Masker:
         """A copy of nested data with secrets masked (values under sensitive keys too)."""
         return self._copy(value, key)
 
-    def call(self, args: Sequence[Any], kwargs: Mapping[str, Any],
-             sensitive: SensitiveArgs = NO_SENSITIVE_ARGS, *, cap: int | None = None
-             ) -> tuple[list[Any], dict[str, Any]]:
+    def call(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        sensitive: SensitiveArgs = NO_SENSITIVE_ARGS,
+        *,
+        cap: int | None = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
         """A task call's arguments masked: sensitive ones whole, the rest as :meth:`data`.
 
         ``cap``: strings are cut to this many characters first (for a bounded repr).
@@ -274,8 +297,15 @@ class Masker:
         """A structlog processor after the renderer: masks secrets in the final text."""
         return self.text(line) if isinstance(line, str) else line
 
-    def _copy(self, value: Any, key: str = "", *, judge_keys: bool = True,
-              mask_text: bool = True, cap: int | None = None) -> Any:
+    def _copy(
+        self,
+        value: Any,
+        key: str = "",
+        *,
+        judge_keys: bool = True,
+        mask_text: bool = True,
+        cap: int | None = None,
+    ) -> Any:
         """Copy nested data, masking as it goes: iterative (no recursion limit on deep
         input), each container copied once (shared references stay shared)."""
         root: list[Any] = [None]
@@ -283,8 +313,13 @@ class Masker:
         copies: dict[int, Any] = {}
         while stack:
             parent, slot, node, name = stack.pop()
-            if judge_keys and name and isinstance(node, str | bytes) and node \
-                    and SENSITIVE_KEY.search(name):
+            if (
+                judge_keys
+                and name
+                and isinstance(node, str | bytes)
+                and node
+                and SENSITIVE_KEY.search(name)
+            ):
                 parent[slot] = MASK
             elif isinstance(node, str):
                 if cap is not None and len(node) > cap:

@@ -38,6 +38,7 @@ def test_an_open_breaker_serves_the_fallback_and_records_it(
         breaker.set_mode(BreakerMode.NORMAL)
 
     assert [e["idempotency_key"] for e in provider.effects()] == [
-        derive_key("test.with_fallback", {"key": "live"}, key_args=("key",))]
+        derive_key("test.with_fallback", {"key": "live"}, key_args=("key",))
+    ]
     outcomes = Ledger(shared_store).outcomes([closed.id, opened.id])
     assert outcomes == {closed.id: ["succeeded"], opened.id: ["fallback"]}

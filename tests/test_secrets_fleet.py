@@ -40,8 +40,17 @@ OTP = "otp-SENTINEL-7f3a9c"
 URL_PASSWORD = "s3cretpw"
 PAYLOAD_KEY = "ak_payload_SENTINEL_9c1d"
 EXPORT_TOKEN = "tok_export_SENTINEL_55aa"
-SECRETS = (CONFIGURED_KEY, CARD, CARD.replace(" ", ""), RETRY_CARD, RETRY_CARD.replace(" ", ""),
-           OTP, URL_PASSWORD, PAYLOAD_KEY, EXPORT_TOKEN)
+SECRETS = (
+    CONFIGURED_KEY,
+    CARD,
+    CARD.replace(" ", ""),
+    RETRY_CARD,
+    RETRY_CARD.replace(" ", ""),
+    OTP,
+    URL_PASSWORD,
+    PAYLOAD_KEY,
+    EXPORT_TOKEN,
+)
 # Plain argument values: shown in Flower and logs, but never part of a key name.
 USER_ID = "u-SENTINEL-user"
 EVENT_ID = "evt-SENTINEL-1"
@@ -63,11 +72,24 @@ class FlowerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{environment.name}-flower.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "flower",
-               f"--port={self.port}", "--address=127.0.0.1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "flower",
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+        ]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=environment.env(FLOWER_UNAUTHENTICATED_API="true"),
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            cmd,
+            cwd=ROOT,
+            env=environment.env(FLOWER_UNAUTHENTICATED_API="true"),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def tasks(self) -> dict[str, Any]:
         try:
@@ -99,8 +121,9 @@ class FlowerProcess:
 
 @pytest.fixture
 def worker(environment: Environment) -> Iterator[WorkerProcess]:
-    with WorkerProcess(environment, concurrency=2,
-                       RELIABLE_PROVIDERS__PAYMENT_API_KEY=CONFIGURED_KEY) as process:
+    with WorkerProcess(
+        environment, concurrency=2, RELIABLE_PROVIDERS__PAYMENT_API_KEY=CONFIGURED_KEY
+    ) as process:
         yield process
 
 
@@ -119,8 +142,11 @@ def _hits(text: str, values: tuple[str, ...]) -> list[str]:
 
 
 def test_secrets_sent_through_every_business_task_reach_no_event_log_dlq_or_key_name(
-    environment: Environment, sandbox: SandboxProvider, worker: WorkerProcess,
-    flower: FlowerProcess, store: Store,
+    environment: Environment,
+    sandbox: SandboxProvider,
+    worker: WorkerProcess,
+    flower: FlowerProcess,
+    store: Store,
 ) -> None:
     producer = environment.producer()
     # Flower consumes events from when it connects: wait until it sees a first task.
@@ -131,26 +157,41 @@ def test_secrets_sent_through_every_business_task_reach_no_event_log_dlq_or_key_
     hook = f"http://hookuser:{URL_PASSWORD}@127.0.0.1:{sandbox.port}"
     payload = {"api_key": PAYLOAD_KEY, "note": "order shipped"}
     sent = {
-        "charge": producer.send_task("payments.charge", kwargs={
-            "payment_id": f"pay-{CARD}", "amount": 1999, "currency": "EUR"}),
-        "notify": producer.send_task("notifications.send", kwargs={
-            "user_id": USER_ID, "channel": "sms", "message": f"Your code: {OTP}"}),
-        "webhook": producer.send_task("webhooks.deliver", kwargs={
-            "url": f"{hook}/webhooks/orders", "event_id": EVENT_ID, "payload": payload}),
-        "export": producer.send_task("exports.generate", kwargs={
-            "export_id": EXPORT_ID, "filters": {"token": EXPORT_TOKEN, "region": "eu"}}),
+        "charge": producer.send_task(
+            "payments.charge",
+            kwargs={"payment_id": f"pay-{CARD}", "amount": 1999, "currency": "EUR"},
+        ),
+        "notify": producer.send_task(
+            "notifications.send",
+            kwargs={"user_id": USER_ID, "channel": "sms", "message": f"Your code: {OTP}"},
+        ),
+        "webhook": producer.send_task(
+            "webhooks.deliver",
+            kwargs={"url": f"{hook}/webhooks/orders", "event_id": EVENT_ID, "payload": payload},
+        ),
+        "export": producer.send_task(
+            "exports.generate",
+            kwargs={"export_id": EXPORT_ID, "filters": {"token": EXPORT_TOKEN, "region": "eu"}},
+        ),
         # No route at this path: 404, a permanent failure, dead-lettered at once.
-        "failing": producer.send_task("webhooks.deliver", kwargs={
-            "url": f"{hook}/nowhere/{uuid.uuid4().hex}", "event_id": "evt-2",
-            "payload": payload}),
+        "failing": producer.send_task(
+            "webhooks.deliver",
+            kwargs={
+                "url": f"{hook}/nowhere/{uuid.uuid4().hex}",
+                "event_id": "evt-2",
+                "payload": payload,
+            },
+        ),
     }
     for name in ("charge", "notify", "webhook", "export"):
         sent[name].get(timeout=30)
     assert type(sent["failing"].get(timeout=30, propagate=False)).__name__ == "PermanentError"
     # One 503, then success: the charge is parked and republished by the mover.
     sandbox.set_faults(script=[503])
-    sent["retried"] = producer.send_task("payments.charge", kwargs={
-        "payment_id": f"pay-{RETRY_CARD}", "amount": 500, "currency": "EUR"})
+    sent["retried"] = producer.send_task(
+        "payments.charge",
+        kwargs={"payment_id": f"pay-{RETRY_CARD}", "amount": 500, "currency": "EUR"},
+    )
     assert sent["retried"].get(timeout=60)["status"] == "charged"
 
     # Flower saw every task, with its (masked) arguments.
@@ -159,7 +200,8 @@ def test_secrets_sent_through_every_business_task_reach_no_event_log_dlq_or_key_
     def settled() -> dict[str, Any] | None:
         tasks = flower.tasks()
         done = ids <= set(tasks) and all(
-            tasks[i].get("state") in ("SUCCESS", "FAILURE") for i in ids)
+            tasks[i].get("state") in ("SUCCESS", "FAILURE") for i in ids
+        )
         return tasks if done else None
 
     seen = wait_until(settled, 30, message="flower has every task settled")
@@ -190,6 +232,8 @@ def test_secrets_sent_through_every_business_task_reach_no_event_log_dlq_or_key_
     assert len(metas) >= len(sent) and _hits("".join(metas), SECRETS) == []
 
     # Each business call reached the provider once (the retried charge twice: 503, 200).
-    calls = {endpoint: len(sandbox.effects(endpoint)) for endpoint in
-             ("charges", "notifications", "webhooks", "exports")}
+    calls = {
+        endpoint: len(sandbox.effects(endpoint))
+        for endpoint in ("charges", "notifications", "webhooks", "exports")
+    }
     assert calls == {"charges": 3, "notifications": 1, "webhooks": 1, "exports": 2}

@@ -40,28 +40,37 @@ from reliability.store import Keys, Store
 
 def test_url_passwords_are_masked_and_urls_without_one_are_kept() -> None:
     assert mask_patterns("https://user:s3cretpw@hooks.example.com/in") == (
-        "https://user:***@hooks.example.com/in")
+        "https://user:***@hooks.example.com/in"
+    )
     assert mask_patterns("redis://:r3dis@db:6379/0") == "redis://:***@db:6379/0"
     # A password with an unescaped '@' is masked up to the authority's last '@'.
     assert mask_patterns("https://me@corp.com:p@ss@host/x") == "https://me@corp.com:***@host/x"
     assert mask_patterns('{"url": "https://u:pw@h/x"}') == '{"url": "https://u:***@h/x"}'
-    for kept in ("http://example.com:8080/path", "https://user@example.com/x",
-                 "see https://example.com/a?b=c:d@e", "mailto:someone@example.com"):
+    for kept in (
+        "http://example.com:8080/path",
+        "https://user@example.com/x",
+        "see https://example.com/a?b=c:d@e",
+        "mailto:someone@example.com",
+    ):
         assert mask_patterns(kept) == kept
 
 
 def test_sensitive_query_parameters_are_masked_and_the_others_kept() -> None:
     assert mask_patterns("https://h/cb?page=2&api_key=abc123&Token=x9&sort=asc") == (
-        "https://h/cb?page=2&api_key=***&Token=***&sort=asc")
+        "https://h/cb?page=2&api_key=***&Token=***&sort=asc"
+    )
     assert mask_patterns("POST /login?user=bob&password=hunter2 HTTP/1.1") == (
-        "POST /login?user=bob&password=*** HTTP/1.1")
+        "POST /login?user=bob&password=*** HTTP/1.1"
+    )
     assert mask_patterns("https://h/?amount=1999&currency=EUR") == (
-        "https://h/?amount=1999&currency=EUR")
+        "https://h/?amount=1999&currency=EUR"
+    )
 
 
 def test_bearer_tokens_are_masked_but_prose_about_them_is_kept() -> None:
     assert mask_patterns("Authorization: Bearer eyJhbGciOi.J9.abc-_~+/=") == (
-        "Authorization: Bearer ***")
+        "Authorization: Bearer ***"
+    )
     assert mask_patterns("bearer  abcdefgh12345678") == "bearer  ***"
     assert mask_patterns("AUTHORIZATION: BEARER abcdefgh12345678") == "AUTHORIZATION: BEARER ***"
     for kept in ("missing Bearer token", "Bearer tokens expire", "the Wayfarer abcdefghijkl"):
@@ -69,22 +78,39 @@ def test_bearer_tokens_are_masked_but_prose_about_them_is_kept() -> None:
 
 
 def test_prefixed_api_keys_keep_their_prefix_and_lose_the_rest() -> None:
-    text = ("stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc, test sk_test_abcdefgh12, restricted "
-            "rk_live_ABCDEFGH1234, hook whsec_abcdefghijklmnop1234, gh ghp_"
-            + "a" * 36 + ", slack xoxb-1234567890-abcdef")
+    text = (
+        "stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc, test sk_test_abcdefgh12, restricted "
+        "rk_live_ABCDEFGH1234, hook whsec_abcdefghijklmnop1234, gh ghp_"
+        + "a" * 36
+        + ", slack xoxb-1234567890-abcdef"
+    )
     assert mask_patterns(text) == (
         "stripe sk_live_***, test sk_test_***, restricted rk_live_***, hook whsec_***, "
-        "gh ghp_***, slack xoxb-***")
-    for kept in ("disk_test_abcdefghij", "sk_live_short", "pk_live_abcdefgh1234",
-                 "the task_test_retrieslogged"):
+        "gh ghp_***, slack xoxb-***"
+    )
+    for kept in (
+        "disk_test_abcdefghij",
+        "sk_live_short",
+        "pk_live_abcdefgh1234",
+        "the task_test_retrieslogged",
+    ):
         assert mask_patterns(kept) == kept
 
 
-@pytest.mark.parametrize("card", [
-    "4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111",
-    "5555555555554444", "2223003122003222", "378282246310005", "3782 822463 10005",
-    "6011111111111117", "4222222222222",
-])
+@pytest.mark.parametrize(
+    "card",
+    [
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "5555555555554444",
+        "2223003122003222",
+        "378282246310005",
+        "3782 822463 10005",
+        "6011111111111117",
+        "4222222222222",
+    ],
+)
 def test_card_numbers_are_masked(card: str) -> None:
     assert luhn_valid(card.replace(" ", "").replace("-", ""))
     assert mask_patterns(f"card {card} ok") == "card *** ok"
@@ -96,14 +122,19 @@ def test_a_card_among_other_digit_groups_is_found() -> None:
     assert mask_patterns("4111111111111111 5555555555554444") == "*** ***"
 
 
-@pytest.mark.parametrize("kept", [
-    "order 4111111111111112",  # fails Luhn: an order id, not a card
-    "order 1234 5678 9012 3456",  # fails Luhn
-    "at 1714567890123456 us",  # an epoch timestamp (starts with 1)
-    "pi 3.4111111111111111",  # the decimals of a number
-    "id 41111111111111111111111",  # too long to be a card
-    "phone +44 20 7946 0958", "2024-05-01T10:00:00Z", "amount=1999",
-])
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "order 4111111111111112",  # fails Luhn: an order id, not a card
+        "order 1234 5678 9012 3456",  # fails Luhn
+        "at 1714567890123456 us",  # an epoch timestamp (starts with 1)
+        "pi 3.4111111111111111",  # the decimals of a number
+        "id 41111111111111111111111",  # too long to be a card
+        "phone +44 20 7946 0958",
+        "2024-05-01T10:00:00Z",
+        "amount=1999",
+    ],
+)
 def test_numbers_that_are_not_cards_are_kept(kept: str) -> None:
     assert mask_patterns(kept) == kept
 
@@ -172,24 +203,34 @@ def test_sensitive_args_mask_positional_keyword_and_star_arguments() -> None:
 
 def test_sensitive_values_are_the_text_the_arguments_hold_longest_first() -> None:
     sensitive = SensitiveArgs.of(("url", "api_key"), inspect.signature(_webhook))
-    found = sensitive.values(["https://u:pw@h/x", "evt-1"],
-                             {"api_key": {"primary": "key-12345", "pin": 4321, "on": True}})
+    found = sensitive.values(
+        ["https://u:pw@h/x", "evt-1"],
+        {"api_key": {"primary": "key-12345", "pin": 4321, "on": True}},
+    )
     assert found == ["https://u:pw@h/x", "key-12345", "4321"]
 
 
-def test_a_call_is_masked_whole_for_sensitive_args_and_by_value_key_and_pattern_elsewhere(
-) -> None:
+def test_a_call_is_masked_whole_for_sensitive_args_and_by_value_key_and_pattern_elsewhere() -> None:
     masker = Masker(["configured-secret"])
     sensitive = SensitiveArgs.of(("url",), inspect.signature(_webhook))
     raw_args = ["https://u:pw@h/x", "evt-1"]
-    raw_kwargs = {"payload": {"api_key": "ak-1", "card": "4111 1111 1111 1111",
-                              "note": "uses configured-secret", "items": [1, 2]}}
+    raw_kwargs = {
+        "payload": {
+            "api_key": "ak-1",
+            "card": "4111 1111 1111 1111",
+            "note": "uses configured-secret",
+            "items": [1, 2],
+        }
+    }
     args, kwargs = masker.call(raw_args, raw_kwargs, sensitive)
     assert args == [MASK, "evt-1"]
-    assert kwargs == {"payload": {"api_key": MASK, "card": MASK, "note": "uses ***",
-                                  "items": [1, 2]}}
+    assert kwargs == {
+        "payload": {"api_key": MASK, "card": MASK, "note": "uses ***", "items": [1, 2]}
+    }
     assert changed_arguments(["url", "event_id"], raw_args, raw_kwargs, args, kwargs) == [
-        "url", "payload"]
+        "url",
+        "payload",
+    ]
     assert changed_arguments(["url"], ["a", "b"], {}, ["a", "b"], {}) == []
 
 
@@ -209,9 +250,13 @@ def test_log_lines_mask_sensitive_keys_at_any_depth(capsys: pytest.CaptureFixtur
     configure_logging("INFO", True, Masker())
     set_delivery_values(["delivery-value-77"])
     try:
-        structlog.get_logger("t").info("sent", payload={"api_key": "ak-live-1", "n": 2},
-                                       items=[{"token": "tk-2"}], note="delivery-value-77",
-                                       tokens=3)
+        structlog.get_logger("t").info(
+            "sent",
+            payload={"api_key": "ak-live-1", "n": 2},
+            items=[{"token": "tk-2"}],
+            note="delivery-value-77",
+            tokens=3,
+        )
         line = capsys.readouterr().err
     finally:
         clear_delivery_values()
@@ -242,7 +287,8 @@ def declare(app: Celery, **options: Any) -> Callable[..., Any]:
 def test_masked_reprs_hide_sensitive_arguments_and_cut_long_ones(app: Celery) -> None:
     task = declare(app, sensitive_args=("url",))
     args_repr, kwargs_repr = masked_reprs(
-        task, ("https://u:pw@h", "evt-1"), {"payload": {"api_key": "ak-1", "blob": "x" * 10**6}})
+        task, ("https://u:pw@h", "evt-1"), {"payload": {"api_key": "ak-1", "blob": "x" * 10**6}}
+    )
     assert args_repr == "('***', 'evt-1')"
     assert "'api_key': '***'" in kwargs_repr and "ak-1" not in kwargs_repr
     assert len(kwargs_repr) < 1100
@@ -254,18 +300,24 @@ def test_messages_the_app_publishes_carry_masked_reprs_in_headers_and_sent_event
     assert isinstance(app.amqp, ReliableAMQP)
     declare(app, sensitive_args=("url",))
     message = app.amqp.create_task_message(
-        "id-1", "t.deliver", ["https://u:s3cretpw@h/x", "evt-1"],
-        {"payload": {"api_key": "ak-secret-1"}}, create_sent_event=True)
+        "id-1",
+        "t.deliver",
+        ["https://u:s3cretpw@h/x", "evt-1"],
+        {"payload": {"api_key": "ak-secret-1"}},
+        create_sent_event=True,
+    )
     for shown in (message.headers, message.sent_event):
-        text = f"{shown['argsrepr' if shown is message.headers else 'args']}" \
-               f"{shown['kwargsrepr' if shown is message.headers else 'kwargs']}"
+        text = (
+            f"{shown['argsrepr' if shown is message.headers else 'args']}"
+            f"{shown['kwargsrepr' if shown is message.headers else 'kwargs']}"
+        )
         assert "s3cretpw" not in text and "ak-secret-1" not in text
         assert "'***'" in text
     # The body keeps the real arguments: the task needs them.
     assert message.body[0] == ["https://u:s3cretpw@h/x", "evt-1"]
-    explicit = app.amqp.create_task_message("id-2", "t.deliver", [], {},
-                                            argsrepr="token sk_live_abcdefgh1234",
-                                            kwargsrepr="{}")
+    explicit = app.amqp.create_task_message(
+        "id-2", "t.deliver", [], {}, argsrepr="token sk_live_abcdefgh1234", kwargsrepr="{}"
+    )
     assert explicit.headers["argsrepr"] == "token sk_live_***"
 
 
@@ -295,10 +347,12 @@ def test_derived_keys_hash_argument_values_and_stay_deterministic() -> None:
     key = derive_key("webhooks.deliver", arguments, key_args=("url", "event_id"))
     assert key.startswith("webhooks.deliver:args:") and "s3cretpw" not in key
     assert "evt-1" not in key
-    assert key == derive_key("webhooks.deliver", {**arguments, "payload": {"b": 2}},
-                             key_args=("url", "event_id"))
-    assert key != derive_key("webhooks.deliver", {**arguments, "event_id": "evt-2"},
-                             key_args=("url", "event_id"))
+    assert key == derive_key(
+        "webhooks.deliver", {**arguments, "payload": {"b": 2}}, key_args=("url", "event_id")
+    )
+    assert key != derive_key(
+        "webhooks.deliver", {**arguments, "event_id": "evt-2"}, key_args=("url", "event_id")
+    )
     assert key != derive_key("other.task", arguments, key_args=("url", "event_id"))
     assert derive_key("t", arguments, header="order-42") == "t:order-42"
     long_header = derive_key("t", arguments, header=secret_url)
@@ -320,8 +374,9 @@ def test_same_hashed_key_with_different_arguments_is_still_a_conflict(bare_store
 
 def test_rate_limit_scopes_from_input_are_hashed_and_reset_finds_them(bare_store: Store) -> None:
     per_user = RateLimit(name="per-user", kind="gcra", rate=0.001, burst=2, per="user")
-    keys, _ = admission_args(bare_store, "t", [per_user], "owner", None,
-                             lambda: {"user_id": "alice@example.com"})
+    keys, _ = admission_args(
+        bare_store, "t", [per_user], "owner", None, lambda: {"user_id": "alice@example.com"}
+    )
     assert "alice" not in keys[0]
     # The CLI (`reliable limits reset per-user --scope alice@example.com`) takes the value.
     limiter = RateLimiter(bare_store, per_user, scope="alice@example.com")
@@ -348,8 +403,13 @@ def test_ids_from_headers_are_hashed_in_key_names_unless_short_and_safe() -> Non
 
 def test_an_entry_with_masked_arguments_is_not_redriven(bare_store: Store) -> None:
     dlq = DeadLetterQueue(bare_store)
-    entry = DeadLetter(task_name="notifications.send", task_id="t-1", failure_class="transient",
-                       kwargs={"user_id": "u1", "message": MASK}, masked_args=["message"])
+    entry = DeadLetter(
+        task_name="notifications.send",
+        task_id="t-1",
+        failure_class="transient",
+        kwargs={"user_id": "u1", "message": MASK},
+        masked_args=["message"],
+    )
 
     class NoLedger:
         max_len = 100
