@@ -12,8 +12,9 @@ values under sensitive keys and the patterns of :mod:`reliability.patterns`):
 * ``ReliableRequest`` (:mod:`reliability.request`) for every message a worker receives:
   events, log lines and ``inspect``, the pool child's log lines included.
 
-A repr is bounded (Celery's 1024 characters) and so is the work: strings are cut
-before they are masked.
+A repr is bounded (Celery's 1024 characters) and so is the work: it is the repr of a
+small masked preview (:meth:`~reliability.security.Masker.preview`), whose strings are
+cut before they are masked.
 """
 
 from __future__ import annotations
@@ -22,15 +23,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery.app.amqp import AMQP
-from celery.utils.saferepr import saferepr
 
 from reliability.errors import ConfigurationError
-from reliability.security import NO_SENSITIVE_ARGS, Masker, SensitiveArgs
+from reliability.security import ELLIPSIS, NO_SENSITIVE_ARGS, Masker, SensitiveArgs
 
 # Celery's default ``argsrepr_maxsize``/``kwargsrepr_maxsize``.
 REPR_MAX_CHARS = 1024
-# Strings are cut to the repr size plus this before masking: a secret cut at that point
-# lies past what the repr keeps.
+# Secrets up to this long are never shown in part (see masked_reprs).
 _CUT_MARGIN_CHARS = 256
 _FALLBACK = Masker()
 
@@ -58,13 +57,23 @@ def masked_reprs(
     max_chars: int = REPR_MAX_CHARS,
     masker: Masker | None = None,
 ) -> tuple[str, str]:
-    """``(argsrepr, kwargsrepr)`` of a call, masked, each at most ~``max_chars``."""
+    """``(argsrepr, kwargsrepr)`` of a call, masked, each at most ``max_chars`` (+3)."""
     masker = masker or current_masker()
-    masked_args, masked_kwargs = masker.call(
-        args or (), kwargs or {}, sensitive_of(task), cap=max_chars + _CUT_MARGIN_CHARS
+    redacted_args, redacted_kwargs = sensitive_of(task).redact(args or (), kwargs or {})
+    # Strings are cut longer than the repr keeps: a secret that the cut splits lies past
+    # the repr's own cut, so no part of it is shown.
+    chars = max_chars + _CUT_MARGIN_CHARS
+    shown_args: Any = masker.preview(redacted_args, chars)
+    if isinstance(args, tuple):
+        shown_args = tuple(shown_args)
+    return (
+        _cut(repr(shown_args), max_chars),
+        _cut(repr(masker.preview(redacted_kwargs, chars)), max_chars),
     )
-    shown_args: Any = tuple(masked_args) if isinstance(args, tuple) else masked_args
-    return saferepr(shown_args, max_chars), saferepr(masked_kwargs, max_chars)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars] + ELLIPSIS
 
 
 class ReliableAMQP(AMQP):  # type: ignore[misc]

@@ -15,9 +15,11 @@ Every operation is linear in the size of its input: literal values are replaced 
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import hashlib
 import inspect
+import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +49,11 @@ MIN_SECRET_LENGTH = 4
 # One delivery's sensitive argument values masked by value, at most this many (the
 # longest); the arguments themselves are masked whole whatever their size.
 MAX_DELIVERY_VALUES = 32
+# A preview (an argument repr) shows at most this many items per container and this
+# many values in all; the rest is shown as ELLIPSIS.
+PREVIEW_ITEMS = 32
+PREVIEW_NODES = 128
+ELLIPSIS = "..."
 # Input kept verbatim in a Redis key name: short, and of a charset that cannot form a
 # key separator (':'), a glob or a hashed token ('='). Anything else is hashed.
 _SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -268,15 +275,49 @@ class Masker:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         sensitive: SensitiveArgs = NO_SENSITIVE_ARGS,
-        *,
-        cap: int | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """A task call's arguments masked: sensitive ones whole, the rest as :meth:`data`.
-
-        ``cap``: strings are cut to this many characters first (for a bounded repr).
-        """
+        """A task call's arguments masked: sensitive ones whole, the rest as :meth:`data`."""
         redacted_args, redacted_kwargs = sensitive.redact(args, kwargs)
-        return (self._copy(redacted_args, cap=cap), self._copy(redacted_kwargs, cap=cap))
+        return (self._copy(redacted_args), self._copy(redacted_kwargs))
+
+    def preview(self, value: Any, max_chars: int) -> Any:
+        """A small masked copy of nested data for display (an argument repr): at most
+        :data:`PREVIEW_ITEMS` items per container and :data:`PREVIEW_NODES` values in
+        all (the rest shown as ``"..."``), strings cut to ``max_chars`` before they are
+        masked. Its ``repr`` is bounded whatever the input's size or depth."""
+        root: list[Any] = [None]
+        queue: collections.deque[tuple[Any, Any, Any, str]] = collections.deque(
+            [(root, 0, value, "")]
+        )
+        budget = PREVIEW_NODES
+        while queue:
+            parent, slot, node, name = queue.popleft()  # breadth first: the first items win
+            budget -= 1
+            if budget < 0:
+                parent[slot] = ELLIPSIS
+            elif name and isinstance(node, str | bytes) and node and SENSITIVE_KEY.search(name):
+                parent[slot] = MASK
+            elif isinstance(node, str):
+                cut = len(node) > max_chars
+                parent[slot] = self.text(node[:max_chars]) + (ELLIPSIS if cut else "")
+            elif isinstance(node, Mapping):
+                items = list(itertools.islice(node.items(), PREVIEW_ITEMS))
+                mapping: dict[Any, Any] = dict.fromkeys(k for k, _ in items)
+                queue.extend((mapping, k, v, str(k)) for k, v in items)
+                if len(node) > PREVIEW_ITEMS:
+                    mapping[ELLIPSIS] = ELLIPSIS
+                parent[slot] = mapping
+            elif isinstance(node, list | tuple):
+                shown = [None] * min(len(node), PREVIEW_ITEMS)
+                queue.extend((shown, i, v, name) for i, v in enumerate(node[:PREVIEW_ITEMS]))
+                if len(node) > PREVIEW_ITEMS:
+                    shown.append(ELLIPSIS)
+                parent[slot] = shown
+            elif node is None or isinstance(node, bool | int | float):
+                parent[slot] = node
+            else:  # datetimes, decimals, UUIDs...: their repr, cut and masked
+                parent[slot] = self.text(repr(node)[:max_chars])
+        return root[0]
 
     def processor(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         """A structlog processor for the event dict: masks values under sensitive keys, at
@@ -304,7 +345,6 @@ class Masker:
         *,
         judge_keys: bool = True,
         mask_text: bool = True,
-        cap: int | None = None,
     ) -> Any:
         """Copy nested data, masking as it goes: iterative (no recursion limit on deep
         input), each container copied once (shared references stay shared)."""
@@ -322,8 +362,6 @@ class Masker:
             ):
                 parent[slot] = MASK
             elif isinstance(node, str):
-                if cap is not None and len(node) > cap:
-                    node = node[:cap]
                 parent[slot] = self.text(node) if mask_text else node
             elif isinstance(node, Mapping | list | tuple):
                 known = copies.get(id(node))

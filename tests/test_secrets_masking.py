@@ -294,6 +294,28 @@ def test_masked_reprs_hide_sensitive_arguments_and_cut_long_ones(app: Celery) ->
     assert len(kwargs_repr) < 1100
 
 
+def test_an_argument_repr_is_bounded_whatever_the_shape_of_the_arguments() -> None:
+    deep: Any = "leaf"
+    for _ in range(5000):
+        deep = [deep]
+    shapes = {
+        "many items": list(range(1_000_000)),
+        "wide dict": {f"k{i}": i for i in range(100_000)},
+        "deep": deep,
+        "long string": "y" * 10_000_000,
+    }
+    for name, value in shapes.items():
+        args_repr, kwargs_repr = masked_reprs(None, [value], {"v": value})
+        assert len(args_repr) <= 1027 and len(kwargs_repr) <= 1027, name
+
+
+def test_a_secret_split_by_the_repr_cut_shows_no_part_of_itself() -> None:
+    card = "4111 1111 1111 1111"
+    for offset in range(990, 1300, 3):  # around the repr cut and the string cut
+        args_repr, _ = masked_reprs(None, ["x" * offset + card], {})
+        assert "4111" not in args_repr and "1111 1111" not in args_repr, offset
+
+
 def test_messages_the_app_publishes_carry_masked_reprs_in_headers_and_sent_events(
     app: Celery,
 ) -> None:
