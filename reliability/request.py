@@ -33,7 +33,7 @@ from reliability.delivery import (
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
 from reliability.ledger import Outcome
-from reliability.reprs import masked_reprs
+from reliability.reprs import current_masker, masked_reprs
 from reliability.runtime import get_runtime
 from reliability.settlement import store_wait
 
@@ -217,8 +217,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
     def _masked_reprs(self) -> tuple[str, str]:
         found: tuple[str, str] | None = self.__dict__.get("_reliable_reprs")
         if found is None:
-            found = masked_reprs(self._task, self._args, self._kwargs,
-                                 masker=get_runtime().masker)
+            found = masked_reprs(self._task, self._args, self._kwargs)
             self.__dict__["_reliable_reprs"] = found
             # The pool child logs the reprs of its request dict ("Task ... succeeded").
             self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = found
@@ -233,7 +232,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
         exception and its traceback as text: masked like a log line, this delivery's
         sensitive argument values included."""
         if fields and self._eventer and self._eventer.enabled:
-            masker = get_runtime().masker.including(
+            masker = current_masker().including(
                 self._task.sensitive.values(self._args, self._kwargs)
                 if hasattr(self._task, "sensitive") else ())
             fields = {k: masker.text(v) if isinstance(v, str) else v

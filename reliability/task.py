@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
@@ -179,7 +179,8 @@ def _check_sensitive_args(name: str, names: Any, fn: Any) -> None:
     silently leave a secret in clear)."""
     if names is None:
         return
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    if isinstance(names, str) or not isinstance(names, Iterable) or not all(
+            isinstance(n, str) for n in names):
         raise ConfigurationError(
             f"task {name}: sensitive_args must be a sequence of argument names, e.g. ('api_key',)")
     if fn is None:

@@ -346,8 +346,9 @@ def test_messages_the_app_publishes_carry_masked_reprs_in_headers_and_sent_event
 def test_sensitive_args_must_name_parameters(app: Celery) -> None:
     with pytest.raises(ConfigurationError, match=r"sensitive_args \['api_kye'\] are not param"):
         declare(app, sensitive_args=("url", "api_kye"))
-    with pytest.raises(ConfigurationError, match="sensitive_args must be a sequence"):
-        declare(app, sensitive_args="url")
+    for wrong in ("url", 3, ("url", 3)):
+        with pytest.raises(ConfigurationError, match="sensitive_args must be a sequence"):
+            declare(app, sensitive_args=wrong)
     with pytest.raises(ConfigurationError, match="unknown option 'sensitive_arg'"):
         declare(app, sensitive_arg=("url",))
     assert declare(app, sensitive_args=("url", "payload")).sensitive.names == {"url", "payload"}
