@@ -25,7 +25,7 @@ from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import BackendUnavailable
 from reliability.reprs import sensitive_of
 from reliability.runtime import get_runtime
-from reliability.security import changed_arguments
+from reliability.sensitive import changed_arguments
 
 log = structlog.get_logger("reliability.consumer")
 

@@ -25,7 +25,8 @@ from typing import Any
 from celery.app.amqp import AMQP
 
 from reliability.errors import ConfigurationError
-from reliability.security import ELLIPSIS, NO_SENSITIVE_ARGS, Masker, SensitiveArgs
+from reliability.security import ELLIPSIS, Masker
+from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs
 
 # Celery's default ``argsrepr_maxsize``/``kwargsrepr_maxsize``.
 REPR_MAX_CHARS = 1024

@@ -1,11 +1,11 @@
 """Secrets never leave: masking for logs, DLQ entries, events, results and API responses.
 
 A :class:`Masker` replaces every configured secret value, every value of the current
-delivery's sensitive arguments (:func:`set_delivery_values`) and the patterns of
+delivery's sensitive arguments (:mod:`reliability.sensitive`) and the patterns of
 :mod:`reliability.patterns` (URL passwords, bearer tokens, API keys, card numbers)
 wherever they appear in text or nested data; values under sensitive keys
-(``password``, ``api_key``, ...) are masked whole. :class:`SensitiveArgs` says which
-arguments of a task are masked whole (``sensitive_args=``). :func:`key_token` keeps
+(``password``, ``api_key``, ...) are masked whole, as are a task's ``sensitive_args``
+(:meth:`Masker.call`). :func:`key_token` keeps
 input out of Redis key names. :func:`mask_secret` shortens one value for display
 (seed 000). :func:`run_security_checks` warns about missing or weak secrets at start-up.
 
@@ -16,39 +16,28 @@ Every operation is linear in the size of its input: literal values are replaced 
 from __future__ import annotations
 
 import collections
-import contextvars
 import hashlib
-import inspect
 import itertools
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns
+from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs, delivery_values, literal_forms
 
 __all__ = [
+    "ELLIPSIS",
     "MASK",
     "SENSITIVE_KEY",
     "Masker",
-    "SensitiveArgs",
-    "changed_arguments",
-    "clear_delivery_values",
+    "hashed_token",
     "key_token",
     "mask_secret",
     "run_security_checks",
-    "set_delivery_values",
 ]
 
-# Secrets shorter than this are not masked by value (too likely to hit innocent text);
-# the settings validation refuses them in production instead.
-MIN_SECRET_LENGTH = 4
-# One delivery's sensitive argument values masked by value, at most this many (the
-# longest); the arguments themselves are masked whole whatever their size.
-MAX_DELIVERY_VALUES = 32
 # A preview (an argument repr) shows at most this many items per container and this
 # many values in all; the rest is shown as ELLIPSIS.
 PREVIEW_ITEMS = 32
@@ -81,145 +70,16 @@ def key_token(value: str) -> str:
     return value if _SAFE_KEY_PART.fullmatch(value) else hashed_token(value)
 
 
-def _forms(values: Iterable[str]) -> tuple[str, ...]:
-    """Values as they appear raw and inside a JSON string (rendered log lines escape
-    quotes, backslashes and non-ASCII), longest first so no shorter one cuts a longer."""
-    plain = {v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH}
-    escaped = {json.dumps(v)[1:-1] for v in plain}
-    return tuple(sorted(plain | escaped, key=len, reverse=True))
-
-
-# The current delivery's sensitive argument values (set by the task for the length of
-# one delivery, so an exception message or a log line quoting them is masked too).
-_delivery: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "reliable_sensitive_values", default=()
-)
-
-
-def set_delivery_values(values: Iterable[str]) -> None:
-    """Mask these values by value until the next delivery (or :func:`clear_delivery_values`)."""
-    _delivery.set(_forms(values))
-
-
-def clear_delivery_values() -> None:
-    _delivery.set(())
-
-
-@dataclass(frozen=True)
-class SensitiveArgs:
-    """Which arguments of one task are masked whole (the task's ``sensitive_args``)."""
-
-    names: frozenset[str] = frozenset()
-    positions: frozenset[int] = frozenset()
-    star_from: int | None = None  # ``*args`` named: every positional from here
-    star_kwargs: bool = False  # ``**kwargs`` named: every keyword not a parameter
-    parameters: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, names: Iterable[str], signature: inspect.Signature) -> SensitiveArgs:
-        wanted = frozenset(names)
-        positions: set[int] = set()
-        star_from, star_kwargs, parameters = None, False, set()
-        kinds = inspect.Parameter
-        for index, (name, param) in enumerate(signature.parameters.items()):
-            if param.kind is kinds.VAR_POSITIONAL:
-                star_from = index if name in wanted else star_from
-            elif param.kind is kinds.VAR_KEYWORD:
-                star_kwargs = star_kwargs or name in wanted
-            else:
-                parameters.add(name)
-                if name in wanted and param.kind is not kinds.KEYWORD_ONLY:
-                    positions.add(index)
-        return cls(wanted, frozenset(positions), star_from, star_kwargs, frozenset(parameters))
-
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
-    def _position(self, index: int) -> bool:
-        return index in self.positions or (self.star_from is not None and index >= self.star_from)
-
-    def _keyword(self, name: str) -> bool:
-        return name in self.names or (self.star_kwargs and name not in self.parameters)
-
-    def redact(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """Copies with the sensitive arguments replaced by ``***`` (nothing else touched)."""
-        if not self:
-            return list(args), dict(kwargs)
-        return (
-            [MASK if self._position(i) else v for i, v in enumerate(args)],
-            {k: MASK if self._keyword(k) else v for k, v in kwargs.items()},
-        )
-
-    def values(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
-        """The text the sensitive arguments hold (string and number leaves), longest
-        first, at most :data:`MAX_DELIVERY_VALUES`: masked by value in free text."""
-        if not self:
-            return []
-        roots = [v for i, v in enumerate(args) if self._position(i)]
-        roots += [v for k, v in kwargs.items() if self._keyword(k)]
-        found: set[str] = set()
-        stack: list[Any] = roots
-        seen = 0
-        while stack and seen < 10_000:  # bounded walk: a huge structure is masked whole
-            node = stack.pop()
-            seen += 1
-            if isinstance(node, str):
-                found.add(node)
-            elif isinstance(node, int | float) and not isinstance(node, bool):
-                found.add(str(node))
-            elif isinstance(node, Mapping):
-                stack.extend(node.values())
-            elif isinstance(node, list | tuple):
-                stack.extend(node)
-        usable = [v for v in found if len(v) >= MIN_SECRET_LENGTH]
-        return sorted(usable, key=len, reverse=True)[:MAX_DELIVERY_VALUES]
-
-
-NO_SENSITIVE_ARGS = SensitiveArgs()
-
-
-def changed_arguments(
-    parameters: Sequence[str],
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    masked_args: Sequence[Any],
-    masked_kwargs: Mapping[str, Any],
-) -> list[str]:
-    """Names of the arguments masking changed (``args[i]`` past the named parameters).
-
-    A DLQ entry lists them: redriving it would run the work with ``***`` in their place.
-    """
-    names = [
-        parameters[i] if i < len(parameters) else f"args[{i}]"
-        for i, (raw, shown) in enumerate(zip(args, masked_args, strict=False))
-        if not _same(raw, shown)
-    ]
-    names += [k for k, v in kwargs.items() if not _same(v, masked_kwargs.get(k))]
-    return names
-
-
-def _same(raw: Any, shown: Any) -> bool:
-    """Equal after masking (a tuple shown as a list is unchanged)."""
-    if isinstance(raw, tuple):
-        raw = list(raw)
-    try:
-        return bool(raw == shown)
-    except Exception:  # an exotic __eq__: count it as changed
-        return False
-
-
 class Masker:
     """Replaces secrets in text and nested data with ``***`` (see the module docstring)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._literals = _forms(secrets)
+        self._literals = literal_forms(secrets)
         self._merged: tuple[tuple[str, ...], tuple[str, ...]] = ((), self._literals)
 
     def including(self, values: Iterable[str]) -> Masker:
         """This masker, also masking ``values`` (a delivery's sensitive values) by value."""
-        extra = _forms(values)
+        extra = literal_forms(values)
         if not extra:
             return self
         masker = Masker()
@@ -228,7 +88,7 @@ class Masker:
         return masker
 
     def _values(self) -> tuple[str, ...]:
-        extra = _delivery.get()
+        extra = delivery_values()
         if not extra:
             return self._literals
         cached_for, merged = self._merged

@@ -38,7 +38,7 @@ from reliability.errors import (
 )
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime, get_runtime
-from reliability.security import changed_arguments
+from reliability.sensitive import changed_arguments
 
 if TYPE_CHECKING:
     import inspect

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from reliability.errors import ConfigurationError, PermanentError
 from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
-from reliability.security import SensitiveArgs, set_delivery_values
+from reliability.sensitive import SensitiveArgs, set_delivery_values
 
 # Options each guard owns, with what they mean (the README's options table).
 GUARD_OPTIONS: dict[str, str] = {

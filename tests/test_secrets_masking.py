@@ -24,13 +24,11 @@ from reliability.logs import configure_logging
 from reliability.patterns import luhn_valid, mask_patterns
 from reliability.ratelimit import RateLimit, RateLimiter, admission_args, limit_keys
 from reliability.reprs import ReliableAMQP, masked_reprs
-from reliability.security import (
-    MASK,
-    Masker,
+from reliability.security import MASK, Masker, key_token
+from reliability.sensitive import (
     SensitiveArgs,
     changed_arguments,
     clear_delivery_values,
-    key_token,
     set_delivery_values,
 )
 from reliability.store import Keys, Store

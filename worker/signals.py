@@ -21,7 +21,8 @@ from reliability.maintenance import Maintenance
 from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
-from reliability.security import clear_delivery_values, run_security_checks
+from reliability.security import run_security_checks
+from reliability.sensitive import clear_delivery_values
 from reliability.transport import sweep_orphans
 
 log = structlog.get_logger("worker")
