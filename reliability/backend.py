@@ -17,6 +17,7 @@ from celery import states
 from celery.backends.redis import RedisBackend
 
 from reliability import scripts
+from reliability.reprs import sensitive_of
 from reliability.runtime import get_runtime
 from reliability.settlement import take_pending
 
@@ -27,9 +28,21 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
     fuses_completion = True
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> Any:
-        """Celery's meta (extended: with the task's arguments), configured secrets masked."""
+        """Celery's meta, secrets masked: in the result and traceback by value and
+        pattern; the task's arguments (``result_extended``) as in a DLQ entry — sensitive
+        arguments whole, values under sensitive keys too."""
         meta = super()._get_result_meta(*args, **kwargs)
-        return get_runtime().masker.values(meta)
+        masker = get_runtime().masker
+        call = {k: meta.pop(k) for k in ("args", "kwargs") if k in meta}
+        meta = masker.values(meta)
+        raw_args, raw_kwargs = call.get("args"), call.get("kwargs")
+        if isinstance(raw_args, list | tuple) and isinstance(raw_kwargs, dict):
+            task = self.app.tasks.get(meta.get("name") or "")
+            call["args"], call["kwargs"] = masker.call(raw_args, raw_kwargs, sensitive_of(task))
+        else:  # absent, or already encoded by Celery: masked as text
+            call = masker.data(call)
+        meta.update(call)
+        return meta
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ requeued instead, so nothing is acked unwritten.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -23,7 +24,9 @@ from reliability.delivery import PRODUCER_HEADERS
 from reliability.dlq import DeadLetter, FailureClass
 from reliability.errors import BackendUnavailable
 from reliability.poison import Poison, check_size, raw_excerpt
+from reliability.reprs import sensitive_of
 from reliability.runtime import get_runtime
+from reliability.sensitive import changed_arguments
 
 log = structlog.get_logger("reliability.consumer")
 
@@ -48,9 +51,10 @@ def _body_bytes(message: Any) -> bytes:
 
 
 def envelope_for(message: Any, reason: str, error: BaseException | None, *,
-                 decode: bool = True) -> DeadLetter:
+                 decode: bool = True, task: Any = None) -> DeadLetter:
     """A DLQ envelope for a message that never reached a task (``decode=False``: the body
-    is kept raw, e.g. for a message too large to decode)."""
+    is kept raw, e.g. for a message too large to decode; ``task``: the registered task of
+    that name, if any, whose sensitive arguments are masked whole)."""
     rt = get_runtime()
     headers = message.headers if isinstance(message.headers, dict) else {}
     body = _decoded_json(message) if decode else None
@@ -64,13 +68,15 @@ def envelope_for(message: Any, reason: str, error: BaseException | None, *,
         raw = raw_excerpt(_body_bytes(message), rt.masker.raw)
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
     info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    masked_args, masked_kwargs = rt.masker.call(args, kwargs, sensitive_of(task))
+    parameters = list(inspect.signature(task.run).parameters) if task is not None else []
     return DeadLetter(
         task_name=_short(headers.get("task")) or "<unknown>",
         task_id=_short(headers.get("id")) or "",
         failure_class=str(FailureClass.POISON),
         reason=rt.masker.text(reason),
-        args=rt.masker.data(args),
-        kwargs=rt.masker.data(kwargs),
+        args=masked_args,
+        kwargs=masked_kwargs,
         correlation_id=_short(producer.get("correlation_id")),
         tenant_id=_short(producer.get("tenant_id")),
         exception_type=type(error).__name__ if error else None,
@@ -78,6 +84,7 @@ def envelope_for(message: Any, reason: str, error: BaseException | None, *,
         headers=rt.masker.data({k: _short(v) for k, v in producer.items()}),
         routing={"exchange": info.get("exchange"), "routing_key": info.get("routing_key")},
         raw_body=raw,
+        masked_args=changed_arguments(parameters, args, kwargs, masked_args, masked_kwargs),
     )
 
 
@@ -110,11 +117,11 @@ DEAD_LETTERED = "_reliable_dead_lettered"
 
 
 def dead_letter_message(message: Any, reason: str, error: BaseException | None, *,
-                        decode: bool = True) -> bool:
+                        decode: bool = True, task: Any = None) -> bool:
     """Write the DLQ entry; False (and the message requeued) if the store is away."""
     if getattr(message, DEAD_LETTERED, False):
         return True
-    if _write(envelope_for(message, reason, error, decode=decode)):
+    if _write(envelope_for(message, reason, error, decode=decode, task=task)):
         setattr(message, DEAD_LETTERED, True)
         return True
     if not message.acknowledged:
@@ -203,7 +210,8 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
                 log.error("task_message_handler_failed", error=f"{type(exc).__name__}: {exc}",
                           exc_info=True)
                 reason = f"malformed task message: {type(exc).__name__}: {exc}"[:500]
-                if dead_letter_message(message, reason, exc) and not message.acknowledged:
+                if (dead_letter_message(message, reason, exc, task=self._task_of(message))
+                        and not message.acknowledged):
                     message.ack()
                 return None
 
@@ -236,14 +244,19 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
         if dead_letter_message(message, f"unknown task {name!r}: not registered", exc):
             super().on_unknown_task(body, message, exc)
 
+    def _task_of(self, message: Any) -> Any:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name = headers.get("task")
+        return self.app.tasks.get(name) if isinstance(name, str) else None
+
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc):
+        if dead_letter_message(message, reason, exc, task=self._task_of(message)):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc):
+        if dead_letter_message(message, reason, exc, task=self._task_of(message)):
             super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:

@@ -60,6 +60,9 @@ class DeadLetter:
     headers: dict[str, Any] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)
     raw_body: str | None = None  # for messages that could not be decoded (base64, capped)
+    # Arguments kept masked (sensitive, or holding a secret): their values are gone, so
+    # the entry cannot be redriven; the producer sends such work again.
+    masked_args: list[str] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self) -> str:
@@ -167,6 +170,11 @@ class DeadLetterQueue:
         entry = self.get(entry_id)
         if entry is None:
             raise RedriveRefused(f"no DLQ entry {entry_id}")
+        if entry.masked_args:
+            raise RedriveRefused(
+                f"entry {entry_id} keeps {', '.join(entry.masked_args)} masked (secrets never"
+                " reach the DLQ): redriving would run the work with *** in their place;"
+                " the producer must send it again")
         if entry.redrive_count >= self.max_redrives:
             raise RedriveRefused(
                 f"entry {entry_id} was redriven {entry.redrive_count} times"

@@ -27,6 +27,7 @@ from reliability import scripts
 from reliability.admission import Fragment
 from reliability.callables import describe, is_async_callable, refuse_awaitable
 from reliability.errors import ConfigurationError, IdempotencyConflict, ReliabilityError
+from reliability.security import key_token
 from reliability.store import Store
 
 R = TypeVar("R")
@@ -78,13 +79,20 @@ def derive_key(
 ) -> str:
     """The idempotency key: the producer's header, else declared arguments, else a hash.
 
-    Keys are namespaced by task name, so two tasks never share one by accident. ``fp``
-    is the arguments' fingerprint when the caller has it already.
+    Keys are namespaced by task name, so two tasks never share one by accident, and are
+    deterministic: the same arguments always give the same key. A key is part of a Redis
+    key name (and logged, and sent downstream as ``Idempotency-Key``), so it never
+    embeds argument values: ``name:args:<sha256>`` hashes the declared arguments (each
+    as text, so ``1`` and ``"1"`` key alike, as a producer's id may arrive either way),
+    ``name:sha256:<fp>`` all of them. A producer's header stays readable when short and
+    of a safe charset (``name:order-42``), else ``name:sha256=<hex>``. ``fp`` is the
+    arguments' fingerprint when the caller has it already.
     """
     if header:
-        return f"{name}:{header}"
+        return f"{name}:{key_token(header)}"
     if key_args:
-        return name + ":" + ",".join(f"{a}={arguments.get(a)}" for a in key_args)
+        text = ",".join(f"{a}={arguments.get(a)}" for a in key_args)
+        return f"{name}:args:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
     return f"{name}:sha256:{fp or fingerprint(arguments)}"
 
 
@@ -434,7 +442,10 @@ class SideEffectWrapper:
         self.ttl_seconds = ttl_seconds
 
     def key(self, effect_type: str, entity_id: str) -> str:
-        return f"{self.ids.store.keys.prefix}:effect:{effect_type}:{entity_id}"
+        # seed 004's effect:{type}:{entity_id}; an unsafe id is hashed (never raw input in
+        # a key name).
+        return (f"{self.ids.store.keys.prefix}:effect:{key_token(str(effect_type))}:"
+                f"{key_token(entity_id)}")
 
     def run(
         self,

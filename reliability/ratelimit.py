@@ -31,6 +31,7 @@ from reliability import metrics, scripts
 from reliability.admission import Fragment
 from reliability.bucket import LocalTokenBucket
 from reliability.errors import BackendUnavailable, ConfigurationError
+from reliability.security import hashed_token, key_token
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.ratelimit")
@@ -82,6 +83,23 @@ class RateLimit:
             return self.limit, self.lease_seconds
         return self.max_requests, self.window_seconds
 
+    def scope_key(self, value: str) -> str:
+        """A scope value as it appears in the limit's Redis key name.
+
+        Values taken from arguments (``user``, ``ip``, ``arg:<name>``) are always hashed;
+        a tenant id stays readable when short and of a safe charset (else hashed); the
+        global and task scopes are not input. ``reliable limits reset --scope <value>``
+        takes the value itself and goes through here too.
+        """
+        if self.per in ("global", "task"):
+            return value
+        if self.per == "tenant":
+            token = key_token(value)
+            # "cfg" names the limit's runtime overrides (limit_keys): a tenant of that
+            # name is hashed instead of sharing the key.
+            return hashed_token(value) if token == "cfg" else token
+        return hashed_token(value)
+
     def scope_value(self, task_name: str, tenant: str | None,
                     arguments: Callable[[], dict[str, Any]]) -> str:
         """The value this limit is keyed by for one call."""
@@ -105,11 +123,12 @@ DEFAULT_LIMITS: dict[str, RateLimit] = {
 
 
 def limit_keys(store: Store, limit: RateLimit, scope: str) -> list[str]:
-    """A limit's keys: one per scope value plus its runtime overrides, shared by every task
+    """A limit's keys: one per scope value (never embedded verbatim when it comes from
+    input: :meth:`RateLimit.scope_key`) plus its runtime overrides, shared by every task
     naming the limit. Hash-tagged by the limit's name: give a limit the name of the
     dependency it protects (as breakers are) and one admission's keys share a slot."""
     base = f"{store.keys.prefix}:{{{limit.name}}}:rl"
-    return [f"{base}:{scope}", f"{base}:cfg"]
+    return [f"{base}:{limit.scope_key(scope)}", f"{base}:cfg"]
 
 
 def fragment(count: int, reserved: bool = False) -> Fragment:

@@ -34,6 +34,7 @@ from reliability.delivery import (
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
 from reliability.ledger import Outcome
+from reliability.reprs import current_masker, masked_reprs
 from reliability.runtime import get_runtime
 from reliability.settlement import store_wait
 
@@ -195,3 +196,50 @@ class ReliableRequest(Request):  # type: ignore[misc]
         metrics.OUTCOMES.labels(self._task.name, Outcome.REVOKED).inc()
         log.warning("task_revoked", task_id=self.id, task_name=self.name, reason=reason,
                     terminated=terminated)
+
+    # -- what Celery shows of the arguments ---------------------------------------------
+    # Celery reads `_argsrepr`/`_kwargsrepr` for the task-received event (Flower), the
+    # "Received task" log line, inspect replies and repr(). The producer's reprs may hold
+    # secrets: they are never shown; these properties give the masked reprs, computed
+    # from the arguments once, on first use.
+
+    @property
+    def _argsrepr(self) -> str:
+        return self._masked_reprs()[0]
+
+    @_argsrepr.setter
+    def _argsrepr(self, _producer_repr: str) -> None:
+        pass
+
+    @property
+    def _kwargsrepr(self) -> str:
+        return self._masked_reprs()[1]
+
+    @_kwargsrepr.setter
+    def _kwargsrepr(self, _producer_repr: str) -> None:
+        pass
+
+    def _masked_reprs(self) -> tuple[str, str]:
+        found: tuple[str, str] | None = self.__dict__.get("_reliable_reprs")
+        if found is None:
+            found = masked_reprs(self._task, self._args, self._kwargs)
+            self.__dict__["_reliable_reprs"] = found
+            # The pool child logs the reprs of its request dict ("Task ... succeeded").
+            self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = found
+        return found
+
+    def execute_using_pool(self, pool: Any, **kwargs: Any) -> Any:
+        self._masked_reprs()  # before the request dict goes to the pool child
+        return super().execute_using_pool(pool, **kwargs)
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Task events (succeeded, failed, retried, ...) carry the result's repr, the
+        exception and its traceback as text: masked like a log line, this delivery's
+        sensitive argument values included."""
+        if fields and self._eventer and self._eventer.enabled:
+            masker = current_masker().including(
+                self._task.sensitive.values(self._args, self._kwargs)
+                if hasattr(self._task, "sensitive") else ())
+            fields = {k: masker.text(v) if isinstance(v, str) else v
+                      for k, v in fields.items()}
+        super().send_event(type, **fields)

@@ -38,6 +38,7 @@ from reliability.errors import (
 )
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime, get_runtime
+from reliability.sensitive import changed_arguments
 
 if TYPE_CHECKING:
     import inspect
@@ -273,15 +274,21 @@ class Settlement:
                      exc: BaseException | None = None, reason: str = "", ran: bool) -> None:
         keys = rt.store.keys
         cfg = rt.config
-        masker = rt.masker
+        # Sensitive arguments whole; their values wherever else they appear (the
+        # exception message, the traceback), as configured secrets and patterns are.
+        sensitive = self.task.sensitive
+        masker = rt.masker.including(sensitive.values(d.args, d.kwargs))
+        args, kwargs = masker.call(d.args, d.kwargs, sensitive)
+        masked_args = changed_arguments(list(self.signature.parameters), d.args, d.kwargs,
+                                        args, kwargs)
         now = time.time()
         entry = DeadLetter(
             task_name=d.name,
             task_id=d.task_id,
             failure_class=str(failure),
             reason=masker.text(reason or (str(exc) if exc else "")),
-            args=masker.data(list(d.args)),
-            kwargs=masker.data(dict(d.kwargs)),
+            args=args,
+            kwargs=kwargs,
             idempotency_key=d.idempotency_key,
             correlation_id=d.correlation_id,
             tenant_id=d.tenant_id,
@@ -294,6 +301,7 @@ class Settlement:
             redrive_count=d.redrive_count,
             headers=masker.data(d.producer_headers()),
             routing=d.routing,
+            masked_args=masked_args,
         )
         holds = bool(d.idempotency_key and d.fence)
         tail_keys, tail_args = self.guard_tail(rt, d, exc) if ran else ([], [])

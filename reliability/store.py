@@ -36,6 +36,7 @@ import redis
 from redis.commands.core import Script
 
 from reliability.errors import BackendUnavailable
+from reliability.security import key_token
 
 T = TypeVar("T")
 
@@ -76,11 +77,13 @@ class Keys:
     def idem(self, tag: str, key: str) -> str:
         return f"{self.prefix}:{{{tag}}}:idem:{key}"
 
+    # Task ids and defer/publish ids come from message headers: a producer may put
+    # anything there, so only short safe ones are kept verbatim (key_token).
     def delivery(self, tag: str, task_id: str, retries: int, pub: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:dlv:{task_id}:{retries}:{pub}"
+        return f"{self.prefix}:{{{tag}}}:dlv:{key_token(task_id)}:{retries}:{key_token(pub)}"
 
     def defer(self, tag: str, defer_id: str) -> str:
-        return f"{self.prefix}:{{{tag}}}:defer:{defer_id}"
+        return f"{self.prefix}:{{{tag}}}:defer:{key_token(defer_id)}"
 
     def budget(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:budget"

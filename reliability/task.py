@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from reliability.errors import ConfigurationError, PermanentError
 from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
+from reliability.sensitive import SensitiveArgs, set_delivery_values
 
 # Options each guard owns, with what they mean (the README's options table).
 GUARD_OPTIONS: dict[str, str] = {
@@ -37,6 +38,7 @@ GUARD_OPTIONS: dict[str, str] = {
     "breaker": "circuit breaker: the name of a breaker in settings (shared fleet-wide)",
     "breaker_fallback": "circuit breaker: a callable serving the call while it is open",
     "rate_limits": "rate limits: names in settings or RateLimit objects, all must admit",
+    "sensitive_args": "secrets: argument names masked whole in events, logs, DLQ and results",
 }
 
 # Celery options that would bypass the pipeline's own retry and deferral.
@@ -71,6 +73,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     breaker: ClassVar[str | None] = None
     breaker_fallback: ClassVar[Any] = None
     rate_limits: ClassVar[Sequence[Any]] = ()
+    sensitive_args: ClassVar[Sequence[str]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,11 +89,23 @@ class ReliableTask(Task):  # type: ignore[misc]
     def keyed(self) -> bool:
         return bool(self.idempotent or self.idempotency_key_args)
 
+    @property
+    def sensitive(self) -> SensitiveArgs:
+        """Which arguments are masked whole (``sensitive_args`` resolved on the signature)."""
+        found = self.__dict__.get("_reliable_sensitive")
+        if found is None:
+            found = SensitiveArgs.of(self.sensitive_args, inspect.signature(self.run))
+            self.__dict__["_reliable_sensitive"] = found
+        return found
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:
             return super().__call__(*args, **kwargs)
         from reliability.pipeline import pipeline_for
 
+        # For this delivery, its sensitive values are masked by value in every log line,
+        # exception, DLQ entry and result too (until the next delivery or task_postrun).
+        set_delivery_values(self.sensitive.values(args, kwargs))
         return pipeline_for(self).execute(args, kwargs)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -137,6 +152,7 @@ def _check_options(cls: type[ReliableTask]) -> None:
             raise ConfigurationError(
                 f"task {name}: idempotency_key_args {missing} are not parameters of the task"
             )
+    _check_sensitive_args(name, cls.__dict__.get("sensitive_args"), fn)
     policy = cls.__dict__.get("retry_policy")
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise ConfigurationError(f"task {name}: retry_policy must be a RetryPolicy")
@@ -156,3 +172,23 @@ def _check_options(cls: type[ReliableTask]) -> None:
     model = cls.__dict__.get("args_model")
     if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise ConfigurationError(f"task {name}: args_model must be a pydantic model class")
+
+
+def _check_sensitive_args(name: str, names: Any, fn: Any) -> None:
+    """``sensitive_args`` is a sequence of parameter names of the task (a typo would
+    silently leave a secret in clear)."""
+    if names is None:
+        return
+    if isinstance(names, str) or not isinstance(names, Iterable) or not all(
+            isinstance(n, str) for n in names):
+        raise ConfigurationError(
+            f"task {name}: sensitive_args must be a sequence of argument names, e.g. ('api_key',)")
+    if fn is None:
+        return
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # names may be keys of **kwargs
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ConfigurationError(
+            f"task {name}: sensitive_args {missing} are not parameters of the task")

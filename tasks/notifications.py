@@ -23,6 +23,8 @@ class SendArgs(BaseModel):
     breaker="notification",
     rate_limits=("notification-per-user",),
     idempotent=True,
+    # Message bodies hold one-time codes and personal data: shown as ***.
+    sensitive_args=("message",),
     idempotency_ttl=15 * 60,  # seed 000: 10-30 minutes for notifications
     args_model=SendArgs,
     retry_policy=RetryPolicy(strategy="exponential", base_delay=2.0, max_delay=120.0,

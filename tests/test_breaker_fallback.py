@@ -9,6 +9,7 @@ import pytest
 from celery import Celery
 
 from reliability.breaker import BreakerConfig, BreakerMode, CircuitBreaker
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess
@@ -36,6 +37,8 @@ def test_an_open_breaker_serves_the_fallback_and_records_it(
     finally:
         breaker.set_mode(BreakerMode.NORMAL)
 
-    assert [e["idempotency_key"] for e in provider.effects()] == ["test.with_fallback:key=live"]
+    assert [e["idempotency_key"] for e in provider.effects()] == [
+        derive_key("test.with_fallback", {"key": "live"}, key_args=("key",))
+    ]
     outcomes = Ledger(shared_store).outcomes([closed.id, opened.id])
     assert outcomes == {closed.id: ["succeeded"], opened.id: ["fallback"]}

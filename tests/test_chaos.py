@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 
 from reliability.dlq import DeadLetterQueue
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
@@ -54,7 +55,7 @@ def overlapping_calls(calls: list[dict[str, Any]]) -> int:
 
 def lease(store: Store, task_name: str, key: str) -> dict[str, str]:
     """The idempotency hash of ``key`` (state, owner, fence, until, ...)."""
-    idem = store.keys.idem(task_name, f"{task_name}:key={key}")
+    idem = store.keys.idem(task_name, derive_key(task_name, {"key": key}, key_args=("key",)))
     return store.call("read lease", lambda c: c.hgetall(idem))
 
 
@@ -110,8 +111,8 @@ def test_a_pool_child_killed_mid_task_has_its_task_completed_long_before_the_lea
     assert outcomes(store, result.id) == ["requeued", "succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (f"{SLOW_CALL}:key=child", 2, "effect")]
-    assert value["idempotency_key"] == f"{SLOW_CALL}:key=child"
+        (derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",)), 2, "effect")]
+    assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",))
     assert lease(store, SLOW_CALL, "child")["state"] == "done"
     assert "task_child_lost_requeued" in log and '"lease_released": true' in log
 
@@ -153,8 +154,8 @@ def test_a_worker_killed_mid_task_is_revived_by_the_reaper_once_the_lease_lapses
     assert outcomes(store, result.id) == ["succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (f"{SLOW_CALL}:key=host", 2, "effect")]
-    assert value["idempotency_key"] == f"{SLOW_CALL}:key=host"
+        (derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",)), 2, "effect")]
+    assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",))
     assert '"event": "lease_lapsed"' in log and '"message_restored": true' in log
 
 
@@ -165,7 +166,7 @@ def test_a_holder_paused_past_its_lease_cannot_commit_after_its_successor(
 ) -> None:
     sandbox.set_faults(latency_seconds=0.02)
     producer = environment.producer()
-    key = f"{SLOW_CALL}:key=paused"
+    key = derive_key(SLOW_CALL, {"key": "paused"}, key_args=("key",))
     with WorkerProcess(environment, concurrency=2,
                        RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="3") as worker:
         result = producer.send_task(SLOW_CALL, kwargs={"key": "paused", "before": 2.0})
@@ -271,7 +272,8 @@ def test_sigkill_of_pool_children_during_a_run_loses_nothing_and_charges_each_pa
     assert killer.kills > 0 and sum(requeued.values()) > 0
     assert overlapping_calls(calls) == 0
     # A provider honouring Idempotency-Key sees exactly one effect per succeeded payment.
-    key_of = {tid: f"payments.charge:payment_id=chaos-{i}" for i, tid in enumerate(task_ids)}
+    key_of = {tid: derive_key("payments.charge", {"payment_id": f"chaos-{i}"},
+                              key_args=("payment_id",)) for i, tid in enumerate(task_ids)}
     assert {key_of[tid] for tid in succeeded} <= set(effects) <= set(key_of.values())
     # Raw repeats of a key happen only when a kill landed between the provider's effect and
     # the completion record (DESIGN §5): one per requeue at most, each with a newer fence.

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+from reliability.idempotency import derive_key
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
 
@@ -37,7 +38,8 @@ def test_a_dying_stale_holder_never_frees_its_successors_lease(
 ) -> None:
     modules = f'["tests.support.tasks", "{__name__}"]'
     runs = f"{store.keys.prefix}:review:runs:k"
-    idem = store.keys.idem("review.pid_sleep", "review.pid_sleep:key=k")
+    idem = store.keys.idem("review.pid_sleep",
+                           derive_key("review.pid_sleep", {"key": "k"}, key_args=("key",)))
     with WorkerProcess(environment, concurrency=3, REVIEW_TASKS=__name__,
                        RELIABLE_WORKER__TASK_MODULES=modules,
                        RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="2"):

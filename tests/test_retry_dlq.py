@@ -20,6 +20,7 @@ import pytest
 from celery import Celery
 
 from reliability.dlq import DeadLetter, DeadLetterQueue
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
@@ -103,7 +104,7 @@ def test_a_task_out_of_attempts_is_dead_lettered_as_transient_with_its_envelope(
     assert entry.attempts == FAST_RETRY.max_attempts
     assert entry.exception_type == "TransientError"
     assert entry.correlation_id == correlation_id
-    assert entry.idempotency_key == f"test.call:key={key}"
+    assert entry.idempotency_key == derive_key("test.call", {"key": key}, key_args=("key",))
     assert entry.args == [key] and entry.task_name == "test.call"
 
 
@@ -138,7 +139,8 @@ def test_a_payment_id_charged_again_with_another_amount_is_dead_lettered_as_conf
     assert outcomes(shared_store, second.id) == ["dead_lettered"]
     [entry] = dead_letters(shared_store, second.id)
     assert entry.failure_class == "conflict"
-    assert entry.idempotency_key == f"payments.charge:payment_id={payment_id}"
+    assert entry.idempotency_key == derive_key("payments.charge", {"payment_id": payment_id},
+                                               key_args=("payment_id",))
     assert entry.kwargs["amount"] == 200
 
 

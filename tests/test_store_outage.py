@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
@@ -54,7 +55,8 @@ def test_tasks_wait_while_the_state_store_is_down_and_complete_when_it_returns(
     assert [v["status"] for v in values] == ["ok"] * 5
     effects = sandbox.effects()
     assert sorted(e["idempotency_key"] for e in effects) == sorted(
-        ["test.call:key=before"] + [f"test.call:key=during-{i}" for i in range(5)]
+        derive_key("test.call", {"key": k}, key_args=("key",))
+        for k in ["before", *(f"during-{i}" for i in range(5))]
     )
     rec = Ledger(Store(own_redis.url, environment.prefix)).reconcile(
         [first.id, *(r.id for r in results)])

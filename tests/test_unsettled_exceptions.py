@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from reliability.dlq import DeadLetterQueue
+from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
@@ -44,8 +45,9 @@ def test_a_result_with_non_string_keys_still_settles_the_delivery(
         sent = environment.producer().send_task("review.totals_by_day", args=["k1"])
         sent.get(timeout=30, propagate=False)
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="message acked")
-        idem = store.client.hgetall(store.keys.idem("review.totals_by_day",
-                                                    "review.totals_by_day:key=k1"))
+        idem = store.client.hgetall(store.keys.idem(
+            "review.totals_by_day",
+            derive_key("review.totals_by_day", {"key": "k1"}, key_args=("key",))))
     outcomes = Ledger(store).outcomes([sent.id])
     dead = DeadLetterQueue(store).list()
     assert outcomes.get(sent.id), (

@@ -30,7 +30,9 @@ from worker.celeryconfig import (
 
 def build(settings: Settings) -> tuple[Celery, Runtime]:
     url = state_url(settings)
-    app = Celery("reliable")
+    # Messages this app publishes (parked copies, redrives, child tasks) carry masked
+    # argument reprs in their headers and task-sent events.
+    app = Celery("reliable", amqp="reliability.reprs:ReliableAMQP")
     app.conf.update(celery_config(settings, url))
     store = Store(url, settings.redis.key_prefix,
                   socket_timeout=settings.redis.socket_timeout_seconds)

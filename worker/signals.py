@@ -22,6 +22,7 @@ from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
+from reliability.sensitive import clear_delivery_values
 from reliability.transport import TRANSPORT_PATH, sweep_orphans
 from worker import embedded, preflight
 from worker.celeryconfig import embedded_data_dir
@@ -95,5 +96,6 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
     signals.beat_init.connect(own_embedded_redis, weak=False)
     signals.before_task_publish.connect(on_publish, weak=False)
     signals.task_postrun.connect(lambda **_: clear_task_context(), weak=False)
+    signals.task_postrun.connect(lambda **_: clear_delivery_values(), weak=False)
     signals.worker_ready.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)

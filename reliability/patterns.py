@@ -1,0 +1,185 @@
+"""Secrets text masking finds without being told, each in time linear in the text.
+
+:func:`mask_patterns` replaces, in one string:
+
+* URL passwords: ``scheme://user:password@host`` -> ``scheme://user:***@host``;
+* sensitive query parameters: ``?api_key=...``, ``&token=...`` (names as
+  :data:`SENSITIVE_KEY`) -> ``?api_key=***``;
+* bearer tokens: ``Bearer <token>`` -> ``Bearer ***``;
+* API keys recognisable by their prefix: ``sk_live_``/``sk_test_``/``rk_live_``/``rk_test_``
+  (Stripe), ``whsec_``, GitHub ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``/``github_pat_``,
+  Slack ``xoxb-``/``xoxp-``/... -> the prefix followed by ``***``;
+* payment card numbers: 13-19 digits, contiguous or in groups separated by one space or
+  dash, starting with 2-6 (the card networks' prefixes) and passing the Luhn check -> ``***``.
+  Order ids, timestamps and phone numbers stay readable (90% of random 16-digit numbers
+  fail Luhn, and epoch times start with 1).
+
+Why linear: the masker runs on every log line, DLQ entry and result, and on arguments
+of any size (a 5 MB argument once kept a worker busy for minutes with a backtracking
+URL regex). Every pattern starts with a literal (found by a fast substring search) or
+a single character class, and every repetition is either bounded or possessive, so no
+position of the text is examined more than a bounded number of times. Patterns whose
+literal is absent are skipped after one ``in`` check.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+MASK = "***"
+# Keys whose values are masked whatever they contain (dict keys, log fields, query names).
+SENSITIVE_KEY = re.compile(
+    r"pass(?:word|wd)?|secret|token|api[_-]?key|authorization|credential|private[_-]?key"
+    r"|cvv|cvc",
+    re.I,
+)
+
+# ://user:password@ — the scheme is not part of the match (the literal "://" leads, so
+# the regex engine finds candidates with a substring search). The user part stops at
+# ':' (no '@' needed), the password runs to the last '@' of the authority; both are
+# bounded, so one candidate costs at most ~4 k steps and candidates cannot share
+# characters (each authority ends at the next '/').
+_URL = re.compile(r"://([^\s/?#:\"'<>]{0,256}):([^\s/?#\"'<>]{1,4096})@")
+# ?name=value / &name=value where the name contains a sensitive word (as SENSITIVE_KEY;
+# in the regex itself, so ordinary parameters cost no Python call). Name parts bounded.
+_QUERY = re.compile(
+    r"([?&])([A-Za-z0-9_.\-]{0,32}?(?i:pass|secret|token|api[_-]?key|authorization|credential"
+    r"|private[_-]?key|cvv|cvc)[A-Za-z0-9_.\-]{0,32})=[^&\s\"'<>#]++"
+)
+# Bearer tokens: led by the literal "earer" (then checked for its B), at least 8
+# token characters so prose ("Bearer tokens expire") stays readable.
+_TOKEN_CHARS = r"[A-Za-z0-9\-._~+/]{8,}+=*+"
+_BEARER = re.compile(r"earer(?<=[Bb]earer)(?<![A-Za-z0-9_][Bb]earer)([ \t]{1,8})" + _TOKEN_CHARS)
+_BEARER_UPPER = re.compile(r"EARER(?<=BEARER)(?<![A-Za-z0-9_]BEARER)([ \t]{1,8})" + _TOKEN_CHARS)
+# (literal that must be present, regex, replacement keeping the recognisable prefix)
+_PREFIXED_KEYS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    (
+        "k_",
+        re.compile(
+            r"(k_(?:live|test)_)(?<=[sr]k_live_|[sr]k_test_)"
+            r"(?<![A-Za-z0-9][sr]k_live_)(?<![A-Za-z0-9][sr]k_test_)[A-Za-z0-9]{8,}+"
+        ),
+        r"\1" + MASK,
+    ),
+    ("whsec_", re.compile(r"(whsec_)(?<![A-Za-z0-9]whsec_)[A-Za-z0-9+/=]{16,}+"), r"\1" + MASK),
+    ("gh", re.compile(r"(gh[pousr]_)(?<![A-Za-z0-9]gh[pousr]_)[A-Za-z0-9]{20,}+"), r"\1" + MASK),
+    ("github_pat_", re.compile(r"(github_pat_)[A-Za-z0-9_]{20,}+"), r"\1" + MASK),
+    (
+        "xox",
+        re.compile(r"(xox[abposr]-)(?<![A-Za-z0-9]xox[abposr]-)[A-Za-z0-9\-]{10,}+"),
+        r"\1" + MASK,
+    ),
+)
+# A run of digit groups separated by single spaces or dashes, at least 13 characters
+# long (possessive: each run is consumed once). Not after a digit or '.', so the
+# decimals of a number are not a run.
+_DIGIT_RUN = re.compile(r"[0-9](?<![0-9.][0-9])(?=[0-9 \-]{12})[0-9]*+(?:[ -][0-9]++)*+")
+# Where a card may start: a group of at least four digits beginning with 2-6.
+_CARD_START = re.compile(r"(?<![0-9])[2-6][0-9]{3}")
+_GROUPS = re.compile(r"([ -])")
+_LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")  # 2d, digits summed
+CARD_MIN_DIGITS, CARD_MAX_DIGITS = 13, 19
+_CARD_FIRST_DIGITS = frozenset("23456")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a string of digits (every card number passes it)."""
+    odd = sum(map(int, digits[-1::-2]))
+    even = sum(map(int, digits[-2::-2].translate(_LUHN_DOUBLE)))
+    return (odd + even) % 10 == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _luhn_parts(group: str) -> tuple[int, int]:
+    """A group's share of a Luhn sum: (its first digit doubled, its first digit plain).
+
+    Cached: a card's groups are short, so a run of groups costs a lookup per group.
+    """
+    evens, odds = group[0::2], group[1::2]
+    first_doubled = sum(map(int, evens.translate(_LUHN_DOUBLE))) + sum(map(int, odds))
+    first_plain = sum(map(int, evens)) + sum(map(int, odds.translate(_LUHN_DOUBLE)))
+    return first_doubled, first_plain
+
+
+def _card_end(groups: list[str], lengths: list[int], start: int) -> int:
+    """The last group of the longest card number starting at ``groups[start]``, or -1.
+
+    A card starts with a group of at least four digits (or is one contiguous group of
+    13-19) and its further groups have at least three digits (4-4-4-4, 4-6-5, 4-4-4-4-3).
+    The Luhn sum is kept for both parities while the window grows (digits at even
+    offsets doubled, or odd ones), so each window costs one step, not a recount.
+    """
+    if lengths[start] < 4 or groups[start][0] not in _CARD_FIRST_DIGITS:
+        return -1
+    best, total, even, odd = -1, 0, 0, 0
+    for end in range(start, len(groups)):
+        length = lengths[end]
+        if (end > start and length < 3) or total + length > CARD_MAX_DIGITS:
+            break
+        first_doubled, first_plain = _luhn_parts(groups[end])
+        if total % 2 == 0:
+            even, odd = even + first_doubled, odd + first_plain
+        else:
+            even, odd = even + first_plain, odd + first_doubled
+        total += length
+        # The rightmost digit is never doubled: with an even total, even offsets are.
+        if total >= CARD_MIN_DIGITS and (even if total % 2 == 0 else odd) % 10 == 0:
+            best = end
+    return best
+
+
+def _mask_card_run(match: re.Match[str]) -> str:
+    run = match.group()
+    if _CARD_START.search(run) is None:
+        return run
+    pieces = _GROUPS.split(run)  # digits, separator, digits, ...
+    groups = pieces[0::2]
+    lengths = list(map(len, groups))
+    if len(groups) == 1:
+        return MASK if _card_end(groups, lengths, 0) == 0 else run
+    out: list[str] = []
+    index, changed = 0, False
+    while index < len(groups):
+        end = _card_end(groups, lengths, index)
+        if end < 0:
+            out.append(groups[index])
+            if index + 1 < len(groups):
+                out.append(pieces[2 * index + 1])
+            index += 1
+            continue
+        changed = True
+        out.append(MASK)
+        if end + 1 < len(groups):
+            out.append(pieces[2 * end + 1])
+        index = end + 1
+    return "".join(out) if changed else run
+
+
+_Step = tuple[str, Callable[[str], str]]
+
+
+def _sub(
+    pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str]
+) -> Callable[[str], str]:
+    return lambda text: pattern.sub(replacement, text)
+
+
+# (literal that must occur for the step to run, the step); "" runs always.
+_STEPS: tuple[_Step, ...] = (
+    ("://", _sub(_URL, r"://\1:" + MASK + "@")),
+    ("=", _sub(_QUERY, r"\1\2=" + MASK)),
+    ("earer", _sub(_BEARER, r"earer\1" + MASK)),
+    ("EARER", _sub(_BEARER_UPPER, r"EARER\1" + MASK)),
+    *((literal, _sub(pattern, replacement)) for literal, pattern, replacement in _PREFIXED_KEYS),
+    ("", _sub(_DIGIT_RUN, _mask_card_run)),
+)
+
+
+def mask_patterns(text: str) -> str:
+    """``text`` with every pattern above replaced; linear in ``len(text)``."""
+    for literal, step in _STEPS:
+        if not literal or literal in text:
+            text = step(text)
+    return text
