@@ -63,6 +63,10 @@ class WorkerSettings(BaseModel):
     soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
     default_soft_time_limit_seconds: float | None = Field(300.0, gt=0)
     default_time_limit_seconds: float | None = Field(330.0, gt=0)
+    # The main process beats this often; silent for heartbeat_ttl_seconds = dead, and the
+    # fleet restores its unacked messages and frees its leases (see README, revival).
+    heartbeat_interval_seconds: float = Field(1.0, gt=0)
+    heartbeat_ttl_seconds: float = Field(4.0, gt=0)
 
 
 class IdempotencySettings(BaseModel):
@@ -214,6 +218,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS ({vt}) must exceed the longest"
                 f" task (RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS={hard})"
+            )
+        if self.worker.heartbeat_ttl_seconds < 2 * self.worker.heartbeat_interval_seconds:
+            raise ValueError(
+                "RELIABLE_WORKER__HEARTBEAT_TTL_SECONDS must be at least twice"
+                " RELIABLE_WORKER__HEARTBEAT_INTERVAL_SECONDS, or a live worker could be"
+                " declared dead between two beats"
             )
         if self.idempotency.result_ttl_seconds <= vt:
             raise ValueError(

@@ -154,14 +154,6 @@ local c = cb_cfg(ARGV, 6)
 return cb_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c, ARGV[3], ARGV[4],
                  tonumber(ARGV[5]))
 """)
-# KEYS trials   ARGV now, owner, fence (unused), seconds: a running trial keeps its slot.
-RENEW_TRIAL = scripts.compose(body="""
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[4]), ARGV[2])
-  return 1
-end
-return 0
-""")
 _READ = scripts.compose("breaker", body="""
 local c = cb_cfg(ARGV, 3)
 local state, mode, open_until = cb_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)

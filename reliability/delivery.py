@@ -83,10 +83,6 @@ def malformed(headers: dict[str, Any], args: Any, kwargs: Any) -> str | None:
             return f"header {name!r} is a {type(value).__name__}, not a string"
         if len(str(value)) > MAX_HEADER_CHARS:
             return f"header {name!r} is longer than {MAX_HEADER_CHARS} characters"
-    retries = headers.get("retries")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
-                                or retries < 0):
-        return "header 'retries' is not a whole number >= 0"
     limits = headers.get("timelimit")
     if limits is not None and not _limits_valid(limits):
         return "header 'timelimit' is not [hard, soft] seconds (numbers > 0 or null)"

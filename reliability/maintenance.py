@@ -47,8 +47,8 @@ class Maintenance(threading.Thread):
     """Leader-elected loop: move due parked messages, reap lapsed leases."""
 
     def __init__(self, store: Store, mover: Mover, reaper: Reaper | None, *,
-                 interval: float = 0.2, leader_ttl: float = 5.0,
-                 reap_every: float = 1.0,
+                 interval: float = 0.2, leader_ttl: float = 3.0,
+                 reap_every: float = 0.5,
                  sweepers: Sequence[Callable[[], int]] = ()) -> None:
         super().__init__(name="reliable-maintenance", daemon=True)
         self.store = store
@@ -88,6 +88,7 @@ class Maintenance(threading.Thread):
         if self._since_reap >= self.reap_every:
             self._since_reap = 0.0
             if self.reaper is not None:
+                self.reaper.revive_dead()
                 self.reaper.reap()
             for sweep in self.sweepers:
                 sweep()
@@ -103,6 +104,8 @@ class Maintenance(threading.Thread):
             try:
                 wait = self.tick()
             except BackendUnavailable as exc:
+                if self.reaper is not None:
+                    self.reaper.interrupted()
                 log.warning("maintenance_store_unavailable", error=str(exc))
             except Exception:
                 log.exception("maintenance_tick_failed")

@@ -37,6 +37,10 @@ LEASES_REAPED = Counter(
     f"{PREFIX}_leases_reaped_total",
     "Lapsed leases whose unacked message the reaper restored to the queue.",
 )
+WORKERS_REVIVED = Counter(
+    f"{PREFIX}_workers_revived_total",
+    "Dead workers (heartbeat expired) whose leases were freed and messages restored.",
+)
 PARKED = Gauge(
     f"{PREFIX}_parked_messages", "Messages parked in Redis waiting to be due.",
     multiprocess_mode="max",

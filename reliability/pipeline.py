@@ -122,17 +122,11 @@ class Pipeline(Settlement):
             return self._refused(rt, d, verdict)
         d.fence = verdict.fence
         d.admitted_at = verdict.now or None
-        held = []
         if d.idempotency_key:
             log.debug("idempotency_lock_acquired", idempotency_key=d.idempotency_key, fence=d.fence)
-            held.append(rt.leases.hold(self._idem_key(rt, d), d.owner, d.fence,
-                                       self._lease_seconds(rt)))
-        if "trial" in verdict.extra:
-            # A half-open trial keeps its slot while it runs, however slow the call.
-            breaker = self.breaker(rt)
-            held.append(rt.leases.hold(
-                breaker.keys[2], d.owner, 0, breaker.config.trial_lease_seconds,
-                script=breaker_mod.RENEW_TRIAL, keys=[breaker.keys[2]], kind="breaker_trial"))
+        # Its leases (idempotency, a half-open trial slot, concurrency places) are renewed
+        # by the worker's main process while this process lives (reliability.lease): a
+        # body holding the GIL cannot starve them.
         started = time.monotonic()
         try:
             result = self.task.run(*d.args, **d.kwargs)
@@ -152,9 +146,6 @@ class Pipeline(Settlement):
         except Exception as exc:
             d.duration = time.monotonic() - started
             return self._failed(rt, d, exc)
-        finally:
-            for lease in held:
-                rt.leases.drop(lease)
         d.duration = time.monotonic() - started
         return self._succeeded(rt, d, result)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -33,6 +34,8 @@ from reliability.delivery import (
 )
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
+from reliability.heartbeat import identity
+from reliability.lease import Holding
 from reliability.ledger import Outcome
 from reliability.reprs import current_masker, masked_reprs
 from reliability.runtime import get_runtime
@@ -61,7 +64,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
         # Celery replaces `correlation_id` with the AMQP property and drops the delivery
         # tag; keep both for the pool child (log context, lease owner token).
         self._request_dict[REQUEST_CORRELATION_ID] = correlation_id
-        self._request_dict[REQUEST_OWNER] = f"{self._hostname}:{uuid.uuid4().hex}"
+        # "<worker identity>:<nonce>": the maintenance leader frees a dead worker's leases
+        # by this prefix (reliability.reaper).
+        self._request_dict[REQUEST_OWNER] = f"{identity()}:{uuid.uuid4().hex}"
         self._delivery_info["delivery_tag"] = message.delivery_tag
 
     @property
@@ -88,6 +93,12 @@ class ReliableRequest(Request):  # type: ignore[misc]
         d = Delivery.from_request(self._request_dict, self._task.name, self.args, self.kwargs)
         pipeline_for(self._task).identify(d)
         return d
+
+    def holding(self) -> Holding | None:
+        """What this delivery holds while it runs (built on the lease keeper's thread)."""
+        from reliability.pipeline import pipeline_for
+
+        return pipeline_for(self._task).holding(get_runtime(), self._delivery())
 
     def _settle(self, settle: Any, *args: Any) -> bool:
         """Run a parent-side settlement with a short store wait; False if the store is away
@@ -243,3 +254,15 @@ class ReliableRequest(Request):  # type: ignore[misc]
             fields = {k: masker.text(v) if isinstance(v, str) else v
                       for k, v in fields.items()}
         super().send_event(type, **fields)
+
+
+def running_deliveries() -> Iterable[tuple[str, int | None, Callable[[], Holding | None]]]:
+    """The reliable deliveries running in this worker now, for the lease keeper: their
+    id, the pid of the pool child running each (None until it started), and how to build
+    what each holds."""
+    from celery.worker.state import active_requests
+
+    for request in tuple(active_requests):
+        if isinstance(request, ReliableRequest) and not request.acknowledged:
+            owner = request._request_dict.get(REQUEST_OWNER) or request.id
+            yield str(owner), request.worker_pid, request.holding

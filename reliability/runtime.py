@@ -1,4 +1,4 @@
-"""The objects a worker process shares: store, ledger, DLQ, lease keeper, masker, knobs.
+"""The objects a worker process shares: store, ledger, DLQ, breakers, masker, knobs.
 
 The worker builds one :class:`Runtime` from settings at start-up and installs it with
 :func:`set_runtime`; tasks, signal handlers and admin tools reach it through
@@ -19,7 +19,6 @@ from reliability.breaker import BreakerConfig, BreakerRegistry
 from reliability.cache import TrackedCache
 from reliability.dlq import DeadLetterQueue
 from reliability.errors import BackendUnavailable, ConfigurationError
-from reliability.lease import LeaseKeeper
 from reliability.ledger import Ledger
 from reliability.poison import DEFAULT_MAX_MESSAGE_BYTES
 from reliability.ratelimit import DEFAULT_LIMITS, RateLimit
@@ -70,7 +69,6 @@ class Runtime:
         self.ledger = Ledger(store, self.config.ledger_max_len)
         self.dlq = DeadLetterQueue(store, max_entries=self.config.dlq_max_entries,
                                    max_redrives=self.config.dlq_max_redrives)
-        self.leases = LeaseKeeper(store)
 
     def tracked_cache(self) -> TrackedCache:
         """The process's invalidation-coherent cache for reads outside tasks (lazy)."""

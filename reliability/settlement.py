@@ -36,6 +36,7 @@ from reliability.errors import (
     PoisonMessage,
     StaleFencingToken,
 )
+from reliability.lease import Holding
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime, get_runtime
 from reliability.sensitive import changed_arguments
@@ -374,6 +375,26 @@ class Settlement:
             scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
             keys.append(ratelimit.limit_keys(rt.store, limit, scope)[0])
         return keys, args
+
+    def holding(self, rt: Runtime, d: Delivery) -> Holding:
+        """What a running delivery of this task holds, for the worker's lease keeper: its
+        idempotency lease, a breaker trial slot, its concurrency places."""
+        places = []
+        for limit in self.limits(rt):
+            if limit.kind == "concurrency":
+                scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
+                places.append((ratelimit.limit_keys(rt.store, limit, scope)[0],
+                               float(limit.lease_seconds)))
+        breaker = self.breaker(rt) if self.task.breaker else None
+        return Holding(
+            owner=d.owner,
+            pid=None,
+            idempotency_key=self._idem_key(rt, d) if d.idempotency_key else None,
+            lease_seconds=self._lease_seconds(rt),
+            trial_key=breaker.keys[2] if breaker is not None else None,
+            trial_seconds=breaker.config.trial_lease_seconds if breaker is not None else 60.0,
+            places=places,
+        )
 
     def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:
         """Run a store operation; if the store stays away, hand the message back unacked."""

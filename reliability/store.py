@@ -18,6 +18,7 @@ task's dependency or name — so one admission's keys can share a slot):
 ``P:ledger``                   stream: one outcome per delivery, capped by MAXLEN
 ``P:dlq`` / ``P:dlq:index``     hash of DLQ envelopes + zset by last failure time
 ``P:maint:leader``             string: which worker runs the mover and reaper
+``P:workers`` / ``P:hb:<id>``   hash of workers that beat + one heartbeat key each (TTL)
 =============================  =====================================================
 
 The global keys (leases, parked, ledger, DLQ) are one per deployment; on Redis Cluster
@@ -73,6 +74,10 @@ class Keys:
         self.dlq = f"{prefix}:dlq"
         self.dlq_index = f"{prefix}:dlq:index"
         self.leader = f"{prefix}:maint:leader"
+        self.workers = f"{prefix}:workers"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:hb:{worker}"
 
     def idem(self, tag: str, key: str) -> str:
         return f"{self.prefix}:{{{tag}}}:idem:{key}"

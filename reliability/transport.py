@@ -31,8 +31,6 @@ Everything else is kombu's transport.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +41,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 from kombu.utils.objects import cached_property
 
+from reliability.heartbeat import identity
 from reliability.poison import DEFAULT_MAX_MESSAGE_BYTES, Poison, check_item
 
 log = structlog.get_logger("reliability.transport")
@@ -51,6 +50,9 @@ log = structlog.get_logger("reliability.transport")
 ALIVE_REFRESH_SECONDS = 5.0
 ALIVE_TTL_MS = 30_000
 REGISTRY = "_reliable.processing"
+# Which worker holds each unacked message (delivery tag -> worker identity), so the
+# maintenance leader can restore a dead worker's messages at once (see heartbeat.py).
+OWNERS = "_reliable.owner"
 # Messages carrying this header are published to the front of their queue (see _put).
 FRONT_OF_QUEUE_HEADER = "rel_defer"
 # Delivery tags whose unacked record may exist without anyone holding the message:
@@ -96,26 +98,28 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         pending = self.channel._reliable_pending
-        if pending is None:
-            return super().append(message, delivery_tag)
-        processing, item = pending
         delivery = message.delivery_info
         try:
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
                     self.unacked_key, delivery_tag,
                     dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
-                )
-                # LREM is not in kombu's list of prefixed commands: the key is already full.
-                pipe.execute_command("LREM", processing, 1, item)
+                ).hset(OWNERS, delivery_tag, self.channel._reliable_owner)
+                if pending is not None:
+                    # LREM is not in kombu's prefixed commands: the key is already full.
+                    pipe.execute_command("LREM", pending[0], 1, pending[1])
                 pipe.execute()
         except self.channel.connection_errors:
-            # The record may have been applied with its reply lost: the message is then
-            # unacked with nobody holding it. The next channel restores it by tag.
-            _UNCERTAIN_TAGS.append(delivery_tag)
+            if pending is not None:
+                # The record may have been applied with its reply lost: the message is
+                # then unacked with nobody holding it. The next channel restores it.
+                _UNCERTAIN_TAGS.append(delivery_tag)
             raise
         virtual.QoS.append(self, message, delivery_tag)
-        return None
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        """kombu's removal of the unacked record, plus its owner (see OWNERS)."""
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNERS, delivery_tag)
 
     def _connection_gone(self) -> bool:
         channel = self.channel
@@ -176,7 +180,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     @cached_property
     def _reliable_owner(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+        return identity()
 
     def _full(self, key: str) -> str:
         return f"{self.global_keyprefix}{key}"
@@ -413,6 +417,29 @@ def sweep_orphans(app: Any) -> int:
                     client.execute_command("HDEL", REGISTRY, processing)
                 for step in PRODUCER_PRIORITY_STEPS:
                     moved += _move_back(client, f"{queue}{channel.sep}{step}", queue)
+        return moved
+
+
+def restore_owned(app: Any, worker: str) -> int:
+    """Hand a dead worker's messages back to their queues: its unacked messages (restored
+    by tag, to the front) and its processing lists. Returns how many were moved."""
+    with app.pool.acquire(block=True) as conn:  # a pooled connection, not a new one
+        channel = conn.default_channel
+        if not isinstance(channel, Channel):
+            return 0  # RabbitMQ requeues a dead consumer's messages itself
+        moved = 0
+        with channel.conn_or_acquire() as client:
+            owners = _pairs(client.execute_command("HGETALL", channel._full(OWNERS)) or {})
+            for tag, owner in owners:
+                if owner == worker:
+                    channel.qos.restore_by_tag(tag, client=client, leftmost=False)
+                    moved += 1
+            suffix = f":processing:{worker}"
+            lists = _pairs(client.execute_command("HGETALL", channel._full(REGISTRY)) or {})
+            for processing, queue in lists:
+                if processing.endswith(suffix):
+                    moved += _move_back(client, processing, queue)
+                    client.execute_command("HDEL", channel._full(REGISTRY), processing)
         return moved
 
 

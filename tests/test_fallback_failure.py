@@ -31,8 +31,8 @@ def test_a_fallback_that_raises_is_dead_lettered_not_acked_silently(
     breaker.set_mode(BreakerMode.FORCED_OPEN)
     with WorkerProcess(environment, concurrency=1, RELIABLE_BREAKERS=json.dumps(breakers)):
         producer = environment.producer()
-        # An extra argument: the fallback (like the body) raises TypeError.
-        sent = producer.send_task("test.with_fallback", args=["k", "unexpected"])
+        # No cached answer for this key: the fallback raises LookupError.
+        sent = producer.send_task("test.with_fallback", args=["no-cache"])
         sent.get(timeout=30, propagate=False)
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="message acked")
     outcomes = Ledger(store).outcomes([sent.id])
@@ -42,4 +42,4 @@ def test_a_fallback_that_raises_is_dead_lettered_not_acked_silently(
         f"acked with no DLQ entry; ledger={outcomes}")
     # The fallback's failure is the call's failure: retried by the policy, then dead-lettered.
     assert outcomes == {sent.id: ["retried", "retried", "dead_lettered"]}
-    assert entries[0].exception_type == "TypeError"
+    assert entries[0].exception_type == "LookupError"

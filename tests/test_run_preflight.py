@@ -114,7 +114,10 @@ def test_every_unresolved_name_is_reported_and_defined_ones_and_limit_objects_pa
     def plain() -> None: ...
 
     runtime = Runtime(Store("redis://127.0.0.1:1/0"))  # never contacted
-    assert unresolved_names(app.tasks, runtime) == [
+    # Tasks other modules registered as shared (the test tasks) join every app's registry.
+    ours = [line for line in unresolved_names(app.tasks, runtime)
+            if line.startswith(("task a.", "task b.", "task plain."))]
+    assert ours == [
         "task b.task names breaker 'nope', which RELIABLE_BREAKERS does not define "
         "(known: analytics, database, notification, payment)",
         "task b.task names rate limit 'missing', which RELIABLE_RATE_LIMITS does not define "

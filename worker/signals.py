@@ -16,14 +16,17 @@ from reliability import delivery
 from reliability.alerts import BreakerEvents, default_hooks
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
+from reliability.heartbeat import Heartbeat
+from reliability.lease import LeaseKeeper
 from reliability.logs import configure_logging
 from reliability.maintenance import Maintenance
 from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
+from reliability.request import running_deliveries
 from reliability.runtime import Runtime
 from reliability.security import run_security_checks
 from reliability.sensitive import clear_delivery_values
-from reliability.transport import TRANSPORT_PATH, sweep_orphans
+from reliability.transport import TRANSPORT_PATH, restore_owned, sweep_orphans
 from worker import embedded, preflight
 from worker.celeryconfig import embedded_data_dir
 
@@ -43,7 +46,7 @@ def propagate_context(headers: dict[str, Any] | None) -> None:
 
 
 def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
-    state: dict[str, Maintenance] = {}
+    state: dict[str, Any] = {}
 
     def setup_logging(**_: Any) -> None:
         configure_logging(settings.log.level, settings.log.json_output, runtime.masker)
@@ -57,6 +60,14 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         log.info("worker_configured", environment=str(settings.environment),
                  queue=settings.broker.queue, key_prefix=settings.redis.key_prefix,
                  broker=runtime.masker.text(str(app.conf.broker_url)))
+        # The pulse of this worker's main process, started before it consumes: beats
+        # (so the fleet revives its work within seconds if it dies) and renews the
+        # leases of the bodies its pool children run (which they cannot starve).
+        heartbeat = Heartbeat(runtime.store, LeaseKeeper(runtime.store, running_deliveries),
+                              interval=settings.worker.heartbeat_interval_seconds,
+                              ttl=settings.worker.heartbeat_ttl_seconds)
+        heartbeat.start()
+        state["heartbeat"] = heartbeat
 
     def own_embedded_redis(**_: Any) -> None:
         data_dir = embedded_data_dir(settings)
@@ -67,8 +78,10 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         propagate_context(headers)
 
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
-        reaper = (Reaper(runtime.store, kombu_restorer(app))
-                  if app.conf.broker_transport == TRANSPORT_PATH else None)
+        reaper = Reaper(runtime.store, kombu_restorer(app),
+                        restore_owned=lambda worker: restore_owned(app, worker),
+                        heartbeat_ttl=settings.worker.heartbeat_ttl_seconds,
+                        heartbeat_interval=settings.worker.heartbeat_interval_seconds)
         mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
                       batch_size=settings.deferral.batch_size)
         hooks = default_hooks()
@@ -77,7 +90,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
                                   settings.alerts.webhook_timeout_seconds)
         events = BreakerEvents(runtime.store, hooks)
         sweepers = [events.deliver]
-        if reaper is not None:
+        if app.conf.broker_transport == TRANSPORT_PATH:
             sweepers.append(lambda: sweep_orphans(app))
         maintenance = Maintenance(runtime.store, mover, reaper,
                                   interval=settings.deferral.mover_interval_seconds,
@@ -90,6 +103,9 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         if maintenance is not None:
             maintenance.stop()
             maintenance.join(timeout=5)
+        heartbeat = state.pop("heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop(deregister=True)
 
     signals.setup_logging.connect(setup_logging, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)

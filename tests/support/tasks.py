@@ -172,7 +172,10 @@ def limited(key: str, tenant: str = "-") -> float:
 
 
 def cached_answer(key: str) -> dict[str, Any]:
-    """The fallback of test.with_fallback: a cached value, marked stale."""
+    """The fallback of test.with_fallback: a cached value, marked stale (none for the key
+    "no-cache": the fallback then raises)."""
+    if key == "no-cache":
+        raise LookupError("no cached answer for no-cache")
     return {"key": key, "stale": True}
 
 
@@ -180,4 +183,15 @@ def cached_answer(key: str) -> dict[str, Any]:
           breaker="test-breaker", breaker_fallback=cached_answer, retry_policy=FAST_RETRY)
 def with_fallback(key: str) -> dict[str, Any]:
     """A sandbox call whose open breaker is answered by `cached_answer` instead."""
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.hold_gil", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def hold_gil(key: str, seconds: int) -> dict[str, Any]:
+    """Holds the GIL for ``seconds`` (a C call through ctypes.PyDLL, which keeps it), then
+    calls the sandbox: no thread in this process runs meanwhile."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
     return post(f"{_sandbox()}/webhooks", {"key": key})

@@ -1,0 +1,139 @@
+"""The worker's pulse: proves its main process is alive and keeps its bodies' leases.
+
+Every worker's main process runs one :class:`Heartbeat` thread. About every second it
+sets ``P:hb:<identity>`` with a TTL of a few seconds and, in the same round trip, renews
+the leases that are due (:class:`~reliability.lease.LeaseKeeper`). When a whole worker
+dies (SIGKILL, a lost host) its heartbeat key expires within the TTL; the maintenance
+leader then restores its unacked messages and frees its idempotency leases
+(:meth:`~reliability.reaper.Reaper.revive_dead`) — seconds after the death, not a lease
+TTL. ``P:workers`` lists the workers that ever beat, so the leader knows whom to check.
+
+A worker's identity is ``<hostname>:<main pid>``: the owner of its transport processing
+lists, the key of its unacked messages (``reliability.transport``), and the prefix of
+its lease owner tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from reliability.errors import BackendUnavailable
+from reliability.lease import LeaseKeeper
+from reliability.store import Store
+
+log = structlog.get_logger("reliability.heartbeat")
+
+# A beat about every second; a worker silent for this many seconds counts as dead.
+DEFAULT_INTERVAL_SECONDS = 1.0
+DEFAULT_TTL_SECONDS = 4.0
+
+
+def identity() -> str:
+    """This worker's identity: ``<hostname>:<pid>`` of the process calling it (the main
+    process, where the consumer and the heartbeat run)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat(threading.Thread):
+    """Beats and renews due leases until stopped; deregisters the worker on a clean stop."""
+
+    def __init__(
+        self,
+        store: Store,
+        keeper: LeaseKeeper | None = None,
+        *,
+        name: str = "",
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        me: str | None = None,
+    ) -> None:
+        super().__init__(name="reliable-heartbeat", daemon=True)
+        self.store = store
+        self.keeper = keeper
+        self.interval = interval
+        self.ttl = ttl
+        self.identity = me or identity()
+        self.info = json.dumps(
+            {"node": name, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        )
+        self._stopping = threading.Event()
+        self.beats = 0
+
+    def beat(self) -> None:
+        """One beat, plus the renewals that are due, in one round trip."""
+        keys = self.store.keys
+
+        def send(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.set(keys.heartbeat(self.identity), self.info, px=int(self.ttl * 1000))
+            pipe.hset(keys.workers, self.identity, self.info)
+            queued = self.keeper.due(pipe) if self.keeper is not None else []
+            replies = pipe.execute()
+            if self.keeper is not None:
+                self.keeper.settle(queued, replies[2:])
+
+        self.store.call("heartbeat", send)
+        self.beats += 1
+
+    def _wait(self) -> float:
+        wait = self.interval
+        if self.keeper is not None:
+            due = self.keeper.next_due()
+            if due is not None:
+                wait = min(wait, max(due - time.monotonic(), 0.01))
+        return wait
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.beat()
+            except BackendUnavailable as exc:
+                log.warning("heartbeat_store_unavailable", error=str(exc))
+            except Exception:
+                log.exception("heartbeat_failed")
+            self._stopping.wait(self._wait())
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop beating; a clean shutdown also removes the worker from the registry (its
+        unacked messages are restored by kombu as its connection closes)."""
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        if deregister:
+            keys = self.store.keys
+            try:
+                self.store.call(
+                    "heartbeat stop",
+                    lambda c: (
+                        c.pipeline(transaction=False)
+                        .delete(keys.heartbeat(self.identity))
+                        .hdel(keys.workers, self.identity)
+                        .execute()
+                    ),
+                )
+            except BackendUnavailable as exc:
+                log.warning("heartbeat_deregister_failed", error=str(exc))
+
+
+def dead_workers(store: Store) -> list[str]:
+    """Registered workers whose heartbeat key has expired."""
+    keys = store.keys
+
+    def read(client: Any) -> list[str]:
+        registered = list(client.hkeys(keys.workers))
+        if not registered:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for worker in registered:
+            pipe.exists(keys.heartbeat(worker))
+        alive = pipe.execute()
+        return [w for w, up in zip(registered, alive, strict=True) if not up]
+
+    return store.call("dead workers", read)
