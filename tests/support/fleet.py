@@ -124,7 +124,11 @@ class Environment:
     def producer(self) -> Celery:
         """A plain Celery client, as a producer app would configure it (no project import)."""
         broker = self.broker_url or self.redis_url
-        app = Celery(f"producer-{self.name}", broker=broker, backend=self.redis_url)
+        backend = self.redis_url
+        if backend.startswith("unix://"):  # kombu and Celery spell unix sockets their own way
+            broker = broker.replace("unix://", "redis+socket://", 1)
+            backend = backend.replace("unix://", "redis+socket://", 1)
+        app = Celery(f"producer-{self.name}", broker=broker, backend=backend)
         app.conf.update(
             task_default_queue=self.queue,
             broker_transport_options={"global_keyprefix": self.broker_prefix},
