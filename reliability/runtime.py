@@ -31,7 +31,7 @@ T = TypeVar("T")
 log = structlog.get_logger("reliability.runtime")
 
 # Retry budget defaults, Finagle's: 20% of calls plus 10 retries per second, counted over
-# 10 s. A 20% failure rate retries in full; a storm adds at most 25% of the first attempts.
+# 10 s. A 20% failure rate retries in full; a storm adds 25% of first attempts + floor.
 DEFAULT_BUDGET_RATIO = 0.2
 DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND = 10.0
 DEFAULT_BUDGET_WINDOW_SECONDS = 10
