@@ -12,7 +12,8 @@ import os
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -85,10 +86,25 @@ class RetrySettings(BaseModel):
     max_attempts: int = Field(5, ge=1)
     max_elapsed_seconds: float | None = Field(None, gt=0)
     jitter: Literal["none", "full", "equal"] = "full"
-    # Fleet-wide retry budget: retries may be at most this share of calls per window.
+    # Fleet-wide retry budget per dependency (Finagle's RetryBudget): in any window of
+    # budget_window_seconds, retries <= budget_min_retries_per_second * window
+    # + budget_ratio * calls (every attempt that ended, retries included).
     budget_ratio: float = Field(0.2, ge=0)
-    budget_window_seconds: int = Field(60, ge=1)
-    budget_min_retries: int = Field(10, ge=0)
+    budget_min_retries_per_second: float = Field(10.0, ge=0)
+    budget_window_seconds: int = Field(10, ge=1)
+    # Renamed (a count per window became a rate): refused, naming its successor.
+    budget_min_retries: Any = Field(None, exclude=True, repr=False)
+
+    @field_validator("budget_min_retries")
+    @classmethod
+    def _renamed_min_retries(cls, value: Any) -> Any:
+        if value is not None:
+            raise PydanticCustomError(
+                "renamed",
+                "renamed RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND, now a rate (retries"
+                " per second, default 10) instead of a count per window: set that instead",
+            )
+        return value
 
 
 class DeferralSettings(BaseModel):

@@ -29,6 +29,12 @@ from reliability.store import Store
 T = TypeVar("T")
 log = structlog.get_logger("reliability.runtime")
 
+# Retry budget defaults, Finagle's: 20% of calls plus 10 retries per second, counted over
+# 10 s. A 20% failure rate retries in full; a storm adds 25% of first attempts + floor.
+DEFAULT_BUDGET_RATIO = 0.2
+DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND = 10.0
+DEFAULT_BUDGET_WINDOW_SECONDS = 10
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -41,9 +47,11 @@ class RuntimeConfig:
     delivery_ttl_seconds: float = 3600 + 600
     ledger_max_len: int = 1_000_000
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
-    budget_ratio: float = 0.2
-    budget_min_retries: int = 10
-    budget_window_seconds: int = 60
+    # Fleet-wide retry budget per hash tag (budget.lua, after Finagle's RetryBudget): in
+    # any window, retries <= budget_min_retries_per_second * window + budget_ratio * calls.
+    budget_ratio: float = DEFAULT_BUDGET_RATIO
+    budget_min_retries_per_second: float = DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND
+    budget_window_seconds: int = DEFAULT_BUDGET_WINDOW_SECONDS
     recheck_seconds: float = 1.0
     dlq_max_entries: int = 100_000
     dlq_max_redrives: int = 3
@@ -51,6 +59,14 @@ class RuntimeConfig:
     store_wait_seconds: float = 30.0
     # Larger messages are dead-lettered as poison (too_large) without being decoded.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.budget_ratio < 0 or self.budget_min_retries_per_second < 0:
+            raise ConfigurationError(
+                "retry budget: budget_ratio and budget_min_retries_per_second must be >= 0"
+            )
+        if self.budget_window_seconds < 1:
+            raise ConfigurationError("retry budget: budget_window_seconds must be >= 1")
 
 
 class Runtime:

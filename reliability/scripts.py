@@ -76,7 +76,7 @@ return outcome
 
 # KEYS idem, leases, dlv, ledger, budget, parked, parked_msgs
 # ARGV now, owner, fence, mode(retry|defer), budget_window_s, budget_ratio,
-#      budget_min, park_id, delay_s, envelope, dlv_ttl_ms, maxlen, task_id, name,
+#      budget_min_retries_per_s, park_id, delay_s, envelope, dlv_ttl_ms, maxlen, task_id, name,
 #      attempt, outcome, detail
 PARK = compose(
     "idempotency", "delivery", "deferral", "ledger", "budget", "breaker", "ratelimit", "guards",

@@ -265,9 +265,9 @@ class Settlement:
              self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag),
              keys.parked, keys.parked_msgs, *tail[0]],
             ["", d.owner, str(d.fence) if d.fence else "", mode, cfg.budget_window_seconds,
-             cfg.budget_ratio, cfg.budget_min_retries, message.id, delay, message.to_json(),
-             self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id, d.name, d.attempt,
-             str(outcome), detail, *tail[1]],
+             cfg.budget_ratio, cfg.budget_min_retries_per_second, message.id, delay,
+             message.to_json(), self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id,
+             d.name, d.attempt, str(outcome), detail, *tail[1]],
             "park",
         ))
 

@@ -1,10 +1,9 @@
 """The Lua state machines against small Python reference models, on a logical clock.
 
 Real Redis, real scripts; ``now`` is passed to every script (ARGV[1]) and advanced by
-the test, never by sleeping. Three models:
+the test, never by sleeping. Two models (the retry budget's is in test_retry_budget.py):
 
 * the idempotency lease (acquire / renew / complete / release) with competing holders,
-* the retry budget's sliding estimate over two fixed windows,
 * the parked-message claim the mover uses before publishing.
 """
 
@@ -232,135 +231,6 @@ def test_a_lapsed_lease_is_taken_over_and_the_paused_holder_is_fenced_out(
     assert not ids.release(first, now=START + 5.5)
     assert ids.complete(second, {"ok": 1}, TTL_SECONDS, now=START + 6)
     assert ids.acquire(key, "fp", now=START + 100) == ("done", {"ok": 1})
-
-
-# -- retry budget ------------------------------------------------------------------------
-
-# KEYS budget base   ARGV now, 'call' | 'retry', window_s, ratio, min_retries
-BUDGET = scripts.compose(
-    "budget",
-    body="""
-local window = tonumber(ARGV[3])
-if ARGV[2] == 'call' then
-  budget_count_call(KEYS[1], window)
-  return 1
-end
-return budget_allow_retry(KEYS[1], window, tonumber(ARGV[4]), tonumber(ARGV[5]))
-""",
-)
-
-
-class BudgetModel:
-    """Calls and retries per fixed window; the previous window weighs what is left of it."""
-
-    def __init__(self, window: int, ratio: float, min_retries: int) -> None:
-        self.window, self.ratio, self.min_retries = window, ratio, min_retries
-        self.calls: Counter[int] = Counter()
-        self.retries: Counter[int] = Counter()
-
-    def index(self, now: float) -> int:
-        return math.floor(now / self.window)
-
-    def estimate(self, counts: Counter[int], now: float) -> float:
-        idx = self.index(now)
-        weight = 1 - (now - idx * self.window) / self.window
-        return counts[idx] + counts[idx - 1] * weight
-
-    def call(self, now: float) -> None:
-        self.calls[self.index(now)] += 1
-
-    def allow_retry(self, now: float) -> bool:
-        allowance = max(self.min_retries, self.ratio * self.estimate(self.calls, now))
-        if self.estimate(self.retries, now) + 1 > allowance:
-            return False
-        self.retries[self.index(now)] += 1
-        return True
-
-
-def park_retry(store: Store, budget: str, now: float, window: int, ratio: float,
-               min_retries: int, park_id: str) -> str:
-    """``scripts.PARK`` in retry mode with no idempotency key and no delivery record."""
-    k = store.keys
-    reply = store.run(
-        scripts.PARK,
-        ["", k.leases, "", k.ledger, budget, k.parked, k.parked_msgs],
-        [now, "", "", "retry", window, ratio, min_retries, park_id, 1.0, "{}", 60_000,
-         1000, park_id, "test.budget", 1, "retried", ""],
-        "park",
-    )
-    return str(reply[0])
-
-
-budget_events = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=48).map(lambda n: n * 0.625),
-              st.sampled_from(("call", "retry", "park"))),
-    min_size=1, max_size=60,
-)
-
-
-@settings(max_examples=100, deadline=None)
-@given(window=st.sampled_from((5, 10, 60)), ratio=st.sampled_from((0.0, 0.1, 0.2, 0.5, 1.0)),
-       min_retries=st.sampled_from((0, 1, 3, 10)), events=budget_events)
-def test_retry_budget_matches_the_sliding_estimate(
-    redis_url: str, window: int, ratio: float, min_retries: int,
-    events: list[tuple[float, str]],
-) -> None:
-    store = Store(redis_url, unique_prefix())
-    budget = store.keys.budget("test.budget")
-    model = BudgetModel(window, ratio, min_retries)
-    now, parked = START, 0
-    try:
-        for n, (gap, kind) in enumerate(events):
-            now += gap
-            if kind == "call":
-                store.run(BUDGET, [budget], [now, "call", window], "budget call")
-                model.call(now)
-            elif kind == "retry":
-                allowed = store.run(BUDGET, [budget], [now, "retry", window, ratio, min_retries],
-                                    "budget retry")
-                assert allowed == int(model.allow_retry(now)), (n, now)
-            else:
-                # PARK counts the failed call, then asks the budget for a retry.
-                model.call(now)
-                expected = "parked" if model.allow_retry(now) else "refused"
-                assert park_retry(store, budget, now, window, ratio, min_retries,
-                                  f"p{n}") == expected, (n, now)
-                parked += expected == "parked"
-        assert store.client.zcard(store.keys.parked) == parked
-        assert store.client.xlen(store.keys.ledger) == parked
-    finally:
-        delete_prefix(store.client, store.keys.prefix)
-        store.close()
-
-
-def test_a_refused_retry_parks_nothing_and_the_previous_window_fades_out(
-    bare_store: Store,
-) -> None:
-    budget = bare_store.keys.budget("test.budget")
-    window, ratio = 10, 0.5
-
-    def call(now: float, times: int = 1) -> None:
-        for _ in range(times):
-            bare_store.run(BUDGET, [budget], [now, "call", window], "budget call")
-
-    def retry(now: float) -> int:
-        return int(bare_store.run(BUDGET, [budget], [now, "retry", window, ratio, 0], "retry"))
-
-    call(START, 10)
-    assert [retry(START + 1) for _ in range(6)] == [1, 1, 1, 1, 1, 0]
-    # The park counts its call (11), but 6 retries would exceed half of 11: refused.
-    assert park_retry(bare_store, budget, START + 1, window, ratio, 0, "p1") == "refused"
-    assert bare_store.client.zcard(bare_store.keys.parked) == 0
-    assert bare_store.client.xlen(bare_store.keys.ledger) == 0
-    # Half-way through the next window the last one weighs half: 5.5 calls, 2.5 retries.
-    assert retry(START + 15) == 0
-    call(START + 15, 2)  # 7.5 calls allow 3.75 retries
-    assert retry(START + 15) == 1
-    # Two windows on nothing counts; only the floor of min_retries allows a retry.
-    later = START + 3 * window
-    assert park_retry(bare_store, budget, later, window, ratio, 0, "p2") == "refused"
-    assert park_retry(bare_store, budget, later, window, ratio, 1, "p3") == "parked"
-    assert bare_store.client.zrange(bare_store.keys.parked, 0, -1) == ["p3"]
 
 
 # -- parked-message claim ----------------------------------------------------------------

@@ -62,7 +62,7 @@ def failure_of(result: Any, timeout: float = 30) -> BaseException:
 def worker(shared_env: Environment) -> Iterator[WorkerProcess]:
     # The retry budget is exercised by its own test: here it must never refuse a retry.
     with WorkerProcess(shared_env, RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET,
-                       RELIABLE_RETRY__BUDGET_MIN_RETRIES="1000") as process:
+                       RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="1000") as process:
         yield process
 
 
@@ -153,8 +153,9 @@ def test_the_retry_budget_allows_the_first_retry_and_dead_letters_the_rest(
     sandbox.set_faults(outage=True)
     producer = environment.producer()
     keys = [unique("budget") for _ in range(2)]
+    # A floor of 0.1 retries per second over the 10 s window: one retry per window.
     with WorkerProcess(environment, RELIABLE_RETRY__BUDGET_RATIO="0",
-                       RELIABLE_RETRY__BUDGET_MIN_RETRIES="1"):
+                       RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="0.1"):
         results = [producer.send_task("test.call", args=[key]) for key in keys]
         for result in results:
             assert type(failure_of(result)).__name__ == "TransientError"

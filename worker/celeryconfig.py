@@ -62,7 +62,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             jitter=r.jitter,
         ),
         budget_ratio=r.budget_ratio,
-        budget_min_retries=r.budget_min_retries,
+        budget_min_retries_per_second=r.budget_min_retries_per_second,
         budget_window_seconds=r.budget_window_seconds,
         recheck_seconds=settings.deferral.in_progress_recheck_seconds,
         dlq_max_entries=settings.dlq.max_entries,
