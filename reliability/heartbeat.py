@@ -33,6 +33,8 @@ log = structlog.get_logger("reliability.heartbeat")
 # A beat about every second; a worker silent for this many seconds counts as dead.
 DEFAULT_INTERVAL_SECONDS = 1.0
 DEFAULT_TTL_SECONDS = 4.0
+# The heartbeat thread looks for newly started deliveries this often.
+REFRESH_SECONDS = 0.1
 
 
 def identity() -> str:
@@ -82,23 +84,28 @@ class Heartbeat(threading.Thread):
         self.store.call("heartbeat", send)
         self.beats += 1
 
-    def _wait(self) -> float:
-        wait = self.interval
-        if self.keeper is not None:
-            due = self.keeper.next_due()
-            if due is not None:
-                wait = min(wait, max(due - time.monotonic(), 0.01))
-        return wait
-
     def run(self) -> None:
+        next_beat = 0.0
         while not self._stopping.is_set():
-            try:
-                self.beat()
-            except BackendUnavailable as exc:
-                log.warning("heartbeat_store_unavailable", error=str(exc))
-            except Exception:
-                log.exception("heartbeat_failed")
-            self._stopping.wait(self._wait())
+            now = time.monotonic()
+            due = None
+            if self.keeper is not None:
+                self.keeper.refresh(now)
+                due = self.keeper.next_due()
+            if now >= next_beat or (due is not None and due <= now):
+                try:
+                    self.beat()
+                    next_beat = now + self.interval
+                except BackendUnavailable as exc:
+                    log.warning("heartbeat_store_unavailable", error=str(exc))
+                    next_beat = now + min(self.interval, 0.5)
+                except Exception:
+                    log.exception("heartbeat_failed")
+                    next_beat = now + self.interval
+            wake = next_beat if due is None else min(next_beat, due)
+            # Look for newly started deliveries at least this often (a short lease's first
+            # renewal is due a third of its TTL after it started).
+            self._stopping.wait(min(max(wake - time.monotonic(), 0.005), REFRESH_SECONDS))
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating; a clean shutdown also removes the worker from the registry (its

@@ -106,17 +106,27 @@ def process_running(pid: int | None) -> bool:
     return state not in (b"T", b"t", b"Z", b"X")
 
 
-# (delivery id, pid of the process running it or None, builds its Holding) per delivery
-Source = Callable[[], Iterable[tuple[str, int | None, Callable[[], Holding | None]]]]
+@dataclass
+class Running:
+    """One delivery running now, as the worker sees it."""
+
+    delivery: str  # a unique id (the lease owner token)
+    pid: int | None  # the process running its body (None until one took it)
+    started: float | None  # when that process took it (monotonic), if known
+    holding: Callable[[], Holding | None]  # builds what it holds (called once)
+
+
+Source = Callable[[], Iterable[Running]]
 
 
 class LeaseKeeper:
     """Tracks the running deliveries' holdings and queues their renewals when due.
 
-    ``running`` yields ``(delivery id, pid, make_holding)`` for every delivery running now;
-    ``make_holding`` is called once per delivery, on the keeper's thread, the first time
-    the delivery is seen (so building it — binding arguments, deriving the key — never
-    costs the consumer thread anything).
+    ``running`` yields a :class:`Running` for every delivery running now; its ``holding``
+    is built once per delivery, on the keeper's thread, the first time the delivery is
+    seen (so building it — binding arguments, deriving the key — never costs the
+    consumer thread anything). The first renewal is due a third of a lease after the
+    delivery *started*, however late the keeper first saw it.
     """
 
     def __init__(
@@ -127,24 +137,29 @@ class LeaseKeeper:
         self.alive = alive
         self._holdings: dict[str, Holding | None] = {}
 
-    def _refresh(self, now: float) -> None:
+    def refresh(self, now: float | None = None) -> None:
+        """Catch up with the deliveries running now (cheap: no I/O)."""
+        now = time.monotonic() if now is None else now
         seen: dict[str, Holding | None] = {}
-        for delivery, pid, make in self.running():
-            if delivery in self._holdings:
-                known = self._holdings[delivery]
+        for running in self.running():
+            if running.delivery in self._holdings:
+                known = self._holdings[running.delivery]
                 if known is not None:
-                    known.pid = pid
-                seen[delivery] = known
+                    known.pid = running.pid
+                seen[running.delivery] = known
                 continue
             try:
-                holding = make()
+                holding = running.holding()
             except Exception:
-                log.exception("lease_holding_unknown", delivery=delivery)
+                log.exception("lease_holding_unknown", delivery=running.delivery)
                 holding = None
-            if holding is not None and not holding.empty:
-                holding.pid = pid
-                holding.renew_at = now + holding.period()
-            seen[delivery] = holding if holding is not None and not holding.empty else None
+            if holding is None or holding.empty:
+                seen[running.delivery] = None
+                continue
+            holding.pid = running.pid
+            started = now if running.started is None else min(running.started, now)
+            holding.renew_at = started + holding.period()
+            seen[running.delivery] = holding
         self._holdings = seen
 
     def next_due(self) -> float | None:
@@ -156,7 +171,6 @@ class LeaseKeeper:
         """Queue the due renewals on ``pipe`` (a redis-py pipeline); returns their holdings
         in order, to be matched with the replies by :meth:`settle`."""
         now = time.monotonic() if now is None else now
-        self._refresh(now)
         queued: list[Holding] = []
         for holding in self._holdings.values():
             if holding is None or holding.renew_at > now:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -35,7 +35,7 @@ from reliability.delivery import (
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
 from reliability.heartbeat import identity
-from reliability.lease import Holding
+from reliability.lease import Holding, Running
 from reliability.ledger import Outcome
 from reliability.reprs import current_masker, masked_reprs
 from reliability.runtime import get_runtime
@@ -256,13 +256,14 @@ class ReliableRequest(Request):  # type: ignore[misc]
         super().send_event(type, **fields)
 
 
-def running_deliveries() -> Iterable[tuple[str, int | None, Callable[[], Holding | None]]]:
-    """The reliable deliveries running in this worker now, for the lease keeper: their
-    id, the pid of the pool child running each (None until it started), and how to build
-    what each holds."""
+def running_deliveries() -> Iterable[Running]:
+    """The reliable deliveries running in this worker now, for the lease keeper."""
     from celery.worker.state import active_requests
 
+    wall, mono = time.time(), time.monotonic()
     for request in tuple(active_requests):
         if isinstance(request, ReliableRequest) and not request.acknowledged:
             owner = request._request_dict.get(REQUEST_OWNER) or request.id
-            yield str(owner), request.worker_pid, request.holding
+            started = request.time_start
+            yield Running(str(owner), request.worker_pid,
+                          None if not started else mono - (wall - started), request.holding)

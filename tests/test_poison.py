@@ -166,6 +166,13 @@ def raw_items(queue: str) -> st.SearchStrategy[bytes]:
     )
 
 
+def _task_id(item: bytes) -> str:
+    try:
+        return str(json.loads(item)["headers"]["id"])
+    except Exception:
+        return ""
+
+
 @pytest.fixture(scope="module")
 def worker(shared_env: Environment) -> Iterator[WorkerProcess]:
     with WorkerProcess(
@@ -203,12 +210,18 @@ def test_every_raw_item_on_the_queue_is_dead_lettered_or_run_and_the_worker_stay
     def finals() -> int:
         return sum(1 for row in ledger.entries() if row.get("outcome") in FINAL)
 
-    wait_until(
-        lambda: finals() >= len(pushed),
-        timeout=120,
-        interval=0.2,
-        message=f"{len(pushed)} items settled (log: {worker.log_path})",
-    )
+    try:
+        wait_until(
+            lambda: finals() >= len(pushed),
+            timeout=120,
+            interval=0.2,
+            message=f"{len(pushed)} items settled (log: {worker.log_path})",
+        )
+    except AssertionError as exc:
+        done = {row.get("task_id") for row in ledger.entries() if row.get("outcome") in FINAL}
+        unsettled = [item[:3000] for item in pushed
+                     if _task_id(item) and _task_id(item) not in done and len(item) < MAX_BYTES]
+        raise AssertionError(f"{exc}; unsettled items: {unsettled[:5]}") from None
     wait_until(lambda: client.llen(queue_key) == 0, timeout=10, message="queue drained")
     assert worker.proc is not None and worker.proc.poll() is None
     assert worker.pid == pid
