@@ -12,7 +12,7 @@ timeout callbacks (result backend writes, DLQ envelope, events — work that gro
 the arguments) on the parent's event loop before it kills the child, so a slow callback
 used to leave a stuck child running and the parent deaf to shutdown signals. At worker
 shutdown, :mod:`worker.shutdown` kills children still running when the grace ends and
-hands their messages back here (:meth:`ReliableRequest.handed_back`).
+hands their messages back here (:meth:`ReliableRequest.abandon`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import uuid
 from typing import Any
 
 import structlog
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery.exceptions import InvalidTaskError, Reject, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
@@ -59,6 +59,8 @@ class ReliableRequest(Request):  # type: ignore[misc]
     _reliable_limits: tuple[Any, Any] = (None, None)
     # How this request's hard time limit ended: an Outcome, or "requeued" (store away).
     _hard_limit_ending: str | None = None
+    # Worker shutdown killed (or is killing) this request's child: hand the message back.
+    _abandoned = False
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         headers = kwargs.get("headers")
@@ -182,6 +184,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if self._abandoned and isinstance(exc, Terminated | WorkerLostError):
+            self._hand_back()
+            return
         if isinstance(exc, TimeLimitExceeded) and not return_ok:
             # billiard's hard time limit (a body's own TimeLimitExceeded has return_ok).
             if not self._hard_time_limit(exc.args[0] if exc.args else 0):
@@ -196,26 +201,38 @@ class ReliableRequest(Request):  # type: ignore[misc]
             return
         self._record_requeued(type(exc).__name__, str(exc))
 
-    def handed_back(self) -> None:
-        """Shutdown killed this request's child (:mod:`worker.shutdown`): free its lease,
-        record ``requeued`` and hand the message back to the broker unacked.
+    def abandon(self) -> None:
+        """Worker shutdown is about to kill this request's child (:mod:`worker.shutdown`).
 
-        Called off the event loop once the child is dead, so the reject goes straight to
-        the message instead of through Celery's deferred ack queue.
+        When the pool then reports the job terminated, the message is handed back to the
+        broker unacked (lease freed, ledger ``requeued``) instead of being read as a
+        revoke. That happens on the event loop, after any result the child sent before it
+        died: a task that finished just before the kill is acked as usual.
         """
-        self._record_requeued("WorkerShutdown", "killed at worker shutdown")
-        task_ready(self)
+        self._abandoned = True
+        self._already_cancelled = True  # Celery: a child killed on purpose, not a revoke
+
+    def _hand_back(self) -> None:
         if self.acknowledged:
             return
-        self.acknowledged = True
         try:
-            self._message.reject(requeue=True)
-        except self._connection_errors as exc:
-            # Still unacked in the broker: restored when the channel closes, else by the
-            # reaper or the visibility timeout.
-            log.error("task_hand_back_failed", task_id=self.id, error=str(exc))
+            # Killed after storing its result but before telling the parent (a kill can
+            # land there): done, so acked, as Celery does for a child lost there.
+            succeeded = bool(self._success_was_stored())
+        except Exception:
+            succeeded = False
+        if succeeded:
+            log.info("task_succeeded_before_shutdown_kill", task_id=self.id)
+            task_ready(self, successful=True)
+            self.acknowledge()
+            return
+        self._record_requeued("WorkerShutdown", "killed at worker shutdown",
+                              event="task_handed_back_at_shutdown")
+        task_ready(self)
+        self.reject(requeue=True)
 
-    def _record_requeued(self, reason: str, detail: str) -> None:
+    def _record_requeued(self, reason: str, detail: str,
+                         event: str = "task_child_lost_requeued") -> None:
         try:
             from reliability.pipeline import pipeline_for
 
@@ -230,8 +247,8 @@ class ReliableRequest(Request):  # type: ignore[misc]
             log.error("lease_release_failed_child_lost", task_id=self.id, error=str(error))
             return
         metrics.OUTCOMES.labels(self._task.name, Outcome.REQUEUED).inc()
-        log.warning("task_child_lost_requeued", task_id=self.id, task_name=self.name,
-                    lease_released=released, error=detail)
+        log.warning(event, task_id=self.id, task_name=self.name, lease_released=released,
+                    error=detail)
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
         """Celery cancels running late-ack tasks when the broker connection is lost.

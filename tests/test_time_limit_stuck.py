@@ -46,8 +46,11 @@ class Fleet:
     producer: Celery
 
     def effects(self, key: str) -> int:
-        return sum(1 for c in self.sandbox.effects(endpoint="webhooks")
-                   if (c["body"] or {}).get("key") == key)
+        return sum(
+            1
+            for c in self.sandbox.effects(endpoint="webhooks")
+            if (c["body"] or {}).get("key") == key
+        )
 
     def starts(self, key: str) -> int:
         return int(self.store.client.get(f"{self.environment.prefix}:test:stuck:{key}") or 0)
@@ -59,8 +62,8 @@ class Fleet:
         options = {"time_limit": HARD_LIMIT, "soft_time_limit": SOFT_LIMIT}
         options.update(kwargs.pop("options", {}))
         return self.producer.send_task(
-            "test.stuck_call", kwargs={"key": key, "seconds": STUCK_SECONDS, **kwargs},
-            **options)
+            "test.stuck_call", kwargs={"key": key, "seconds": STUCK_SECONDS, **kwargs}, **options
+        )
 
     def assert_still_consuming(self, main_pid: int) -> None:
         assert self.worker.proc is not None and self.worker.proc.poll() is None
@@ -72,13 +75,21 @@ class Fleet:
 def fleet(redis_url: str) -> Iterator[Fleet]:
     with SandboxProvider().start() as sandbox:
         environment = Environment(redis_url=redis_url, sandbox_url=sandbox.url)
-        worker = WorkerProcess(environment, concurrency=2,
-                               RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS=LEASE_TTL,
-                               RELIABLE_BROKER__MAX_MESSAGE_BYTES=str(8 * 1024 * 1024))
+        worker = WorkerProcess(
+            environment,
+            concurrency=2,
+            RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS=LEASE_TTL,
+            RELIABLE_BROKER__MAX_MESSAGE_BYTES=str(8 * 1024 * 1024),
+        )
         try:
             with worker:
-                yield Fleet(environment, worker, sandbox, Store(redis_url, environment.prefix),
-                            environment.producer())
+                yield Fleet(
+                    environment,
+                    worker,
+                    sandbox,
+                    Store(redis_url, environment.prefix),
+                    environment.producer(),
+                )
         finally:
             delete_prefix(redis_url, environment.prefix)
 
@@ -89,7 +100,8 @@ def unique(label: str) -> str:
 
 @pytest.mark.parametrize("mode", ["gil", "stubborn"])
 def test_a_stuck_body_is_killed_at_its_hard_limit_retried_and_runs_once(
-        fleet: Fleet, mode: str) -> None:
+    fleet: Fleet, mode: str
+) -> None:
     main_pid = fleet.worker.pid
     key = unique(mode)
     sent_at = time.monotonic()
@@ -97,14 +109,19 @@ def test_a_stuck_body_is_killed_at_its_hard_limit_retried_and_runs_once(
 
     sent.get(timeout=WAIT)  # raises unless the second attempt succeeded
     retried_after = time.monotonic() - sent_at
-    print(f"\n{mode}: hard limit {HARD_LIMIT} s -> killed, retried and done after "
-          f"{retried_after:.2f} s")
+    print(
+        f"\n{mode}: hard limit {HARD_LIMIT} s -> killed, retried and done after "
+        f"{retried_after:.2f} s"
+    )
 
     assert fleet.outcomes(sent.id) == ["retried", "succeeded"]
     assert fleet.starts(key) == 2
     assert fleet.effects(key) == 1
-    killed = [line for line in fleet.worker.log_text().splitlines()
-              if "task_hard_time_limit_child_killed" in line and sent.id in line]
+    killed = [
+        line
+        for line in fleet.worker.log_text().splitlines()
+        if "task_hard_time_limit_child_killed" in line and sent.id in line
+    ]
     assert len(killed) == 1
     fleet.assert_still_consuming(main_pid)
 
@@ -116,10 +133,15 @@ def test_a_soft_limit_above_the_hard_limit_does_not_delay_the_kill(fleet: Fleet)
     # Before the fix the hard timer was armed only when this 60 s soft limit fired.
     sent = fleet.send(key, times=1, options={"soft_time_limit": 60})
 
-    wait_until(lambda: "retried" in fleet.outcomes(sent.id), timeout=WAIT,
-               message="the hard limit (2 s) ends the first attempt, not the 60 s soft one")
-    print(f"\nsoft 60 s above hard {HARD_LIMIT} s: killed and retried after "
-          f"{time.monotonic() - sent_at:.2f} s")
+    wait_until(
+        lambda: "retried" in fleet.outcomes(sent.id),
+        timeout=WAIT,
+        message="the hard limit (2 s) ends the first attempt, not the 60 s soft one",
+    )
+    print(
+        f"\nsoft 60 s above hard {HARD_LIMIT} s: killed and retried after "
+        f"{time.monotonic() - sent_at:.2f} s"
+    )
     sent.get(timeout=WAIT)
     assert fleet.outcomes(sent.id) == ["retried", "succeeded"]
     assert fleet.effects(key) == 1
@@ -127,7 +149,8 @@ def test_a_soft_limit_above_the_hard_limit_does_not_delay_the_kill(fleet: Fleet)
 
 
 def test_a_big_message_stuck_on_every_attempt_is_dead_lettered_after_its_attempts(
-        fleet: Fleet) -> None:
+    fleet: Fleet,
+) -> None:
     main_pid = fleet.worker.pid
     key = unique("always-stuck")
     # The parent's own work on a 4 MB message (result backend, DLQ envelope, events) no
@@ -137,9 +160,13 @@ def test_a_big_message_stuck_on_every_attempt_is_dead_lettered_after_its_attempt
 
     entries = wait_until(
         lambda: [e for e in DeadLetterQueue(fleet.store).iter() if e.task_id == sent.id],
-        timeout=WAIT, message="the DLQ entry after three hard limits")
-    print(f"\n4 MB message, 3 attempts x hard limit {HARD_LIMIT} s: dead-lettered after "
-          f"{time.monotonic() - sent_at:.2f} s")
+        timeout=WAIT,
+        message="the DLQ entry after three hard limits",
+    )
+    print(
+        f"\n4 MB message, 3 attempts x hard limit {HARD_LIMIT} s: dead-lettered after "
+        f"{time.monotonic() - sent_at:.2f} s"
+    )
 
     assert len(entries) == 1
     assert entries[0].failure_class == "transient"
@@ -159,13 +186,14 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 def test_a_hard_limit_met_while_the_store_is_down_hands_the_message_back(
-        redis_url: str, own_redis: RedisServer, sandbox: SandboxProvider) -> None:
+    redis_url: str, own_redis: RedisServer, sandbox: SandboxProvider
+) -> None:
     # The state store is a Redis of the test's own (crashed below); the broker stays up.
     environment = Environment(redis_url=own_redis.url, sandbox_url=sandbox.url)
-    producer_env = Environment(redis_url=redis_url, sandbox_url=sandbox.url,
-                               name=environment.name)
+    producer_env = Environment(redis_url=redis_url, sandbox_url=sandbox.url, name=environment.name)
     worker = WorkerProcess(
-        environment, concurrency=1,
+        environment,
+        concurrency=1,
         RELIABLE_BROKER__URL=redis_url,
         RELIABLE_BROKER__RESULT_BACKEND_URL=redis_url,
         RELIABLE_REDIS__UNAVAILABLE_WAIT_SECONDS="1",
@@ -176,24 +204,39 @@ def test_a_hard_limit_met_while_the_store_is_down_hands_the_message_back(
     try:
         key = unique("store-down")
         sent = producer_env.producer().send_task(
-            "test.stuck_call", kwargs={"key": key, "seconds": STUCK_SECONDS, "times": 1},
-            time_limit=3, soft_time_limit=2)
-        wait_until(lambda: store.client.get(f"{environment.prefix}:test:stuck:{key}"),
-                   timeout=WAIT, message="the body started")
+            "test.stuck_call",
+            kwargs={"key": key, "seconds": STUCK_SECONDS, "times": 1},
+            time_limit=3,
+            soft_time_limit=2,
+        )
+        wait_until(
+            lambda: store.client.get(f"{environment.prefix}:test:stuck:{key}"),
+            timeout=WAIT,
+            message="the body started",
+        )
         own_redis.crash()
-        wait_until(lambda: "task_ending_unrecorded_requeued" in worker.log_text(),
-                   timeout=WAIT, message="the hard limit could not be recorded")
+        wait_until(
+            lambda: "task_ending_unrecorded_requeued" in worker.log_text(),
+            timeout=WAIT,
+            message="the hard limit could not be recorded",
+        )
         own_redis.start()
 
         # Handed back, not acked: it runs again once the store is back (the dead
         # holder's lease lapses after 5 s), and the body's effect happens once.
         def effects() -> int:
-            return sum(1 for c in sandbox.effects(endpoint="webhooks")
-                       if (c["body"] or {}).get("key") == key)
+            return sum(
+                1
+                for c in sandbox.effects(endpoint="webhooks")
+                if (c["body"] or {}).get("key") == key
+            )
 
         wait_until(lambda: effects() >= 1, timeout=60, message="the handed-back message ran")
-        wait_until(lambda: "succeeded" in Ledger(store).outcomes([sent.id]).get(sent.id, []),
-                   timeout=WAIT, message="its success recorded")
+        wait_until(
+            lambda: "succeeded" in Ledger(store).outcomes([sent.id]).get(sent.id, []),
+            timeout=WAIT,
+            message="its success recorded",
+        )
         assert effects() == 1
         assert int(store.client.get(f"{environment.prefix}:test:stuck:{key}")) == 2
         assert isinstance(sent.get(timeout=WAIT), dict)  # the success, not a failure

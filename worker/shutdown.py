@@ -8,9 +8,9 @@ This worker bootstep bounds both:
 * **warm** (SIGTERM, the first Ctrl-C, or any other stop): running tasks get
   ``worker_soft_shutdown_timeout`` seconds, counted from the first shutdown signal, to
   finish; then each child still running one is sent SIGTERM, SIGKILL after
-  :data:`KILL_GRACE_SECONDS`, and once it is dead its message is handed back to the
-  broker unacked (``ReliableRequest.handed_back``: lease freed, ledger ``requeued``),
-  so the next worker runs it;
+  :data:`KILL_GRACE_SECONDS`, and when the pool reports its job ended, its message is
+  handed back to the broker unacked (``ReliableRequest.abandon``: lease freed, ledger
+  ``requeued``), so the next worker runs it — unless the child's result came in first;
 * **cold** (SIGQUIT, the second Ctrl-C): the same at once, without waiting for the
   grace. Celery's own cold shutdown then finds nothing left to cancel. An idle worker
   does not wait at all (Celery's cold shutdown sleeps the whole timeout).
@@ -103,62 +103,76 @@ class ShutdownDeadline(bootsteps.StartStopStep):  # type: ignore[misc]
         assert self._deadline is not None
         while not self._cold.is_set() and (left := self._deadline - time.monotonic()) > 0:
             self._cold.wait(left)
+        summary: dict[str, Any] | None = None
         try:
             running = self._running()
             if running:
-                self._abandon(running)
+                summary = self._abandon(running)
         except Exception as exc:  # the watchdog must never die silently
-            log.exception("shutdown_hand_back_failed", error=str(exc))
+            log.exception("shutdown_kill_failed", error=str(exc))
         finally:
+            # Before logging: a cold shutdown's signal handler waits for this, and the main
+            # thread it interrupted may hold the log handler's lock.
             self._done.set()
+        if summary is not None:
+            log.warning("shutdown_tasks_killed", **summary)
 
     def _running(self) -> list[Any]:
-        """Requests a pool child is running whose message is still unacked."""
+        """Requests a live pool child of ours is running (not ones whose result is in)."""
         return [
             r
-            for r in list(state.active_requests)
-            if r.worker_pid and not r.acknowledged and r.id not in state.successful_requests
+            for r in _snapshot(state.active_requests)
+            if r.worker_pid
+            and r.worker_pid != os.getpid()  # solo/threads pools: nothing to kill
+            and r.id not in state.successful_requests
+            and _alive(r.worker_pid)
         ]
 
-    def _abandon(self, requests: list[Any]) -> None:
+    def _abandon(self, requests: list[Any]) -> dict[str, Any]:
         started = time.monotonic()
         pool = self._worker.pool
-        for request in requests:
-            # Celery reads a child killed on purpose as a revoke unless it is cancelled.
-            request._already_cancelled = True
+        # Unacked messages go back to the broker. An acked one (a task without acks_late)
+        # cannot: its child is killed all the same, and Celery records it as revoked.
+        unacked = [request for request in requests if not request.acknowledged]
+        for request in unacked:
+            abandon = getattr(request, "abandon", None)
+            if abandon is not None:
+                abandon()  # ReliableRequest: hands the message back once the job ends
+            else:
+                # Plain Celery request: left unacked, restored when the channel closes.
+                request._already_cancelled = True
         pids = {request.worker_pid for request in requests}
         for pid in pids:
             _terminate(pool, pid, signal.SIGTERM)
-        alive = _wait_exit(pids, KILL_GRACE_SECONDS)
-        for pid in alive:
+        sigkilled = _wait_exit(pids, KILL_GRACE_SECONDS)
+        for pid in sigkilled:
             _terminate(pool, pid, signal.SIGKILL)
-        still = _wait_exit(alive, KILL_GRACE_SECONDS)
-        for request in requests:
-            if request.worker_pid in still:
-                continue  # not dead: leave the message unacked (restored on channel close)
-            try:
-                handed_back = getattr(request, "handed_back", None)
-                if handed_back is not None:
-                    handed_back()
-                elif not request.acknowledged:
-                    request.acknowledged = True
-                    request._message.reject(requeue=True)
-            except Exception as exc:
-                log.exception("shutdown_hand_back_failed", task_id=request.id, error=str(exc))
-        log.warning(
-            "shutdown_tasks_handed_back",
-            tasks=[request.id for request in requests],
-            killed=sorted(alive),
-            cold=self._cold.is_set(),
-            grace_seconds=self.grace_seconds,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        survivors = _wait_exit(sigkilled, KILL_GRACE_SECONDS)
+        return {
+            "handed_back": [request.id for request in unacked],
+            "killed_acked": [request.id for request in requests if request not in unacked],
+            "sigkilled": sorted(sigkilled),
+            "survivors": sorted(survivors),
+            "cold": self._cold.is_set(),
+            "grace_seconds": self.grace_seconds,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+
+def _snapshot(requests: Any) -> list[Any]:
+    """A copy of Celery's set of active requests, which the main thread may be changing."""
+    for _ in range(100):
+        try:
+            return list(requests)
+        except RuntimeError:  # changed size during iteration
+            time.sleep(0.001)
+    return []
 
 
 def _terminate(pool: Any, pid: int, sig: int) -> None:
     """Signal a pool child through the pool, so billiard reports its job as terminated
     (at once) rather than lost (after its lost-worker timeout)."""
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(Exception):
         pool.terminate_job(pid, sig)
     # The pool may have let go of it already; a dead but unreaped child keeps its pid.
     if sig == signal.SIGKILL and _alive(pid):
