@@ -6,17 +6,26 @@ revoked or expired message. On each of them this request writes the outcome — 
 entry, parked retry, ledger record, released lease — *before* Celery acks or requeues
 the message. It also shortens the soft time limit to the message's deadline, where
 Celery reads the limits, so prefork enforces it.
+
+A hard time limit kills the child *first*: billiard runs the request's failure and
+timeout callbacks (result backend writes, DLQ envelope, events — work that grows with
+the arguments) on the parent's event loop before it kills the child, so a slow callback
+used to leave a stuck child running and the parent deaf to shutdown signals. At worker
+shutdown, :mod:`worker.shutdown` kills children still running when the grace ends and
+hands their messages back here (:meth:`ReliableRequest.abandon`).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery.exceptions import InvalidTaskError, Reject, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
@@ -51,6 +60,10 @@ class ReliableRequest(Request):  # type: ignore[misc]
     """Celery's request plus the parent-side endings of the pipeline."""
 
     _reliable_limits: tuple[Any, Any] = (None, None)
+    # How this request's hard time limit ended: an Outcome, or "requeued" (store away).
+    _hard_limit_ending: str | None = None
+    # Worker shutdown killed (or is killing) this request's child: hand the message back.
+    _abandoned = False
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         headers = kwargs.get("headers")
@@ -71,15 +84,23 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     @property
     def time_limits(self) -> tuple[Any, Any]:
-        """(hard, soft), the soft limit shortened to the deadline when one is set."""
+        """(hard, soft): the soft limit shortened to the deadline when one is set, and never
+        above the hard limit — Celery's prefork pool arms the hard timer only once the soft
+        one fired, so a soft limit above the hard one would delay the kill to the soft one.
+        """
         hard, soft = self._reliable_limits
-        deadline = parse_deadline(self._request_dict.get(DEADLINE))
-        if deadline is None or deadline.timestamp() <= time.time():
+        value = self._request_dict.get(DEADLINE)
+        deadline = parse_deadline(value) if isinstance(value, str) else None
+        if deadline is not None and deadline.timestamp() > time.time():
             # Past deadlines are dead-lettered by the pipeline before the body runs; a
             # near-zero limit could fire while that DLQ entry is being written.
-            return hard, soft
-        base = soft or self._task.soft_time_limit or self._app.conf.task_soft_time_limit
-        return hard, soft_limit(base, deadline)
+            base = soft or self._task.soft_time_limit or self._app.conf.task_soft_time_limit
+            soft = soft_limit(base, deadline)
+        limit = hard or self._task.time_limit or self._app.conf.task_time_limit
+        effective_soft = soft or self._task.soft_time_limit or self._app.conf.task_soft_time_limit
+        if limit and effective_soft and effective_soft > limit:
+            soft = limit
+        return hard, soft
 
     @time_limits.setter
     def time_limits(self, value: tuple[Any, Any]) -> None:
@@ -114,12 +135,47 @@ class ReliableRequest(Request):  # type: ignore[misc]
         return True
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        if not soft and self._task.acks_late and not self._settle(
-                self._settle_hard_timeout, timeout):
-            task_ready(self)
-            self.reject(requeue=True)
+        """billiard's timeout callback. A hard limit was settled in :meth:`on_failure`,
+        which billiard calls first; only a dead-lettered one goes on to Celery's failure
+        handling here."""
+        if not soft and self._hard_limit_ending not in (None, Outcome.DEAD_LETTERED):
             return
         super().on_timeout(soft, timeout)
+
+    def _hard_time_limit(self, timeout: float) -> bool:
+        """The hard limit hit: kill the child now, then settle the ending (retry or DLQ)
+        before anything is acked. True when Celery's failure handling should go on (a
+        dead-lettered ending); else the message is acked (a parked retry, which the result
+        backend does not hear of, as with a retry in the child) or handed back unacked
+        (the store is away)."""
+        self._kill_child()
+        if not self._task.acks_late:
+            return True
+        if not self._settle(self._settle_hard_timeout, timeout):
+            self._hard_limit_ending = "requeued"
+            task_ready(self)
+            self.reject(requeue=True)
+            return False
+        if self._hard_limit_ending == Outcome.RETRIED:
+            task_ready(self)
+            self.acknowledge()
+            return False
+        return True
+
+    def _kill_child(self) -> None:
+        """SIGKILL the pool child running this request (its process group if it leads
+        one, as billiard does). A stuck child may block every other signal."""
+        pid = self.worker_pid
+        if not pid:
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            return  # already gone
+        log.warning("task_hard_time_limit_child_killed", task_id=self.id, pid=pid)
 
     def _settle_hard_timeout(self, timeout: float) -> None:
         from reliability.pipeline import pipeline_for
@@ -132,13 +188,21 @@ class ReliableRequest(Request):  # type: ignore[misc]
         outcome, delay = pipeline.settle_failure(
             rt, d, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True
         )
+        self._hard_limit_ending = outcome
         log.warning("task_hard_time_limit", task_id=self.id, task_name=self.name,
                     settled_as=str(outcome), retry_in=delay)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
+        if self._abandoned and isinstance(exc, Terminated | WorkerLostError):
+            self._hand_back()
+            return
+        if isinstance(exc, TimeLimitExceeded) and not return_ok:
+            # billiard's hard time limit (a body's own TimeLimitExceeded has return_ok).
+            if not self._hard_time_limit(exc.args[0] if exc.args else 0):
+                return
+        elif isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
             self._child_lost(exc)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -146,6 +210,40 @@ class ReliableRequest(Request):  # type: ignore[misc]
         """Release the dead child's lease now, so the redelivered copy need not wait."""
         if self._already_revoked or self._already_cancelled:
             return
+        self._record_requeued(type(exc).__name__, str(exc))
+
+    def abandon(self) -> None:
+        """Worker shutdown is about to kill this request's child (:mod:`worker.shutdown`).
+
+        When the pool then reports the job terminated, the message is handed back to the
+        broker unacked (lease freed, ledger ``requeued``) instead of being read as a
+        revoke. That happens on the event loop, after any result the child sent before it
+        died: a task that finished just before the kill is acked as usual.
+        """
+        self._abandoned = True
+        self._already_cancelled = True  # Celery: a child killed on purpose, not a revoke
+
+    def _hand_back(self) -> None:
+        if self.acknowledged:
+            return
+        try:
+            # Killed after storing its result but before telling the parent (a kill can
+            # land there): done, so acked, as Celery does for a child lost there.
+            succeeded = bool(self._success_was_stored())
+        except Exception:
+            succeeded = False
+        if succeeded:
+            log.info("task_succeeded_before_shutdown_kill", task_id=self.id)
+            task_ready(self, successful=True)
+            self.acknowledge()
+            return
+        self._record_requeued("WorkerShutdown", "killed at worker shutdown",
+                              event="task_handed_back_at_shutdown")
+        task_ready(self)
+        self.reject(requeue=True)
+
+    def _record_requeued(self, reason: str, detail: str,
+                         event: str = "task_child_lost_requeued") -> None:
         try:
             from reliability.pipeline import pipeline_for
 
@@ -154,14 +252,14 @@ class ReliableRequest(Request):  # type: ignore[misc]
             pipeline = pipeline_for(self._task)
             released = bool(d.idempotency_key) and pipeline.release(rt, d)
             pipeline.release_guards(rt, d)
-            rt.ledger.record(d.task_id, d.name, Outcome.REQUEUED, d.attempt, type(exc).__name__)
+            rt.ledger.record(d.task_id, d.name, Outcome.REQUEUED, d.attempt, reason)
         except BackendUnavailable as error:
             # The lease lapses by itself within its TTL; the message is requeued anyway.
             log.error("lease_release_failed_child_lost", task_id=self.id, error=str(error))
             return
         metrics.OUTCOMES.labels(self._task.name, Outcome.REQUEUED).inc()
-        log.warning("task_child_lost_requeued", task_id=self.id, task_name=self.name,
-                    lease_released=released, error=str(exc))
+        log.warning(event, task_id=self.id, task_name=self.name, lease_released=released,
+                    error=detail)
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
         """Celery cancels running late-ack tasks when the broker connection is lost.

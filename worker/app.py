@@ -26,6 +26,7 @@ from worker.celeryconfig import (
     runtime_config,
     state_url,
 )
+from worker.shutdown import ShutdownDeadline
 
 
 def build(settings: Settings) -> tuple[Celery, Runtime]:
@@ -34,6 +35,7 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     # argument reprs in their headers and task-sent events.
     app = Celery("reliable", amqp="reliability.reprs:ReliableAMQP")
     app.conf.update(celery_config(settings, url))
+    app.steps["worker"].add(ShutdownDeadline)  # warm and cold shutdowns always end
     store = Store(url, settings.redis.key_prefix,
                   socket_timeout=settings.redis.socket_timeout_seconds)
     runtime = Runtime(store, runtime_config(settings), Masker(settings.secret_values()),

@@ -121,8 +121,12 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Never give up reconnecting: a worker that exits on a long Redis outage crash-loops.
         "broker_connection_max_retries": None,
+        # The grace running tasks get at a warm shutdown; then worker.shutdown kills what
+        # still runs and hands its messages back. A cold shutdown hands back at once.
         "worker_soft_shutdown_timeout": w.soft_shutdown_timeout_seconds,
-        "worker_enable_soft_shutdown_on_idle": True,
+        # Nothing waits inside an idle worker (deferrals are parked in Redis, not held as
+        # ETA messages): an idle worker stops at once.
+        "worker_enable_soft_shutdown_on_idle": False,
         # A broker blip must not kill running bodies (they would run again): they finish,
         # and their acks go through the new connection (reliability/transport.py).
         "worker_cancel_long_running_tasks_on_connection_loss": False,

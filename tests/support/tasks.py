@@ -6,6 +6,7 @@ sandbox provider (so tests count them) or to Redis keys under the test prefix.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -191,7 +192,49 @@ def with_fallback(key: str) -> dict[str, Any]:
 def hold_gil(key: str, seconds: int) -> dict[str, Any]:
     """Holds the GIL for ``seconds`` (a C call through ctypes.PyDLL, which keeps it), then
     calls the sandbox: no thread in this process runs meanwhile."""
-    import ctypes
-
     ctypes.PyDLL(None).sleep(int(seconds))
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+def _hold_gil(seconds: int) -> None:
+    """One C call of ``seconds`` that holds the GIL with every signal but SIGKILL
+    blocked: no Python code (a soft time limit, a SIGTERM handler) runs in this process
+    until it returns — the worst stuck pool child there is (a huge regex, a C library)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        ctypes.PyDLL(None).sleep(int(seconds))  # PyDLL: the GIL stays held
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _sleep_through_soft_limits(seconds: float) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            continue
+
+
+@app.task(base=ReliableTask, name="test.stuck_call", idempotency_key_args=("key",),
+          retry_policy=FAST_RETRY)
+def stuck_call(key: str, seconds: int, times: int = 1, mode: str = "gil",
+               pad: str = "") -> dict[str, Any]:
+    """Its first ``times`` deliveries are stuck for ``seconds`` (``mode`` "gil": holding
+    the GIL, deaf to every signal but SIGKILL; "stubborn": sleeping through its soft time
+    limit), then every delivery that gets there makes one sandbox call (an effect the
+    test counts). ``pad`` only makes the message big.
+
+    Each delivery that starts increments ``<prefix>:test:stuck:<key>``.
+    """
+    counter = f"{runtime.store.keys.prefix}:test:stuck:{key}"
+    n = runtime.store.client.incr(counter)
+    runtime.store.client.expire(counter, 600)
+    if n <= times:
+        if mode == "gil":
+            _hold_gil(seconds)
+        else:
+            _sleep_through_soft_limits(seconds)
     return post(f"{_sandbox()}/webhooks", {"key": key})
