@@ -257,16 +257,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             return self._brpop_read_fallback(**options)
         queue, processing = moving
         try:
-            try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
-            except self.connection_errors:
-                if self.client.connection is not None:
-                    self.client.connection.disconnect()
-                if self._closing:
-                    return False
-                raise
-            if not item:
-                raise kombu_redis.Empty()
+            item = self._reply("BLMOVE", **options)
+            if item is None:
+                return False
             self._queue_cycle.rotate(queue)
             self._deliver_item(item, queue, self._full(processing))
             return True
@@ -278,17 +271,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_read_fallback(self, **options: Any) -> bool:
         """kombu's BRPOP read (several queues), with the item checked before decoding."""
         try:
-            try:
-                dest_item = self.client.parse_response(self.client.connection, "BRPOP",
-                                                       **options)
-            except self.connection_errors:
-                if self.client.connection is not None:
-                    self.client.connection.disconnect()
-                if self._closing:
-                    return False
-                raise
-            if not dest_item:
-                raise kombu_redis.Empty()
+            dest_item = self._reply("BRPOP", **options)
+            if dest_item is None:
+                return False
             dest, item = dest_item
             queue = _text(dest).rsplit(self.sep, 1)[0]  # the client strips the key prefix
             self._queue_cycle.rotate(queue)
@@ -297,6 +282,21 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _reply(self, command: str, **options: Any) -> Any:
+        """The blocking pop's reply; ``Empty`` when it timed out, None when the channel
+        is closing and the connection is gone (a close must not fail: celery#9250)."""
+        try:
+            reply = self.client.parse_response(self.client.connection, command, **options)
+        except self.connection_errors:
+            if self.client.connection is not None:
+                self.client.connection.disconnect()
+            if self._closing:
+                return None
+            raise
+        if not reply:
+            raise kombu_redis.Empty()
+        return reply
 
     def _deliver_item(self, item: bytes, queue: str, processing: str | None) -> None:
         """Check the item, then deliver it (recorded unacked and removed from the
