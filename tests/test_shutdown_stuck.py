@@ -125,7 +125,8 @@ def assert_handed_back_and_run_once(
     assert len(effects) == 1
     assert int(store.client.get(f"{environment.prefix}:test:stuck:{key}") or 0) == 2
     assert Ledger(store).outcomes([task_id]).get(task_id) == ["requeued", "succeeded"]
-    assert queued(environment) == (0, 0)
+    # The completion is recorded before the ack: wait for the ack to land.
+    wait_until(lambda: queued(environment) == (0, 0), timeout=10, message="message acked")
 
 
 def test_a_warm_shutdown_kills_a_stuck_child_after_the_grace_and_hands_its_message_back(
