@@ -29,7 +29,13 @@ from pathlib import Path
 import redis
 
 from bench import guard_settings, marks
-from tests.support.fleet import Environment, WorkerProcess, delete_prefix, wait_until
+from tests.support.fleet import (
+    Environment,
+    WorkerProcess,
+    delete_prefix,
+    task_modules,
+    wait_until,
+)
 
 TASK = "bench.reliable_sleep"
 LEASE_TTL_SECONDS = 60
@@ -45,7 +51,7 @@ def run(kills: int, redis_url: str) -> dict[str, object]:
     environment = Environment(redis_url=redis_url)
     settings = {
         **guard_settings.worker_settings_env(),
-        "RELIABLE_WORKER__TASK_MODULES": '["bench.reliable_tasks"]',
+        "RELIABLE_WORKER__TASK_MODULES": task_modules("bench.reliable_tasks"),
         "RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS": str(LEASE_TTL_SECONDS),
         "RELIABLE_LOG__LEVEL": "INFO",
     }

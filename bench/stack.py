@@ -23,7 +23,14 @@ import redis
 from celery import Celery
 
 from bench import guard_settings, offshelf
-from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
+from tests.support.fleet import (
+    ROOT,
+    Environment,
+    WorkerProcess,
+    delete_prefix,
+    task_modules,
+    wait_until,
+)
 
 HOOK_DIR = Path(__file__).resolve().parent / "hook"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -63,7 +70,7 @@ def worker_env(count_dir: Path | None = None, **guards: Any) -> dict[str, str]:
     ``guards``: the utilisation limit's rate and burst (``bench.guard_settings``).
     """
     env = {
-        "RELIABLE_WORKER__TASK_MODULES": '["bench.reliable_tasks"]',
+        "RELIABLE_WORKER__TASK_MODULES": task_modules("bench.reliable_tasks"),
         "PYTHONPATH": f"{HOOK_DIR}{os.pathsep}{ROOT}",
         **guard_settings.worker_settings_env(**guards),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -56,10 +56,19 @@ class BrokerSettings(BaseModel):
     max_message_bytes: int = Field(1024 * 1024, ge=0)
 
 
+# A dotted Python module name ("tasks.payments").
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+# The business tasks a worker loads unless told otherwise (RELIABLE_WORKER__TASK_MODULES).
+BUSINESS_TASK_MODULES = ("tasks.payments", "tasks.notifications", "tasks.webhooks",
+                         "tasks.exports")
+
+
 class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
-    # Extra modules of tasks to load beside the built-in ones (a JSON list in env).
-    task_modules: list[str] = Field(default_factory=list)
+    # The modules of tasks the worker imports (a JSON list in env); a module not listed is
+    # never imported. The service's own maintenance jobs are always loaded.
+    task_modules: list[ModuleName] = Field(
+        default_factory=lambda: list(BUSINESS_TASK_MODULES))
     prefetch_multiplier: int = Field(1, ge=1)
     soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
     default_soft_time_limit_seconds: float | None = Field(300.0, gt=0)

@@ -15,7 +15,7 @@ import redis
 from reliability.dlq import DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, WorkerProcess, task_modules, wait_until
 
 if os.environ.get("REVIEW_TASKS") == __name__:
     from celery.exceptions import Ignore, Reject
@@ -43,7 +43,7 @@ def _broker_copies(environment: Environment) -> int:
 def test_a_body_that_rejects_or_ignores_its_message_still_leaves_an_outcome(
     environment: Environment, store: Store
 ) -> None:
-    modules = f'["tests.support.tasks", "{__name__}"]'
+    modules = task_modules("tests.support.tasks", __name__)
     with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
                        RELIABLE_WORKER__TASK_MODULES=modules) as worker:
         producer = environment.producer()

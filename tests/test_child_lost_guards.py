@@ -14,7 +14,7 @@ import signal
 
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.support.fleet import Environment, WorkerProcess
+from tests.support.fleet import Environment, WorkerProcess, task_modules
 
 if os.environ.get("REVIEW_TASKS") == __name__:
     from reliability import ReliableTask
@@ -34,7 +34,7 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 def test_a_concurrency_limited_task_whose_child_died_runs_again_promptly(
     environment: Environment, store: Store
 ) -> None:
-    modules = f'["tests.support.tasks", "{__name__}"]'
+    modules = task_modules("tests.support.tasks", __name__)
     with WorkerProcess(environment, concurrency=2, REVIEW_TASKS=__name__,
                        RELIABLE_WORKER__TASK_MODULES=modules):
         sent = environment.producer().send_task("review.crash_limited", args=["k", 1])

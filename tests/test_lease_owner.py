@@ -16,7 +16,7 @@ import time
 
 from reliability.idempotency import derive_key
 from reliability.store import Store
-from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, WorkerProcess, task_modules, wait_until
 
 if os.environ.get("REVIEW_TASKS") == __name__:
     from reliability import ReliableTask
@@ -36,7 +36,7 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 def test_a_dying_stale_holder_never_frees_its_successors_lease(
     environment: Environment, store: Store
 ) -> None:
-    modules = f'["tests.support.tasks", "{__name__}"]'
+    modules = task_modules("tests.support.tasks", __name__)
     runs = f"{store.keys.prefix}:review:runs:k"
     idem = store.keys.idem("review.pid_sleep",
                            derive_key("review.pid_sleep", {"key": "k"}, key_args=("key",)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support.fleet import Environment, wait_until
+from tests.support.fleet import Environment, task_modules, wait_until
 from tests.support.lifecycle import ReliableRun, alive, no_url_env, servers_on
 from worker import embedded
 
@@ -30,7 +30,7 @@ if os.environ.get("RUN_TEST_TASKS") == "misconfigured":
         """Names a breaker the settings do not define."""
 
 
-TASK_MODULES = '["tests.support.tasks", "tests.test_run"]'
+TASK_MODULES = task_modules("tests.support.tasks", "tests.test_run")
 
 
 def message_kept(environment: Environment, task_id: str) -> str | None:

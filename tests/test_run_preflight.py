@@ -17,7 +17,7 @@ from reliability import ReliableTask
 from reliability.ratelimit import RateLimit
 from reliability.runtime import Runtime
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment
+from tests.support.fleet import ROOT, Environment, task_modules
 from worker.preflight import EX_CONFIG, unresolved_names
 
 # Loaded by the workers below through RELIABLE_WORKER__TASK_MODULES.
@@ -41,7 +41,7 @@ def start_worker(environment: Environment, tasks: str) -> subprocess.CompletedPr
     env = environment.env(
         PREFLIGHT_TASKS=tasks,
         PYTHONWARNINGS="ignore",  # no root warning
-        RELIABLE_WORKER__TASK_MODULES=f'["{__name__}"]',
+        RELIABLE_WORKER__TASK_MODULES=task_modules(__name__),
     )
     return subprocess.run(
         [

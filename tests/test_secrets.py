@@ -20,7 +20,7 @@ import redis
 
 from reliability.dlq import DeadLetterQueue
 from reliability.store import Store
-from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, WorkerProcess, task_modules, wait_until
 
 SECRET = "sk_live_review_0123456789abcdef"
 
@@ -42,7 +42,7 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 
 @pytest.fixture
 def worker(environment: Environment) -> Iterator[WorkerProcess]:
-    modules = f'["tests.support.tasks", "{__name__}"]'
+    modules = task_modules("tests.support.tasks", __name__)
     with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
                        RELIABLE_WORKER__TASK_MODULES=modules,
                        RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET) as process:

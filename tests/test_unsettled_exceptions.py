@@ -17,7 +17,7 @@ from reliability.dlq import DeadLetterQueue
 from reliability.idempotency import derive_key
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, WorkerProcess, task_modules, wait_until
 
 if os.environ.get("REVIEW_TASKS") == __name__:
     from reliability import ReliableTask
@@ -39,7 +39,7 @@ def _broker_copies(environment: Environment) -> int:
 def test_a_result_with_non_string_keys_still_settles_the_delivery(
     environment: Environment, store: Store
 ) -> None:
-    modules = f'["tests.support.tasks", "{__name__}"]'
+    modules = task_modules("tests.support.tasks", __name__)
     with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
                        RELIABLE_WORKER__TASK_MODULES=modules):
         sent = environment.producer().send_task("review.totals_by_day", args=["k1"])

@@ -16,13 +16,8 @@ from reliability.runtime import RuntimeConfig
 from reliability.transport import broker_connection
 from worker.embedded import backend_url_for, broker_url_for, embedded_url
 
-TASK_MODULES = [
-    "tasks.payments",
-    "tasks.notifications",
-    "tasks.webhooks",
-    "tasks.exports",
-    "worker.beat",
-]
+# The service's own tasks (beat maintenance); business tasks come from settings.
+SERVICE_TASK_MODULES = ["worker.beat"]
 FUSED_BACKEND = "reliability.backend:ReliableRedisBackend"
 # Delivery records outlive the visibility timeout by this margin.
 DELIVERY_TTL_MARGIN_SECONDS = 600
@@ -141,7 +136,7 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "beat_schedule": {
             "dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0},
         },
-        "include": [*TASK_MODULES, *w.task_modules],
+        "include": [*w.task_modules, *SERVICE_TASK_MODULES],
     }
 
 

@@ -25,6 +25,8 @@ import psutil
 import redis
 from celery import Celery
 
+from config.settings import BUSINESS_TASK_MODULES
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -40,6 +42,11 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def task_modules(*extra: str) -> str:
+    """``RELIABLE_WORKER__TASK_MODULES`` for a test worker: the business tasks plus ``extra``."""
+    return json.dumps([*BUSINESS_TASK_MODULES, *extra])
 
 
 def delete_prefix(url: str, prefix: str) -> None:
@@ -96,7 +103,7 @@ class Environment:
             "RELIABLE_PROVIDERS__PAYMENT_BASE_URL": self.sandbox_url,
             "RELIABLE_PROVIDERS__NOTIFICATION_BASE_URL": self.sandbox_url,
             "RELIABLE_PROVIDERS__EXPORT_BASE_URL": self.sandbox_url,
-            "RELIABLE_WORKER__TASK_MODULES": '["tests.support.tasks"]',
+            "RELIABLE_WORKER__TASK_MODULES": task_modules("tests.support.tasks"),
             "RELIABLE_LOG__JSON_OUTPUT": "true",
             "RELIABLE_LOG__LEVEL": "INFO",
             # The business tasks' limits, opened wide: tests of limits set their own.
