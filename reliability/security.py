@@ -7,7 +7,7 @@ wherever they appear in text or nested data; values under sensitive keys
 (``password``, ``api_key``, ...) are masked whole, as are a task's ``sensitive_args``
 (:meth:`Masker.call`). :func:`key_token` keeps
 input out of Redis key names. :func:`mask_secret` shortens one value for display
-(seed 000). :func:`run_security_checks` warns about missing or weak secrets at start-up.
+(seed 000).
 
 Every operation is linear in the size of its input: literal values are replaced with
 ``str.replace`` and the patterns never backtrack (``bench/masking.py``).
@@ -22,8 +22,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import structlog
-
 from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns
 from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs, delivery_values, literal_forms
 
@@ -35,7 +33,6 @@ __all__ = [
     "hashed_token",
     "key_token",
     "mask_secret",
-    "run_security_checks",
 ]
 
 # A preview (an argument repr) shows at most this many items per container and this
@@ -240,25 +237,3 @@ class Masker:
             else:
                 parent[slot] = node
         return root[0]
-
-
-def run_security_checks(settings: Any, *, production: bool) -> list[str]:
-    """Warn (log) about missing or weak secrets; returns the warnings."""
-    log = structlog.get_logger("reliability.security")
-    warnings: list[str] = []
-    providers = settings.providers
-    for name in ("payment_api_key", "notification_api_key"):
-        secret = getattr(providers, name)
-        value = secret.get_secret_value() if secret is not None else ""
-        if not value:
-            warnings.append(f"providers.{name} is not set")
-        elif len(value) < 16:
-            warnings.append(f"providers.{name} is shorter than 16 characters")
-    redis_url = settings.redis.url.get_secret_value() if settings.redis.url else ""
-    if production and redis_url and "@" not in redis_url and "unix" not in redis_url:
-        warnings.append("redis.url has no password: production Redis should require AUTH")
-    for warning in warnings:
-        log.warning("security_check_warning", problem=warning)
-    if not warnings:
-        log.info("security_checks_passed")
-    return warnings

@@ -1,4 +1,4 @@
-"""Start-up checks: a worker whose tasks name settings that do not exist refuses to start.
+"""Start-up checks: broken configuration refuses to start; missing secrets are warned of.
 
 A task declares its breaker and rate limits by name (``breaker="payment"``,
 ``rate_limits=("payment-gateway",)``); the names are resolved against the settings
@@ -17,6 +17,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
+from config import Environment, Settings
 from reliability.runtime import Runtime
 from reliability.task import ReliableTask
 
@@ -59,3 +62,27 @@ def refuse_broken_configuration(tasks: Mapping[str, Any], runtime: Runtime) -> N
         sys.stderr.write(f"configuration error: {'; '.join(problems)}\n")
         sys.stderr.flush()
         raise SystemExit(EX_CONFIG)
+
+
+def run_security_checks(settings: Settings) -> list[str]:
+    """Warn (log) about missing or weak secrets (seed 000's start-up checks); returns the
+    warnings. Reads settings, so it lives here at the edge, not in the library."""
+    log = structlog.get_logger("worker.preflight")
+    production = settings.environment is Environment.PRODUCTION
+    warnings: list[str] = []
+    providers = settings.providers
+    for name in ("payment_api_key", "notification_api_key"):
+        secret = getattr(providers, name)
+        value = secret.get_secret_value() if secret is not None else ""
+        if not value:
+            warnings.append(f"providers.{name} is not set")
+        elif len(value) < 16:
+            warnings.append(f"providers.{name} is shorter than 16 characters")
+    redis_url = settings.redis.url.get_secret_value() if settings.redis.url else ""
+    if production and redis_url and "@" not in redis_url and "unix" not in redis_url:
+        warnings.append("redis.url has no password: production Redis should require AUTH")
+    for warning in warnings:
+        log.warning("security_check_warning", problem=warning)
+    if not warnings:
+        log.info("security_checks_passed")
+    return warnings

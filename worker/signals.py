@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
-from config import Environment, Settings
+from config import Settings
 from reliability import delivery
 from reliability.alerts import BreakerEvents, default_hooks
 from reliability.deadline import format_deadline
@@ -24,7 +24,6 @@ from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.request import running_deliveries
 from reliability.runtime import Runtime
-from reliability.security import run_security_checks
 from reliability.sensitive import clear_delivery_values
 from reliability.transport import TRANSPORT_PATH, restore_owned, sweep_orphans
 from worker import embedded, preflight
@@ -56,7 +55,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         # start the embedded Redis if none is configured (stopped at exit if started here).
         preflight.refuse_broken_configuration(app.tasks, runtime)
         own_embedded_redis()
-        run_security_checks(settings, production=settings.environment is Environment.PRODUCTION)
+        preflight.run_security_checks(settings)
         log.info("worker_configured", environment=str(settings.environment),
                  queue=settings.broker.queue, key_prefix=settings.redis.key_prefix,
                  broker=runtime.masker.text(str(app.conf.broker_url)))
