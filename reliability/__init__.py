@@ -16,6 +16,7 @@ from reliability.callables import AwaitableReturned
 from reliability.delivery import current, outgoing_headers
 from reliability.effects import (
     EffectType,
+    SideEffectWrapper,
     wrap_effect,
     wrap_export_generation,
     wrap_ledger_write,
@@ -38,18 +39,13 @@ from reliability.errors import (
     StaleFencingToken,
     TransientError,
 )
-from reliability.idempotency import (
-    DUPLICATE_MARKER,
-    IdempotencyStore,
-    InProgress,
-    SideEffectWrapper,
-    idempotent,
-)
 from reliability.idempotency_keys import (
     check_idempotency,
     clear_idempotency,
     generate_idempotency_key,
 )
+from reliability.idempotency_store import DUPLICATE_MARKER, IdempotencyStore, InProgress
+from reliability.idempotent import idempotent
 from reliability.retry import RetryPolicy
 from reliability.task import ReliableTask
 

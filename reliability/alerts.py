@@ -19,7 +19,7 @@ import httpx
 import structlog
 from prometheus_client import Counter, Gauge
 
-from reliability.breaker import EVENTS_STREAM
+from reliability.breaker.config import EVENTS_STREAM
 from reliability.errors import BackendUnavailable
 from reliability.metrics import PREFIX
 from reliability.store import Store

@@ -16,10 +16,9 @@ from typing import Any
 from celery import states
 from celery.backends.redis import RedisBackend
 
-from reliability import scripts
+from reliability import completion as completions
 from reliability.reprs import sensitive_of
-from reliability.runtime import get_runtime
-from reliability.settlement import take_pending
+from reliability.runtime import Runtime, runtime_of
 
 
 class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
@@ -27,12 +26,16 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
 
     fuses_completion = True
 
+    @property
+    def runtime(self) -> Runtime:
+        return runtime_of(self.app)
+
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's meta, secrets masked: in the result and traceback by value and
         pattern; the task's arguments (``result_extended``) as in a DLQ entry — sensitive
         arguments whole, values under sensitive keys too."""
         meta = super()._get_result_meta(*args, **kwargs)
-        masker = get_runtime().masker
+        masker = self.runtime.masker
         call = {k: meta.pop(k) for k in ("args", "kwargs") if k in meta}
         meta = masker.values(meta)
         raw_args, raw_kwargs = call.get("args"), call.get("kwargs")
@@ -46,7 +49,8 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
-        completion = take_pending(str(task_id)) if state == states.SUCCESS else None
+        # The pipeline left the completion on the task's request context (completion.py).
+        completion = completions.take(request) if state == states.SUCCESS else None
         if completion is None:
             return super()._store_result(task_id, result, state, traceback=traceback,
                                          request=request, **kwargs)
@@ -56,9 +60,9 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
         try:
             value = self.encode(meta)
         except Exception:
-            completion.write(get_runtime())  # the body succeeded: record it regardless
+            completion.write(self.runtime)  # the body succeeded: record it regardless
             raise
-        completion.write(get_runtime(), scripts.COMPLETE_AND_STORE,
-                         extra_keys=[self.get_key_for_task(task_id)],
-                         extra_args=[value, int(self.expires or 0)])
+        completion.write(self.runtime, completions.COMPLETE_AND_STORE,
+                         keys={"meta": self.get_key_for_task(task_id)},
+                         args={"meta_value": value, "meta_expires": int(self.expires or 0)})
         return result

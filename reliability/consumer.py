@@ -11,8 +11,9 @@ requeued instead, so nothing is acked unwritten.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -20,13 +21,12 @@ from celery.worker.consumer import Consumer
 from vine import promise
 
 from reliability import metrics, transport
+from reliability.deadletter import envelope, short
 from reliability.delivery import PRODUCER_HEADERS
 from reliability.dlq import DeadLetter, FailureClass
-from reliability.errors import BackendUnavailable
 from reliability.poison import Poison, check_size, raw_excerpt
 from reliability.reprs import sensitive_of
-from reliability.runtime import get_runtime
-from reliability.sensitive import changed_arguments
+from reliability.runtime import Runtime, runtime_of
 
 log = structlog.get_logger("reliability.consumer")
 
@@ -50,12 +50,11 @@ def _body_bytes(message: Any) -> bytes:
     return str(body).encode("utf-8", "surrogateescape")
 
 
-def envelope_for(message: Any, reason: str, error: BaseException | None, *,
+def envelope_for(rt: Runtime, message: Any, reason: str, error: BaseException | None, *,
                  decode: bool = True, task: Any = None) -> DeadLetter:
     """A DLQ envelope for a message that never reached a task (``decode=False``: the body
     is kept raw, e.g. for a message too large to decode; ``task``: the registered task of
     that name, if any, whose sensitive arguments are masked whole)."""
-    rt = get_runtime()
     headers = message.headers if isinstance(message.headers, dict) else {}
     body = _decoded_json(message) if decode else None
     args: list[Any] = []
@@ -68,43 +67,24 @@ def envelope_for(message: Any, reason: str, error: BaseException | None, *,
         raw = raw_excerpt(_body_bytes(message), rt.masker.raw)
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
     info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
-    masked_args, masked_kwargs = rt.masker.call(args, kwargs, sensitive_of(task))
-    parameters = list(inspect.signature(task.run).parameters) if task is not None else []
-    return DeadLetter(
-        task_name=_short(headers.get("task")) or "<unknown>",
-        task_id=_short(headers.get("id")) or "",
-        failure_class=str(FailureClass.POISON),
-        reason=rt.masker.text(reason),
-        args=masked_args,
-        kwargs=masked_kwargs,
-        correlation_id=_short(producer.get("correlation_id")),
-        tenant_id=_short(producer.get("tenant_id")),
-        exception_type=type(error).__name__ if error else None,
-        exception_message=rt.masker.text(str(error)[:2000]) if error else None,
-        headers=rt.masker.data({k: _short(v) for k, v in producer.items()}),
+    spec = getattr(task, "spec", None)
+    return envelope(
+        rt.masker, task_name=str(headers.get("task") or "<unknown>"),
+        task_id=str(headers.get("id") or ""), failure_class=str(FailureClass.POISON),
+        reason=reason, error=error, args=args, kwargs=kwargs, sensitive=sensitive_of(spec),
+        parameters=list(spec.signature.parameters) if spec is not None else [],
+        headers=producer, correlation_id=short(producer.get("correlation_id")),
+        tenant_id=short(producer.get("tenant_id")),
         routing={"exchange": info.get("exchange"), "routing_key": info.get("routing_key")},
-        raw_body=raw,
-        masked_args=changed_arguments(parameters, args, kwargs, masked_args, masked_kwargs),
-    )
+        raw_body=raw)
 
 
-def _short(value: Any, limit: int = 200) -> str | None:
-    """A header value as text for an envelope, cut to ``limit`` characters (hostile
-    producers send anything: dicts, megabytes)."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _write(entry: DeadLetter) -> bool:
-    """Write a DLQ entry, waiting briefly for the store; False if it stays away."""
-    rt = get_runtime()
-    try:
-        rt.wait_for_store("dead_letter", lambda: rt.dlq.add(entry, rt.ledger),
-                          seconds=CONSUMER_STORE_WAIT_SECONDS)
-    except BackendUnavailable as exc:
-        log.error("message_requeued_store_unavailable", task_id=entry.task_id, error=str(exc))
+def _write(rt: Runtime, entry: DeadLetter, hand_back: Callable[[Any], object]) -> bool:
+    """Write a DLQ entry, waiting briefly for the store; False (handed back) if it stays
+    away."""
+    written = rt.stored("dead_letter", lambda: rt.dlq.add(entry, rt.ledger) + 1,
+                        wait=CONSUMER_STORE_WAIT_SECONDS, hand_back=hand_back)
+    if written is None:
         return False
     metrics.DEAD_LETTERS.labels(entry.task_name, entry.failure_class).inc()
     log.error("message_dead_lettered", task_id=entry.task_id, task_name=entry.task_name,
@@ -116,33 +96,30 @@ def _write(entry: DeadLetter) -> bool:
 DEAD_LETTERED = "_reliable_dead_lettered"
 
 
-def dead_letter_message(message: Any, reason: str, error: BaseException | None, *,
+def dead_letter_message(rt: Runtime, message: Any, reason: str, error: BaseException | None, *,
                         decode: bool = True, task: Any = None) -> bool:
     """Write the DLQ entry; False (and the message requeued) if the store is away."""
     if getattr(message, DEAD_LETTERED, False):
         return True
-    if _write(envelope_for(message, reason, error, decode=decode, task=task)):
+
+    def requeue(_exc: Any) -> None:
+        if not message.acknowledged:
+            message.reject(requeue=True)
+
+    if _write(rt, envelope_for(rt, message, reason, error, decode=decode, task=task), requeue):
         setattr(message, DEAD_LETTERED, True)
         return True
-    if not message.acknowledged:
-        message.reject(requeue=True)
     return False
 
 
-def dead_letter_raw(item: bytes, queue: str, poison: Poison) -> bool:
+def dead_letter_raw(rt: Runtime, item: bytes, queue: str, poison: Poison) -> bool:
     """The transport's poison sink: a raw queue item that is no message at all."""
-    rt = get_runtime()
-    entry = DeadLetter(
-        task_name="<unknown>",
-        task_id="",
-        failure_class=str(FailureClass.POISON),
-        reason=rt.masker.text(f"{poison.kind}: {poison.reason}"),
-        exception_type=type(poison).__name__,
-        exception_message=poison.kind,
-        routing={"exchange": "", "routing_key": queue},
-        raw_body=raw_excerpt(item, rt.masker.raw),
-    )
-    return _write(entry)
+    entry = envelope(
+        rt.masker, task_name="<unknown>", task_id="", failure_class=str(FailureClass.POISON),
+        reason=f"{poison.kind}: {poison.reason}", routing={"exchange": "", "routing_key": queue},
+        raw_body=raw_excerpt(item, rt.masker.raw))
+    entry.exception_type, entry.exception_message = type(poison).__name__, poison.kind
+    return _write(rt, entry, lambda _exc: None)
 
 
 def _running_tags() -> set[str]:
@@ -174,8 +151,9 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.runtime = runtime_of(self.app)
         # Raw items the transport finds unreadable reach the DLQ through this process.
-        transport.set_poison_sink(dead_letter_raw)
+        transport.set_poison_sink(functools.partial(dead_letter_raw, self.runtime))
         # Messages of tasks still running are not restored after a reconnect (a second copy
         # would run beside them); they are acked through the new connection when they end.
         transport.set_running_tags(_running_tags)
@@ -186,7 +164,7 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
         (not a connection error) is dead-lettered as poison instead of stopping the
         worker."""
         handle = super().create_task_handler(promise)
-        max_bytes = get_runtime().config.max_message_bytes
+        max_bytes = self.runtime.config.max_message_bytes
         # kombu's Redis transport counts KeyError as a connection error (old redis-py); a
         # KeyError from Celery's handler is about the message, so it must not restart the
         # consumer (the message would be restored and fail again, forever).
@@ -197,7 +175,7 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
                 check_size(len(_body_bytes(message)), max_bytes)
             except Poison as poison:
                 reason = f"{poison.kind}: {poison.reason}"
-                if dead_letter_message(message, reason, poison, decode=False):
+                if dead_letter_message(self.runtime, message, reason, poison, decode=False):
                     message.ack()
                 return None
             try:
@@ -210,7 +188,8 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
                 log.error("task_message_handler_failed", error=f"{type(exc).__name__}: {exc}",
                           exc_info=True)
                 reason = f"malformed task message: {type(exc).__name__}: {exc}"[:500]
-                if (dead_letter_message(message, reason, exc, task=self._task_of(message))
+                task = self._task_of(message)
+                if (dead_letter_message(self.runtime, message, reason, exc, task=task)
                         and not message.acknowledged):
                     message.ack()
                 return None
@@ -241,7 +220,8 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
 
     def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
         name = (message.headers or {}).get("task")
-        if dead_letter_message(message, f"unknown task {name!r}: not registered", exc):
+        reason = f"unknown task {name!r}: not registered"
+        if dead_letter_message(self.runtime, message, reason, exc):
             super().on_unknown_task(body, message, exc)
 
     def _task_of(self, message: Any) -> Any:
@@ -251,14 +231,15 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc, task=self._task_of(message)):
+        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
-        if dead_letter_message(message, reason, exc, task=self._task_of(message)):
+        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
             super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if dead_letter_message(message, "message of unknown format (no task header)", None):
+        reason = "message of unknown format (no task header)"
+        if dead_letter_message(self.runtime, message, reason, None):
             super().on_unknown_message(body, message)

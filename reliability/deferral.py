@@ -14,13 +14,19 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from reliability import scripts
-from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery
+from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery, duplicate
+from reliability.guard import Action, Call, Guard
+from reliability.scripts import FRAGMENTS, Fragment, Part, script
 from reliability.store import Store
+
+if TYPE_CHECKING:
+    from reliability.admission import Verdict
 
 log = structlog.get_logger("reliability.deferral")
 
@@ -72,6 +78,13 @@ class ParkedMessage:
         )
 
 
+# KEYS parked, parked_msgs   ARGV now, limit, claim_s
+CLAIM_PARKED = scripts.compose(
+    "deferral",
+    body="return parked_claim(KEYS[1], KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))",
+)
+
+
 class Publisher(Protocol):
     """What the mover needs from a Celery app."""
 
@@ -104,7 +117,7 @@ class Mover:
         """Publish every due entry (up to one batch); returns how many were published."""
         keys = self.store.keys
         flat = self.store.run(
-            scripts.CLAIM_PARKED,
+            CLAIM_PARKED,
             [keys.parked, keys.parked_msgs],
             ["" if now is None else now, self.batch_size, self.claim_seconds],
             "claim parked",
@@ -156,3 +169,72 @@ def _confirm(client: Any, keys: Any, park_id: str) -> None:
     pipe.zrem(keys.parked, park_id)
     pipe.hdel(keys.parked_msgs, park_id)
     pipe.execute()
+
+
+# Park a message for a later attempt (mode "retry": a retry, counted against the retry
+# budget, which may refuse it) or a later look (mode "defer": no attempt spent). The
+# guards' settle tails of a retried call run first.
+PARK = script(
+    "idempotency", "delivery", "deferral", "ledger", "budget",
+    keys=("idem", "leases", "dlv", "ledger", "budget", "parked", "parked_msgs"),
+    args=("owner", "fence", "mode", "budget_window", "budget_ratio", "budget_floor",
+          "park_id", "delay", "envelope", "dlv_ttl_ms", "ledger_max", "task_id", "name",
+          "attempt", "outcome", "detail"),
+    body=f"""
+{FRAGMENTS}
+if $mode == 'retry' and @budget ~= '' then
+  local window = tonumber($budget_window)
+  budget_count_call(@budget, window)
+  if budget_allow_retry(@budget, window, tonumber($budget_ratio), tonumber($budget_floor)) == 0 then
+    return {{'refused', ''}}
+  end
+end
+if @idem ~= '' then idem_release(@idem, @leases, $owner, $fence) end
+local due = now + tonumber($delay)
+park(@parked, @parked_msgs, $park_id, due, $envelope)
+delivery_finish(@dlv, $outcome, tonumber($dlv_ttl_ms))
+ledger_add(@ledger, $ledger_max, $task_id, $name, $outcome, $attempt, $detail)
+return {{'parked', string.format('%.6f', due)}}
+""",
+)
+
+
+# -- the deferral guard -------------------------------------------------------------------
+
+
+class DeferralVerdict(StrEnum):
+    DUPLICATE = "duplicate"  # another published copy of this parked entry ran
+
+
+# KEYS defer (the parked entry's claim)   ARGV pub (this copy's publish id)
+DEFER = Fragment(
+    name="deferral",
+    libraries=("deferral",),
+    keys=("defer",),
+    args=("pub",),
+    code="""
+local fv, fd = defer_claim(@defer, $pub, dlv_ttl)
+if fv then
+  settle('duplicate_delivery', fd)
+  return {'duplicate', fd}
+end
+""",
+)
+
+
+class Deferral(Guard):
+    """A parked message runs once: of the copies the mover published from one parked
+    entry, the first admitted (and its own redeliveries) runs, any other is a duplicate."""
+
+    name = "deferral"
+    verdicts = DeferralVerdict
+
+    def part(self, call: Call) -> Part | None:
+        d = call.d
+        if not d.defer_id:
+            return None
+        return Part(DEFER, [call.rt.store.keys.defer(call.spec.tag, d.defer_id)],
+                    [d.publish_id or ""])
+
+    def refused(self, call: Call, verdict: Verdict) -> Action:
+        return duplicate(call, verdict)

@@ -12,9 +12,21 @@ import contextvars
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from reliability import metrics
 from reliability.deadline import parse_deadline
+from reliability.errors import PoisonMessage
+from reliability.guard import Action, Call, DeadLetter, Duplicate, Guard
+from reliability.scripts import Fragment, Part
+
+if TYPE_CHECKING:
+    from reliability.admission import Verdict
+
+log = structlog.get_logger("reliability.delivery")
 
 # Producer contract: plain Celery apps set these with apply_async(headers=...).
 IDEMPOTENCY_KEY = "idempotency_key"
@@ -35,9 +47,6 @@ REQUEST_CORRELATION_ID = "rel_correlation_id"
 # A nonce the worker's parent mints per delivery: the lease owner token. Delivery tags
 # repeat when kombu restores a message, so they cannot tell two deliveries apart.
 REQUEST_OWNER = "rel_owner"
-
-# Producer headers longer than this are refused (the message is dead-lettered as poison).
-MAX_HEADER_CHARS = 1024
 
 INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT,
                     RESERVED)
@@ -62,37 +71,6 @@ def _number(value: Any) -> float | None:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
-
-
-def malformed(headers: dict[str, Any], args: Any, kwargs: Any) -> str | None:
-    """What is wrong with a task message's shape, or None. Checked by the worker's parent
-    before the message reaches a pool child, so garbage is dead-lettered as poison instead
-    of failing inside Celery (or the pool's time-limit thread)."""
-    task_id = headers.get("id")
-    if not isinstance(task_id, str) or not task_id or len(task_id) > 255:
-        return "the task id is not a string of 1-255 characters"
-    if not isinstance(args, list | tuple):
-        return f"args is a {type(args).__name__}, not a list"
-    if not isinstance(kwargs, dict):
-        return f"kwargs is a {type(kwargs).__name__}, not an object"
-    for name in PRODUCER_HEADERS:
-        value = headers.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            return f"header {name!r} is a {type(value).__name__}, not a string"
-        if len(str(value)) > MAX_HEADER_CHARS:
-            return f"header {name!r} is longer than {MAX_HEADER_CHARS} characters"
-    limits = headers.get("timelimit")
-    if limits is not None and not _limits_valid(limits):
-        return "header 'timelimit' is not [hard, soft] seconds (numbers > 0 or null)"
-    return None
-
-
-def _limits_valid(limits: Any) -> bool:
-    return isinstance(limits, list | tuple) and len(limits) == 2 and all(
-        x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
-        for x in limits)
 
 
 def _time_limits(value: Any) -> tuple[float | None, float | None] | None:
@@ -234,3 +212,62 @@ def outgoing_headers() -> dict[str, str]:
         headers["Idempotency-Key"] = delivery.idempotency_key
         headers["X-Fencing-Token"] = str(delivery.fence)
     return headers
+
+
+# -- the redelivery guard -----------------------------------------------------------------
+
+
+class RedeliveryVerdict(StrEnum):
+    DUPLICATE = "duplicate"  # an earlier delivery of this message already settled it
+    POISON = "poison"  # delivered more than max_redeliveries times
+
+
+# KEYS dlv (the delivery record)   ARGV max (redeliveries)
+REDELIVERY = Fragment(
+    name="redelivery",
+    libraries=("delivery",),
+    keys=("dlv",),
+    args=("max",),
+    code="""
+dlv_key = @dlv
+local dv, dd = delivery_admit(@dlv, tonumber($max), dlv_ttl)
+if dv == 'finished' then
+  record('duplicate_delivery', dd)
+  return {'duplicate', dd}
+end
+if dv == 'poison' then return {'poison', dd} end
+""",
+)
+
+
+def delivery_key(call: Call) -> str:
+    """The record of this delivery (task id, attempt, published copy)."""
+    d = call.d
+    return call.rt.store.keys.delivery(call.spec.tag, d.task_id, d.retries, d.publish_id or "0")
+
+
+class Redelivery(Guard):
+    """Caps redeliveries of a message (a crash loop ends as poison) and skips a redelivered
+    copy whose delivery already settled. Takes part only in redeliveries."""
+
+    name = "redelivery"
+    verdicts = RedeliveryVerdict
+
+    def part(self, call: Call) -> Part | None:
+        if not call.d.redelivered:
+            return None
+        return Part(REDELIVERY, [delivery_key(call)], [call.rt.config.max_redeliveries])
+
+    def refused(self, call: Call, verdict: Verdict) -> Action:
+        if verdict.decision == RedeliveryVerdict.DUPLICATE:
+            return duplicate(call, verdict)
+        reason = (f"redelivered {verdict.detail} times"
+                  f" (max redeliveries {call.rt.config.max_redeliveries})")
+        return DeadLetter("poison", reason, PoisonMessage)
+
+
+def duplicate(call: Call, verdict: Verdict) -> Duplicate:
+    """Another copy of this delivery already settled it: nothing to do (logged, counted)."""
+    log.info("task_duplicate_delivery_skipped", settled_as=verdict.detail)
+    metrics.OUTCOMES.labels(call.d.name, "duplicate_delivery").inc()
+    return Duplicate()

@@ -20,6 +20,7 @@ from typing import Any
 
 from reliability.delivery import REDRIVE_COUNT
 from reliability.errors import ReliabilityError
+from reliability.scripts import FRAGMENTS, script
 from reliability.store import Store
 
 
@@ -30,6 +31,26 @@ class FailureClass(StrEnum):
     POISON = "poison"  # invalid, undecodable, unknown task, redelivered too often
     CONFLICT = "conflict"  # same idempotency key, different arguments
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"  # fleet-wide retry budget refused
+
+
+# KEYS idem (or ''), leases, dlv, ledger, budget (or ''), dlq, dlq_index
+# ARGV owner (or ''), fence, budget window, entry id, envelope, max entries, dlv ttl (ms),
+#      ledger max, task id, name, attempt, failure class
+DEAD_LETTER = script(
+    "idempotency", "delivery", "dlq", "ledger", "budget",
+    keys=("idem", "leases", "dlv", "ledger", "budget", "dlq", "dlq_index"),
+    args=("owner", "fence", "budget_window", "entry_id", "envelope", "max_entries",
+          "dlv_ttl_ms", "ledger_max", "task_id", "name", "attempt", "failure_class"),
+    body=f"""
+{FRAGMENTS}
+if @idem ~= '' and $owner ~= '' then idem_release(@idem, @leases, $owner, $fence) end
+if @budget ~= '' then budget_count_call(@budget, tonumber($budget_window)) end
+local evicted = dlq_add(@dlq, @dlq_index, $entry_id, $envelope, $max_entries)
+if @dlv ~= '' then delivery_finish(@dlv, 'dead_lettered', tonumber($dlv_ttl_ms)) end
+ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $failure_class)
+return evicted
+""",
+)
 
 
 class RedriveRefused(ReliabilityError):
@@ -106,16 +127,15 @@ class DeadLetterQueue:
 
     def add(self, entry: DeadLetter, ledger: Any, attempt: int = 1) -> int:
         """Write an entry for work that never reached a task; returns evictions."""
-        from reliability import scripts
-
         keys = self.store.keys
-        return int(self.store.run(
-            scripts.DEAD_LETTER,
-            ["", keys.leases, "", keys.ledger, "", keys.dlq, keys.dlq_index],
-            ["", "", "", 1, entry.id, entry.to_json(), self.max_entries, 1, ledger.max_len,
-             entry.task_id, entry.task_name, attempt, entry.failure_class],
-            "dead_letter",
-        ))
+        key_list, arg_list = DEAD_LETTER.layout(
+            {"leases": keys.leases, "ledger": keys.ledger, "dlq": keys.dlq,
+             "dlq_index": keys.dlq_index},
+            {"fence": "", "budget_window": 1, "entry_id": entry.id, "envelope": entry.to_json(),
+             "max_entries": self.max_entries, "dlv_ttl_ms": 1, "ledger_max": ledger.max_len,
+             "task_id": entry.task_id, "name": entry.task_name, "attempt": attempt,
+             "failure_class": entry.failure_class})
+        return int(self.store.run(DEAD_LETTER.source, key_list, arg_list, "dead_letter"))
 
     def count(self) -> int:
         return int(self.store.call("dlq count", lambda c: c.zcard(self.store.keys.dlq_index)))

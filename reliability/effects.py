@@ -1,4 +1,4 @@
-"""Seed 004's effect types and ``wrap_*`` helpers over :class:`SideEffectWrapper`.
+"""Exactly-once side effects (seed 004): :class:`SideEffectWrapper`, effect types, ``wrap_*``.
 
 ``executed, result = wrap_order_placement(store, place_order, symbol="BTCUSDT",
 side="buy", quantity=0.01)`` runs ``place_order()`` at most once for that entity: the
@@ -12,11 +12,66 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from reliability.idempotency import SideEffectWrapper
+from reliability.callables import is_async_callable, refuse_awaitable
+from reliability.idempotency import fingerprint
 from reliability.idempotency_keys import generate_idempotency_key
+from reliability.idempotency_store import DEFAULT_EFFECT_TTL_SECONDS, IdempotencyStore, Lease
+from reliability.security import key_token
 from reliability.store import Store
+
+R = TypeVar("R")
+
+
+class SideEffectWrapper:
+    """Exactly-once side effects keyed ``effect:{type}:{entity_id}`` (seed 004).
+
+    Seed 004's effect types and ``wrap_*`` helpers are below.
+    """
+
+    def __init__(self, store: Store, ttl_seconds: int = DEFAULT_EFFECT_TTL_SECONDS) -> None:
+        self.ids = IdempotencyStore(store)
+        self.ttl_seconds = ttl_seconds
+
+    def key(self, effect_type: str, entity_id: str) -> str:
+        # seed 004's effect:{type}:{entity_id}; an unsafe id is hashed (never raw input in
+        # a key name).
+        return (f"{self.ids.store.keys.prefix}:effect:{key_token(str(effect_type))}:"
+                f"{key_token(entity_id)}")
+
+    def run(
+        self,
+        effect_type: str,
+        entity_id: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        ttl_seconds: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``(executed, result)``: False with the cached result when already done.
+
+        For a coroutine function, an awaitable of that pair (``fn`` is awaited before its
+        result is stored).
+        """
+        effect_type, entity_id = str(effect_type), str(entity_id)
+        if not effect_type or not entity_id:
+            raise ValueError("a side effect needs a non-empty effect type and entity id")
+        key = self.key(effect_type, entity_id)
+        fp = fingerprint({"args": list(args), "kwargs": kwargs})
+        ttl = ttl_seconds or self.ttl_seconds
+        if is_async_callable(fn):
+            async def body(_lease: Lease) -> Any:
+                return await fn(*args, **kwargs)
+
+            return self.ids.run_once(key, fp, body, ttl_seconds=ttl)
+
+        def call(_lease: Lease) -> Any:
+            result = fn(*args, **kwargs)
+            refuse_awaitable(result, fn, "SideEffectWrapper.run")
+            return result
+
+        return self.ids.run_once(key, fp, call, ttl_seconds=ttl)
 
 
 class EffectType(StrEnum):

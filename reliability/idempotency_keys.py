@@ -20,14 +20,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from reliability.idempotency import (
-    IdempotencyStore,
-    bind_arguments,
-    derive_key,
-    fingerprint,
-    idempotent_function,
-    resolve_store,
-)
+from celery import current_app
+
+from reliability.idempotency import bind_arguments, derive_key, fingerprint, keyed
+from reliability.idempotency_store import IdempotencyStore
+from reliability.idempotent import idempotent_function, resolve_store
+from reliability.task import ReliableTask
 
 
 def check_idempotency(name: str, /, *args: Any, **kwargs: Any) -> bool:
@@ -60,10 +58,6 @@ def locate(
     ambiguous name, :class:`TypeError` for arguments the call would not accept, and
     :class:`ValueError` for a task only a producer's header keys.
     """
-    from celery import current_app
-
-    from reliability.task import ReliableTask
-
     function = idempotent_function(name)
     task = current_app.tasks.get(name)
     if function is not None and isinstance(task, ReliableTask):
@@ -74,19 +68,18 @@ def locate(
         return ids, redis_key
     if not isinstance(task, ReliableTask):
         raise LookupError(f"no reliable task or @idempotent function named {name!r}")
-    if not task.keyed:
+    spec = task.spec
+    if not keyed(spec.options):
         raise ValueError(
             f"task {name} is not keyed by its arguments (no idempotent=True or"
             " idempotency_key_args): only a producer's idempotency_key keys it"
         )
-    signature = inspect.signature(task.run)
-    _check_binds(name, signature, args, kwargs)
-    arguments = bind_arguments(signature, args, kwargs)
-    key = derive_key(
-        task.name, arguments, key_args=task.idempotency_key_args, fp=fingerprint(arguments)
-    )
+    _check_binds(name, spec.signature, args, kwargs)
+    arguments = bind_arguments(spec.signature, args, kwargs)
+    key = derive_key(task.name, arguments, key_args=spec.option("idempotency_key_args", ()),
+                     fp=fingerprint(arguments))
     ids = IdempotencyStore(resolve_store(None))
-    return ids, ids.redis_key(key, task.tag)
+    return ids, ids.redis_key(key, spec.tag)
 
 
 def _check_binds(

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from reliability import scripts
+from reliability.idempotency import RENEW
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.lease")
@@ -179,7 +180,7 @@ class LeaseKeeper:
             if not self.alive(holding.pid):
                 continue  # gone or paused: its leases must lapse
             if holding.idempotency_key:
-                self.store.script(scripts.RENEW)(
+                self.store.script(RENEW)(
                     keys=[holding.idempotency_key, self.store.keys.leases],
                     args=["", holding.owner, "", holding.lease_seconds],
                     client=pipe,

@@ -15,6 +15,12 @@ from typing import Any
 from reliability import scripts
 from reliability.store import Store
 
+# KEYS ledger   ARGV now, maxlen, task_id, name, outcome, attempt, detail
+RECORD = scripts.compose(
+    "ledger",
+    body="ledger_add(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])\nreturn 1",
+)
+
 
 class Outcome(StrEnum):
     """What one delivery ended as. Those in ``FINAL`` settle the task for good."""
@@ -70,7 +76,7 @@ class Ledger:
                detail: str = "") -> None:
         """One entry for an outcome decided outside the settle scripts (revoked, ...)."""
         self.store.run(
-            scripts.RECORD,
+            RECORD,
             [self.key],
             ["", self.max_len, task_id, name, str(outcome), attempt, detail],
             "ledger record",

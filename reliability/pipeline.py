@@ -1,15 +1,17 @@
-"""The life of one delivery of a ``ReliableTask`` (DESIGN §4), in one visible order.
+"""The life of one delivery of a ``ReliableTask`` (DESIGN §4), with its guards in one list.
+
+``GUARDS`` is the order, and the only place it lives. For each delivery:
 
 1. context: task id, name, attempt, correlation id, tenant bound to every log line;
-2. local checks (no Redis): an unreadable or passed deadline, arguments that fail the
-   task's ``args_model`` -> dead letter;
-3. admission, one Lua call for every guard that takes part (delivery record on
-   redelivery, defer id on a parked copy, idempotency lease when keyed); a delivery
-   needing none of them costs no round trip;
+2. local checks (no Redis): an unreadable or passed deadline, arguments that do not fit
+   the signature or fail the task's ``args_model`` -> dead letter;
+3. admission, one Lua call: every guard that takes part adds its fragment, in list order
+   (a delivery needing none costs no round trip); a refusal is handled by the guard whose
+   verdict it is, as an :data:`~reliability.guard.Action` the pipeline carries out;
 4. the body, under Celery's time limits (shortened to the deadline by the request);
-5. the outcome, one more Lua call: success records the result, closes the lease and
-   the delivery and appends the ledger; a failure is retried by parking the message
-   (policy delay, fleet-wide retry budget) or dead-lettered, never both, never neither.
+5. the outcome (:class:`~reliability.settlement.Settlement`): success records the result
+   before the ack; a failure is retried by parking the message or dead-lettered, never
+   both, never neither; every guard's settle tail runs in the same script.
 
 Deliberate control flow (defer, skip, dead-letter) ends in Celery's own ``Ignore`` /
 ``Retry`` or in the task's failure, so Flower and result backends see the truth.
@@ -17,40 +19,35 @@ Deliberate control flow (defer, skip, dead-letter) ends in Celery's own ``Ignore
 
 from __future__ import annotations
 
-import inspect
-import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
+from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry
 from pydantic import ValidationError
 
-from reliability import admission, idempotency, metrics, ratelimit
-from reliability import breaker as breaker_mod
-from reliability.admission import Part, Verdict
+from reliability import admission, completion
+from reliability.breaker import Breaker
 from reliability.deadline import remaining_seconds, validate_deadline
-from reliability.deferral import ParkedMessage
-from reliability.delivery import (
-    RESERVED,
-    Delivery,
-    activate,
-    deactivate,
-)
+from reliability.deferral import Deferral, ParkedMessage
+from reliability.delivery import RESERVED, Delivery, Redelivery, activate, deactivate
 from reliability.dlq import FailureClass
-from reliability.errors import (
-    DeadlineExceeded,
-    IdempotencyConflict,
-    PoisonMessage,
-)
+from reliability.errors import DeadlineExceeded, PoisonMessage, StaleFencingToken
+from reliability.guard import Action, Call, DeadLetter, Duplicate, Fallback, Guard, Park, Skip
+from reliability.idempotency import Idempotency
 from reliability.ledger import Outcome
-from reliability.runtime import Runtime, get_runtime
-from reliability.settlement import Settlement, is_settled, settled
-
-if TYPE_CHECKING:
-    from reliability.task import ReliableTask
+from reliability.ratelimit import RateLimits
+from reliability.runtime import Runtime
+from reliability.settlement import Settlement, carried_headers, is_settled, settled
+from reliability.spec import TaskSpec
 
 log = structlog.get_logger("reliability.pipeline")
+
+# The guards, in the order they decide. Adding a guard is one class and one entry here.
+GUARDS: tuple[Guard, ...] = (Redelivery(), Deferral(), Idempotency(), Breaker(), RateLimits())
+
+TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenant_id")
 
 
 class RetryRequested(Exception):
@@ -62,7 +59,14 @@ class RetryRequested(Exception):
         self.countdown = countdown
 
 
-TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenant_id")
+class Body(Protocol):
+    """What the pipeline needs of the Celery task whose delivery it runs."""
+
+    name: str
+    request: Any
+    backend: Any
+
+    def run(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def clear_task_context() -> None:
@@ -70,27 +74,25 @@ def clear_task_context() -> None:
     structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
 
 
-def pipeline_for(task: ReliableTask) -> Pipeline:
-    found = task.__dict__.get("_reliable_pipeline")
-    if found is None:
-        found = Pipeline(task)
-        task.__dict__["_reliable_pipeline"] = found
-    return found
+def call_for(spec: TaskSpec, rt: Runtime, d: Delivery,
+             guards: tuple[Guard, ...] = GUARDS) -> Call:
+    """A delivery as the guards see it, prepared (keyed, ...) — also for the worker's
+    parent, which settles the endings only it sees."""
+    call = Call(spec, rt, d)
+    for guard in guards:
+        guard.prepare(call)
+    return call
 
 
-class Pipeline(Settlement):
+class Pipeline:
     """Runs deliveries of one task through the guards."""
 
-    def __init__(self, task: ReliableTask) -> None:
-        self.task = task
-        self.signature = inspect.signature(task.run)
-        self._limits: list[ratelimit.RateLimit] | None = None
+    def __init__(self, spec: TaskSpec, rt: Runtime, guards: tuple[Guard, ...] = GUARDS) -> None:
+        self.spec, self.rt, self.guards = spec, rt, guards
+        self.settlement = Settlement(guards)
 
-    # -- entry -------------------------------------------------------------------------
-
-    def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        rt = get_runtime()
-        d = Delivery.from_request(self.task.request, self.task.name, args, kwargs)
+    def execute(self, task: Body, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        d = Delivery.from_request(task.request, self.spec.name, args, kwargs)
         if d.first_attempt_at is None:
             d.first_attempt_at = time.time()
         context = {"task_id": d.task_id, "task_name": d.name, "attempt": d.attempt,
@@ -102,205 +104,186 @@ class Pipeline(Settlement):
         # this delivery (succeeded, retry, raised) carry the task and correlation ids too.
         clear_task_context()
         structlog.contextvars.bind_contextvars(**context)
+        call = Call(self.spec, self.rt, d)
         try:
-            return self._execute(rt, d)
+            return self._execute(task, call)
         except (Ignore, Reject, Retry):
             raise
         except Exception as exc:
             if not is_settled(exc):
                 # The pipeline's own code failed, not the body: never ack it unrecorded.
-                self.dead_letter(rt, d, FailureClass.POISON, exc=exc, ran=False,
-                                 reason=f"internal error handling the delivery: {exc!r}")
+                self.settlement.dead_letter(
+                    call, FailureClass.POISON, exc=exc, ran=False,
+                    reason=f"internal error handling the delivery: {exc!r}")
             raise
         finally:
             deactivate(token)
 
-    def _execute(self, rt: Runtime, d: Delivery) -> Any:
-        self._check_locally(rt, d)
-        verdict = self._admit(rt, d)
+    def _execute(self, task: Body, call: Call) -> Any:
+        self._check_locally(call)
+        for guard in self.guards:
+            guard.prepare(call)
+        verdict = self._admit(call)
         if not verdict.runs:
-            return self._refused(rt, d, verdict)
+            return self._act(task, call, self._owner(verdict.decision).refused(call, verdict))
+        d = call.d
         d.fence = verdict.fence
         d.admitted_at = verdict.now or None
-        if d.idempotency_key:
-            log.debug("idempotency_lock_acquired", idempotency_key=d.idempotency_key, fence=d.fence)
-        # Its leases (idempotency, a half-open trial slot, concurrency places) are renewed
-        # by the worker's main process while this process lives (reliability.lease): a
-        # body holding the GIL cannot starve them.
+        for guard in self.guards:
+            guard.admitted(call, verdict)
+        # Its leases are renewed by the worker's main process while this process lives
+        # (reliability.lease): a body holding the GIL cannot starve them.
         started = time.monotonic()
         try:
-            result = self.task.run(*d.args, **d.kwargs)
+            result = task.run(*d.args, **d.kwargs)
         except RetryRequested as request:
-            error = request.exc or RuntimeError("retry requested by the task")
             d.duration = time.monotonic() - started
-            return self._failed(rt, d, error, countdown=request.countdown)
+            return self._failed(call, request.exc or RuntimeError("retry requested by the task"),
+                                countdown=request.countdown)
         except Retry as request:
             # Celery's own retry raised by the body: the policy's retry, parked.
             d.duration = time.monotonic() - started
             when = request.when if isinstance(request.when, int | float) else None
-            return self._failed(rt, d, request.exc or request, countdown=when)
+            return self._failed(call, request.exc or request, countdown=when)
         except (Ignore, Reject) as control:
             d.duration = time.monotonic() - started
-            self._given_up(rt, d, control)
+            self._given_up(call, control)
             raise
         except Exception as exc:
             d.duration = time.monotonic() - started
-            return self._failed(rt, d, exc)
+            return self._failed(call, exc)
         d.duration = time.monotonic() - started
-        return self._succeeded(rt, d, result)
+        return self._succeeded(task, call, result)
 
-    # -- 2. local checks ------------------------------------------------------------------
+    # -- local checks ---------------------------------------------------------------------
 
-    def _check_locally(self, rt: Runtime, d: Delivery) -> None:
+    def _check_locally(self, call: Call) -> None:
+        d = call.d
         unreadable = validate_deadline(d.deadline_header)
         if unreadable:
-            self.dead_letter(rt, d, FailureClass.POISON, reason=unreadable, ran=False)
-            raise settled(PoisonMessage(unreadable))
+            self._refuse(call, FailureClass.POISON, unreadable, PoisonMessage)
         left = remaining_seconds(d.deadline)
         if left is not None and left <= 0:
             reason = f"deadline {d.deadline_header} passed {-left:.3f}s before the task started"
-            self.dead_letter(rt, d, FailureClass.EXPIRED, reason=reason, ran=False)
-            raise settled(DeadlineExceeded(reason))
+            self._refuse(call, FailureClass.EXPIRED, reason, DeadlineExceeded)
         try:
-            self.signature.bind(*d.args, **d.kwargs)
+            self.spec.signature.bind(*d.args, **d.kwargs)
         except TypeError as exc:
-            reason = f"arguments do not fit the task's signature: {exc}"
-            self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
-            raise settled(PoisonMessage(reason)) from None
-        model = self.task.args_model
-        arguments = None
+            self._refuse(call, FailureClass.POISON,
+                         f"arguments do not fit the task's signature: {exc}", PoisonMessage)
+        model = self.spec.option("args_model")
         if model is not None:
-            arguments = idempotency.bind_arguments(self.signature, d.args, d.kwargs)
             try:
-                model.model_validate(arguments)
+                model.model_validate(call.arguments())
             except ValidationError as exc:
                 problems = "; ".join(
                     f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
-                    for e in exc.errors(include_url=False, include_input=False)
-                )
-                reason = f"invalid arguments: {problems}"
-                self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
-                raise settled(PoisonMessage(reason)) from None
-        self.identify(d, arguments)
+                    for e in exc.errors(include_url=False, include_input=False))
+                self._refuse(call, FailureClass.POISON, f"invalid arguments: {problems}",
+                             PoisonMessage)
 
-    def identify(self, d: Delivery, arguments: dict[str, Any] | None = None) -> None:
-        """Set the delivery's idempotency key and fingerprint when the task is keyed."""
-        if self.task.keyed or d.idempotency_header:
-            if arguments is None:
-                arguments = idempotency.bind_arguments(self.signature, d.args, d.kwargs)
-            d.fingerprint = idempotency.fingerprint(arguments)
-            d.idempotency_key = idempotency.derive_key(
-                d.name, arguments, d.idempotency_header, self.task.idempotency_key_args,
-                fp=d.fingerprint,
-            )
+    def _refuse(self, call: Call, failure: FailureClass, reason: str,
+                error: type[Exception]) -> None:
+        self.settlement.dead_letter(call, failure, reason=reason, ran=False)
+        raise settled(error(reason)) from None
 
-    # -- 3. admission ---------------------------------------------------------------------
+    # -- admission ----------------------------------------------------------------------
 
-    def _admit(self, rt: Runtime, d: Delivery) -> Verdict:
-        keys = rt.store.keys
-        cfg = rt.config
-        tag = self.task.tag
-        parts: list[Part] = []
-        if d.redelivered:
-            parts.append(Part(admission.DELIVERY, [self._delivery_key(rt, d)],
-                              [cfg.max_redeliveries]))
-        if d.defer_id:
-            parts.append(Part(admission.DEFER, [keys.defer(tag, d.defer_id)],
-                              [d.publish_id or "", self._delivery_ttl_ms(rt)]))
-        if d.idempotency_key:
-            parts.append(Part(
-                idempotency.FRAGMENT,
-                [self._idem_key(rt, d), keys.leases],
-                [d.fingerprint, d.owner, self._lease_seconds(rt), self._result_ttl(rt),
-                 d.delivery_tag],
-            ))
-        if self.task.breaker:
-            breaker_keys, breaker_args = self.breaker(rt).admission_args(d.owner)
-            parts.append(Part(breaker_mod.FRAGMENT, breaker_keys, breaker_args))
-        limits = self.limits(rt)
-        if limits:
-            limit_keys, limit_args = ratelimit.admission_args(
-                rt.store, d.name, limits, d.owner, d.tenant_id, lambda: self._arguments(d))
-            parts.append(Part(ratelimit.fragment(len(limits), d.reserved), limit_keys,
-                              limit_args))
+    def _admit(self, call: Call) -> admission.Verdict:
+        parts = [part for guard in self.guards if (part := guard.part(call))]
         if not parts:
-            return Verdict("run")
-        fragments, part_keys, part_args = admission.flatten(parts)
-        script = admission.assemble(fragments)
-        reply = self._store(rt, "admission", lambda: rt.store.run(
-            script,
-            [keys.ledger, *part_keys],
-            ["", cfg.ledger_max_len, d.task_id, d.name, d.attempt, self._delivery_ttl_ms(rt),
-             *part_args],
-            "admission",
-        ))
+            return admission.Verdict("run")
+        d, rt = call.d, call.rt
+        script, keys, args = admission.layout(
+            parts, ledger=rt.store.keys.ledger, ledger_max=rt.config.ledger_max_len,
+            task_id=d.task_id, name=d.name, attempt=d.attempt,
+            dlv_ttl_ms=int(rt.config.delivery_ttl_seconds * 1000))
+        reply = self.settlement.store(call, "admission", lambda: rt.store.run(
+            script.source, keys, args, "admission"))
         return admission.parse(reply)
 
-    def _refused(self, rt: Runtime, d: Delivery, verdict: Verdict) -> Any:
-        decision = verdict.decision
-        if decision == "done":
-            log.info("task_skipped_idempotent", idempotency_key=d.idempotency_key)
-            metrics.OUTCOMES.labels(d.name, Outcome.SKIPPED).inc()
-            return json.loads(verdict.detail) if verdict.detail else None
-        if decision == "duplicate":
-            log.info("task_duplicate_delivery_skipped", settled_as=verdict.detail)
-            metrics.OUTCOMES.labels(d.name, Outcome.DUPLICATE_DELIVERY).inc()
-            raise Ignore()
-        if decision == "busy":
-            delay = min(rt.config.recheck_seconds, max(float(verdict.detail), 0.05))
-            message = ParkedMessage.of(d, retries=d.retries, reason="idempotency key in progress",
-                                       extra_headers=self._carried_headers(d, True))
-            self._park(rt, d, message, delay, mode="defer", outcome=Outcome.DEFERRED,
-                       detail="in_progress")
-            log.info("task_deferred_in_progress", idempotency_key=d.idempotency_key,
-                     recheck_in=round(delay, 3))
-            raise Ignore()
-        if decision in ("breaker_open", "breaker_busy"):
-            return self._breaker_refused(rt, d, decision, float(verdict.detail))
-        if decision in ("limit_delay", "limit_busy"):
-            # A copy keeps its reserved slot through the start gate and a full
-            # concurrency limit; only a first delivery's "busy" reserved nothing.
-            reserved = decision == "limit_delay" or d.reserved
-            delay = float(verdict.detail)
-            extra = {**self._carried_headers(d), **({RESERVED: 1} if reserved else {})}
-            message = ParkedMessage.of(d, retries=d.retries, reason=decision, extra_headers=extra)
-            self._park(rt, d, message, delay, mode="defer", outcome=Outcome.DEFERRED,
-                       detail=decision)
-            log.info("tokens_waiting", wait_seconds=round(delay, 3), reserved=reserved,
-                     limit=verdict.extra[0] if verdict.extra else None)
-            raise Ignore()
-        if decision == "conflict":
-            reason = f"idempotency key {d.idempotency_key} holds different arguments"
-            self.dead_letter(rt, d, FailureClass.CONFLICT, reason=reason, ran=False)
-            raise settled(IdempotencyConflict(reason))
-        if decision == "poison":
-            reason = (f"redelivered {verdict.detail} times"
-                      f" (max redeliveries {rt.config.max_redeliveries})")
-            self.dead_letter(rt, d, FailureClass.POISON, reason=reason, ran=False)
-            raise settled(PoisonMessage(reason))
-        raise RuntimeError(f"unknown admission verdict {decision!r}")
+    def _owner(self, decision: str) -> Guard:
+        """The guard whose verdict this is (the first in order that owns the value)."""
+        for guard in self.guards:
+            if guard.owns(decision):
+                return guard
+        raise RuntimeError(f"no guard owns the admission verdict {decision!r}")
 
-    def _breaker_refused(self, rt: Runtime, d: Delivery, decision: str, wait: float) -> Any:
-        """Open breaker: the fallback serves the call, or the task waits, attempt unspent."""
-        name = self.task.breaker
-        log.info("circuit_breaker_rejected_call", breaker=name, reason=decision,
-                 retry_in=round(wait, 3))
-        fallback = self.task.breaker_fallback
-        if fallback is not None:
-            try:
-                value = fallback(*d.args, **d.kwargs)
-            except Exception as exc:
-                # The fallback failed: settle it as the call's failure (retry or DLQ).
-                return self._failed(rt, d, exc)
-            self._store(rt, "ledger", lambda: rt.ledger.record(
-                d.task_id, d.name, Outcome.FALLBACK, d.attempt, f"breaker {name} {decision}"))
-            metrics.OUTCOMES.labels(d.name, Outcome.FALLBACK).inc()
-            log.info("circuit_breaker_fallback_served", breaker=name)
-            return value
-        if decision == "breaker_busy":
-            # Trial slots free when a trial ends, usually long before their lease expires.
-            wait = min(wait, rt.config.recheck_seconds)
-        message = ParkedMessage.of(d, retries=d.retries, reason=decision,
-                                   extra_headers=self._carried_headers(d, True))
-        self._park(rt, d, message, wait, mode="defer", outcome=Outcome.DEFERRED, detail=decision)
+    def _act(self, task: Body, call: Call, action: Action) -> Any:
+        """Carry out what a guard decided for its verdict."""
+        d = call.d
+        if isinstance(action, Skip):
+            return action.result
+        if isinstance(action, Duplicate):
+            raise Ignore()
+        if isinstance(action, Park):
+            headers = {**carried_headers(call), **({RESERVED: 1} if action.reserved else {})}
+            message = ParkedMessage.of(d, retries=d.retries, reason=action.detail,
+                                       extra_headers=headers)
+            self.settlement.park(call, message, action.delay, mode="defer",
+                                 outcome=Outcome.DEFERRED, detail=action.detail)
+            raise Ignore()
+        if isinstance(action, DeadLetter):
+            self._refuse(call, FailureClass(action.failure_class), action.reason, action.error)
+        assert isinstance(action, Fallback)
+        try:
+            value = action.fn(*d.args, **d.kwargs)
+        except Exception as exc:
+            # The fallback failed: settle it as the call's failure (retry or DLQ).
+            return self._failed(call, exc)
+        self.settlement.record(call, Outcome.FALLBACK, action.detail)
+        log.info(action.event, **action.fields)
+        return value
+
+    # -- endings ------------------------------------------------------------------------
+
+    def _succeeded(self, task: Body, call: Call, result: Any) -> Any:
+        request = task.request
+        if (getattr(task.backend, "fuses_completion", False)
+                and not get_actual_ignore_result(task, request)
+                # Callbacks and chain steps are published before the result is stored: a
+                # fused write that then fails would publish them twice on redelivery.
+                and not request.callbacks and not request.chain):
+            # Written together with Celery's result, in the backend's one round trip,
+            # still before the ack (reliability.backend, reliability.completion).
+            setattr(request, completion.PENDING, self.settlement.completion(call, result))
+            return result
+        return self.settlement.succeeded(call, result)
+
+    def _failed(self, call: Call, exc: BaseException, countdown: float | None = None) -> Any:
+        if isinstance(exc, StaleFencingToken) and call.d.fence:
+            self._superseded(call, exc)
+        decision, delay = self.settlement.failure(call, exc, countdown=countdown, ran=True)
+        settled(exc)
+        # Celery stores the exception (and its traceback, causes included) in the result
+        # backend and logs it: no secret in any of it.
+        call.rt.masker.exception(exc)
+        if decision == Outcome.RETRIED:
+            raise Retry(exc=exc, when=delay)
+        raise exc
+
+    def _given_up(self, call: Call, control: Ignore | Reject) -> None:
+        """The body raised Celery's Ignore or Reject itself: record what becomes of it."""
+        self.settlement.release(call)
+        self.settlement.release_guards(call)
+        if isinstance(control, Reject) and not control.requeue:
+            self.settlement.dead_letter(call, FailureClass.PERMANENT, ran=False,
+                                        reason=f"rejected by the task: {control.reason!r}")
+            return
+        outcome, detail = ((Outcome.REQUEUED, "rejected by the task, requeued")
+                           if isinstance(control, Reject) else
+                           (Outcome.REVOKED, "ignored by the task"))
+        self.settlement.record(call, outcome, detail)
+        log.warning("task_given_up_by_body", settled_as=str(outcome), detail=detail)
+
+    def _superseded(self, call: Call, exc: StaleFencingToken) -> None:
+        """The provider saw a newer fence: a successor owns the key (and settles it).
+
+        Not a failure of the work, so no retry and no DLQ entry: only a ledger record.
+        """
+        self.settlement.release_guards(call)
+        self.settlement.record(call, Outcome.SUPERSEDED, type(exc).__name__)
+        log.warning("idempotency_fence_superseded", idempotency_key=call.d.idempotency_key,
+                    fence=call.d.fence, error=call.rt.masker.text(str(exc)))
         raise Ignore()
+

@@ -23,6 +23,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from reliability.delivery import PRODUCER_HEADERS
+
 # Raw bytes kept in a DLQ entry for an item that could not be decoded.
 MAX_RAW_BYTES = 64 * 1024
 # Default largest message accepted (bytes of the item on the queue): larger is poison.
@@ -104,3 +106,38 @@ def raw_excerpt(item: bytes | str, mask: Callable[[bytes], bytes] | None = None)
     raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
     head = raw[:MAX_RAW_BYTES]
     return base64.b64encode(mask(head) if mask else head).decode("ascii")
+
+
+# Producer headers longer than this are refused (the message is dead-lettered as poison).
+MAX_HEADER_CHARS = 1024
+
+
+def malformed(headers: dict[str, Any], args: Any, kwargs: Any) -> str | None:
+    """What is wrong with a task message's shape, or None. Checked by the worker's parent
+    before the message reaches a pool child, so garbage is dead-lettered as poison instead
+    of failing inside Celery (or the pool's time-limit thread)."""
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 255:
+        return "the task id is not a string of 1-255 characters"
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict):
+        return f"kwargs is a {type(kwargs).__name__}, not an object"
+    for name in PRODUCER_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return f"header {name!r} is a {type(value).__name__}, not a string"
+        if len(str(value)) > MAX_HEADER_CHARS:
+            return f"header {name!r} is longer than {MAX_HEADER_CHARS} characters"
+    limits = headers.get("timelimit")
+    if limits is not None and not _limits_valid(limits):
+        return "header 'timelimit' is not [hard, soft] seconds (numbers > 0 or null)"
+    return None
+
+
+def _limits_valid(limits: Any) -> bool:
+    return isinstance(limits, list | tuple) and len(limits) == 2 and all(
+        x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
+        for x in limits)

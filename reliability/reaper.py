@@ -34,6 +34,25 @@ Restore = Callable[[str], bool]
 # Hands a dead worker's messages back to their queues; returns how many.
 RestoreOwned = Callable[[str], int]
 
+# KEYS leases   ARGV now, limit
+# Lapsed leases still marked running: removed from the index and returned as
+# (key, delivery tag) pairs for the reaper to restore.
+REAP_LEASES = scripts.compose(
+    body="""
+local out = {}
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, key in ipairs(keys) do
+  local h = redis.call('HMGET', key, 'state', 'until', 'dtag')
+  redis.call('ZREM', KEYS[1], key)
+  if h[1] == 'running' and tonumber(h[2] or '0') <= now then
+    out[#out + 1] = key
+    out[#out + 1] = h[3] or ''
+  end
+end
+return out
+""",
+)
+
 # KEYS leases   ARGV now, owner prefix ("<worker identity>:")
 # Release every running idempotency lease whose owner token starts with the prefix.
 FREE_LEASES = scripts.compose("idempotency", body="""
@@ -90,7 +109,7 @@ class Reaper:
 
     def reap(self, now: float | None = None) -> int:
         flat = self.store.run(
-            scripts.REAP_LEASES,
+            REAP_LEASES,
             [self.store.keys.leases],
             ["" if now is None else now, self.batch_size],
             "reap leases",

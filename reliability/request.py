@@ -30,7 +30,6 @@ from celery.exceptions import InvalidTaskError, Reject, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from reliability import metrics
 from reliability.consumer import hand_back
 from reliability.deadline import parse_deadline, soft_limit
 from reliability.delivery import (
@@ -39,21 +38,24 @@ from reliability.delivery import (
     REQUEST_CORRELATION_ID,
     REQUEST_OWNER,
     Delivery,
-    malformed,
 )
 from reliability.dlq import FailureClass
 from reliability.errors import BackendUnavailable, DeadlineExceeded
+from reliability.guard import Call
 from reliability.heartbeat import identity
 from reliability.lease import Holding, Running
 from reliability.ledger import Outcome
+from reliability.pipeline import GUARDS, call_for
+from reliability.poison import malformed
 from reliability.reprs import current_masker, masked_reprs
-from reliability.runtime import get_runtime
-from reliability.settlement import store_wait
+from reliability.runtime import runtime_of
+from reliability.settlement import Settlement
 
 log = structlog.get_logger("reliability.request")
 # The parent settles on its consumer thread: it waits this long for the store, then
 # hands the message back unacked.
 PARENT_STORE_WAIT_SECONDS = 2.0
+PARENT = Settlement(GUARDS, wait=PARENT_STORE_WAIT_SECONDS)
 
 
 class ReliableRequest(Request):  # type: ignore[misc]
@@ -108,30 +110,27 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     # -- parent-side endings ---------------------------------------------------------------
 
-    def _delivery(self) -> Delivery:
-        from reliability.pipeline import pipeline_for
-
+    def _call(self) -> Call:
+        """This delivery as the guards see it (keyed as the pool child keys it)."""
         d = Delivery.from_request(self._request_dict, self._task.name, self.args, self.kwargs)
-        pipeline_for(self._task).identify(d)
-        return d
+        return call_for(self._task.spec, runtime_of(self._task.app), d)
 
     def holding(self) -> Holding | None:
         """What this delivery holds while it runs (built on the lease keeper's thread)."""
-        from reliability.pipeline import pipeline_for
-
-        return pipeline_for(self._task).holding(get_runtime(), self._delivery())
+        call = self._call()
+        holding = Holding(owner=call.d.owner, pid=None)
+        for guard in GUARDS:
+            guard.hold(call, holding)
+        return holding
 
     def _settle(self, settle: Any, *args: Any) -> bool:
-        """Run a parent-side settlement with a short store wait; False if the store is away
-        (the caller then hands the message back unacked instead of acking it)."""
-        token = store_wait.set(PARENT_STORE_WAIT_SECONDS)
+        """Run a parent-side settlement (a short store wait: PARENT); False if the store
+        is away (the caller then hands the message back unacked instead of acking it)."""
         try:
             settle(*args)
         except (BackendUnavailable, Reject) as exc:
             log.error("task_ending_unrecorded_requeued", task_id=self.id, error=str(exc))
             return False
-        finally:
-            store_wait.reset(token)
         return True
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
@@ -178,16 +177,10 @@ class ReliableRequest(Request):  # type: ignore[misc]
         log.warning("task_hard_time_limit_child_killed", task_id=self.id, pid=pid)
 
     def _settle_hard_timeout(self, timeout: float) -> None:
-        from reliability.pipeline import pipeline_for
-
-        rt = get_runtime()
-        d = self._delivery()
-        pipeline = pipeline_for(self._task)
-        if d.idempotency_key:
-            pipeline.release(rt, d)
-        outcome, delay = pipeline.settle_failure(
-            rt, d, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True
-        )
+        call = self._call()
+        PARENT.release(call)
+        outcome, delay = PARENT.failure(
+            call, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True)
         self._hard_limit_ending = outcome
         log.warning("task_hard_time_limit", task_id=self.id, task_name=self.name,
                     settled_as=str(outcome), retry_in=delay)
@@ -245,19 +238,14 @@ class ReliableRequest(Request):  # type: ignore[misc]
     def _record_requeued(self, reason: str, detail: str,
                          event: str = "task_child_lost_requeued") -> None:
         try:
-            from reliability.pipeline import pipeline_for
-
-            rt = get_runtime()
-            d = self._delivery()
-            pipeline = pipeline_for(self._task)
-            released = bool(d.idempotency_key) and pipeline.release(rt, d)
-            pipeline.release_guards(rt, d)
-            rt.ledger.record(d.task_id, d.name, Outcome.REQUEUED, d.attempt, reason)
-        except BackendUnavailable as error:
+            call = self._call()
+            released = PARENT.release(call)
+            PARENT.release_guards(call)
+            PARENT.record(call, Outcome.REQUEUED, reason)
+        except (BackendUnavailable, Reject) as error:
             # The lease lapses by itself within its TTL; the message is requeued anyway.
             log.error("lease_release_failed_child_lost", task_id=self.id, error=str(error))
             return
-        metrics.OUTCOMES.labels(self._task.name, Outcome.REQUEUED).inc()
         log.warning(event, task_id=self.id, task_name=self.name, lease_released=released,
                     error=detail)
 
@@ -288,21 +276,15 @@ class ReliableRequest(Request):  # type: ignore[misc]
         super()._announce_revoked(reason, terminated, signum, expired)
 
     def _settle_revoked(self, reason: str, terminated: bool, expired: bool) -> None:
-        from reliability.pipeline import pipeline_for
-
-        rt = get_runtime()
-        d = self._delivery()
-        pipeline = pipeline_for(self._task)
-        if terminated and d.idempotency_key:
-            pipeline.release(rt, d)
+        call = self._call()
+        if terminated:
+            PARENT.release(call)
         if expired:
-            pipeline.dead_letter(
-                rt, d, FailureClass.EXPIRED,
-                exc=DeadlineExceeded(f"message expired before it ran ({reason})"), ran=False,
-            )
+            PARENT.dead_letter(
+                call, FailureClass.EXPIRED,
+                exc=DeadlineExceeded(f"message expired before it ran ({reason})"), ran=False)
             return
-        rt.ledger.record(d.task_id, d.name, Outcome.REVOKED, d.attempt, reason)
-        metrics.OUTCOMES.labels(self._task.name, Outcome.REVOKED).inc()
+        PARENT.record(call, Outcome.REVOKED, reason)
         log.warning("task_revoked", task_id=self.id, task_name=self.name, reason=reason,
                     terminated=terminated)
 

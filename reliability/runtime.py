@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -122,6 +122,29 @@ class Runtime:
                     raise
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 2.0)
+
+
+    def stored(self, operation: str, fn: Callable[[], T], *, wait: float | None,
+               hand_back: Callable[[BackendUnavailable], object]) -> T | None:
+        """The one policy for a store outage while a message is held: wait for the store
+        (``wait`` seconds; None: the setting), and if it stays away hand the message back
+        unacked (``hand_back``: requeue it the way the caller can) instead of acking it
+        unrecorded. Returns ``fn()``'s value, or None once handed back."""
+        try:
+            return self.wait_for_store(operation, fn, seconds=wait)
+        except BackendUnavailable as exc:
+            log.error("message_handed_back_store_unavailable", operation=operation,
+                      error=str(exc))
+            hand_back(exc)
+            return None
+
+
+def runtime_of(app: Any) -> Runtime:
+    """The runtime a Celery app carries (``worker.app`` installs it as ``app.reliability``)."""
+    found = getattr(app, "reliability", None)
+    if isinstance(found, Runtime):
+        return found
+    return get_runtime()
 
 
 _runtime: Runtime | None = None

@@ -1,20 +1,34 @@
-"""The fleet's Lua scripts, composed from one ``.lua`` file per concept.
+"""The fleet's Lua scripts: one ``.lua`` file per concept, composed and bound by name.
 
 Why Lua and not a library: every decision here (take a lease, settle a delivery, park
 a message, claim due work) must read and write several keys atomically against the
 one clock every process shares (Redis ``TIME``) in a single round trip. No Python
 library offers these combined state machines; a script is the only way to keep them
 atomic without locks. Each concept's functions live in ``reliability/lua/<noun>.lua``;
-a script here is the prelude, the functions it uses and a short body.
+a script is the prelude, the functions it uses and a short body.
 
-Argument 1 of every script is ``now``: empty in production (Redis ``TIME``), a fixed
-number in tests only.
+Keys and arguments are bound **by name**: a body says ``@idem`` for a key and ``$owner``
+for an argument, and :class:`Script` turns them into ``KEYS[i]`` / ``ARGV[j]`` and the
+caller's mappings into the lists Redis takes — nothing depends on an offset kept in
+sync by a comment. Guards add :class:`Fragment` s (admission checks, settle tails)
+with names of their own, bound after the script's; inside a fragment ``@@`` / ``$$``
+are its first key's / argument's offset, for loops over a variable number of parts.
+``ARGV[1]`` is always ``now``: empty in production (Redis ``TIME``), a fixed number in
+tests only.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from typing import Any
+
+_TOKEN = re.compile(r"@@|\$\$|([@$])([A-Za-z_][A-Za-z0-9_]*)")
+# Where a base body takes its fragments' code (settle tails, admission checks, commits).
+FRAGMENTS, COMMITS = "--[fragments]", "--[commits]"
 
 
 @cache
@@ -24,137 +38,119 @@ def lua(name: str) -> str:
 
 
 def compose(*libraries: str, body: str) -> str:
-    """The prelude, the named function libraries, then the body."""
+    """The prelude, the named function libraries, then the body (positional KEYS/ARGV)."""
     return "\n".join([lua("prelude"), *(lua(n) for n in libraries), body])
 
 
-_COMPLETE_BODY = """
-local outcome = 'succeeded'
-if KEYS[1] ~= '' and idem_complete(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4],
-                                   tonumber(ARGV[5])) == 0 then
-  outcome = 'superseded'
-end
-delivery_finish(KEYS[3], outcome, tonumber(ARGV[6]))
-if KEYS[5] ~= '' then budget_count_call(KEYS[5], tonumber(ARGV[11])) end
-ledger_add(KEYS[4], ARGV[7], ARGV[8], ARGV[9], outcome, ARGV[10], '')
-"""
+@dataclass(frozen=True)
+class Fragment:
+    """A guard's piece of a script: named keys and arguments, code, and (admission only)
+    commit code that runs once every check passed."""
 
-# KEYS idem, leases, dlv, ledger, budget
-# ARGV now, owner, fence, result, result_ttl_s, dlv_ttl_ms, maxlen, task_id, name,
-#      attempt, budget_window_s
-COMPLETE = compose(
-    "idempotency", "delivery", "ledger", "budget", "breaker", "ratelimit", "guards",
-    body=_COMPLETE_BODY + "guards_settle(6, 12)\nreturn outcome\n",
-)
+    name: str
+    libraries: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    code: str = ""
+    commit: str = ""
 
-# Every settle script takes an optional tail of guards to settle (guards.lua): the
-# breaker records the call's outcome, concurrency limits free their place.
 
-# COMPLETE plus Celery's result write in the same round trip (see reliability.backend):
-# KEYS + result meta key; ARGV + encoded meta, expiry seconds (0 = none). Like Celery's
-# backend, an already stored SUCCESS is never overwritten; a superseded holder stores
-# nothing.
-COMPLETE_AND_STORE = compose(
-    "idempotency", "delivery", "ledger", "budget", "breaker", "ratelimit", "guards",
-    body=_COMPLETE_BODY + """
-guards_settle(7, 14)
-if outcome == 'succeeded' then
-  local current = redis.call('GET', KEYS[6])
-  local ok, meta = pcall(cjson.decode, current or '{}')
-  if not (ok and type(meta) == 'table' and meta['status'] == 'SUCCESS') then
-    if tonumber(ARGV[13]) > 0 then
-      redis.call('SETEX', KEYS[6], ARGV[13], ARGV[12])
-    else
-      redis.call('SET', KEYS[6], ARGV[12])
-    end
-    redis.call('PUBLISH', KEYS[6], ARGV[12])
-  end
-end
-return outcome
-""",
-)
+@dataclass
+class Part:
+    """A fragment plus the values of its keys and arguments for one call, in order."""
 
-# KEYS idem, leases, dlv, ledger, budget, parked, parked_msgs
-# ARGV now, owner, fence, mode(retry|defer), budget_window_s, budget_ratio,
-#      budget_min_retries_per_s, park_id, delay_s, envelope, dlv_ttl_ms, maxlen, task_id, name,
-#      attempt, outcome, detail
-PARK = compose(
-    "idempotency", "delivery", "deferral", "ledger", "budget", "breaker", "ratelimit", "guards",
-    body="""
-guards_settle(8, 18)
-if ARGV[4] == 'retry' and KEYS[5] ~= '' then
-  local window = tonumber(ARGV[5])
-  budget_count_call(KEYS[5], window)
-  if budget_allow_retry(KEYS[5], window, tonumber(ARGV[6]), tonumber(ARGV[7])) == 0 then
-    return {'refused', ''}
-  end
-end
-if KEYS[1] ~= '' then idem_release(KEYS[1], KEYS[2], ARGV[2], ARGV[3]) end
-local due = now + tonumber(ARGV[9])
-park(KEYS[6], KEYS[7], ARGV[8], due, ARGV[10])
-delivery_finish(KEYS[3], ARGV[16], tonumber(ARGV[11]))
-ledger_add(KEYS[4], ARGV[12], ARGV[13], ARGV[14], ARGV[16], ARGV[15], ARGV[17])
-return {'parked', string.format('%.6f', due)}
-""",
-)
+    fragment: Fragment
+    keys: Sequence[str] = ()
+    args: Sequence[Any] = ()
 
-# KEYS idem, leases, dlv, ledger, budget, dlq, dlq_index
-# ARGV now, owner, fence, budget_window_s, dlq_id, envelope, dlq_max, dlv_ttl_ms,
-#      maxlen, task_id, name, attempt, failure_class
-DEAD_LETTER = compose(
-    "idempotency", "delivery", "dlq", "ledger", "budget", "breaker", "ratelimit", "guards",
-    body="""
-guards_settle(8, 14)
-if KEYS[1] ~= '' and ARGV[2] ~= '' then idem_release(KEYS[1], KEYS[2], ARGV[2], ARGV[3]) end
-if KEYS[5] ~= '' then budget_count_call(KEYS[5], tonumber(ARGV[4])) end
-local evicted = dlq_add(KEYS[6], KEYS[7], ARGV[5], ARGV[6], ARGV[7])
-delivery_finish(KEYS[3], 'dead_lettered', tonumber(ARGV[8]))
-ledger_add(KEYS[4], ARGV[9], ARGV[10], ARGV[11], 'dead_lettered', ARGV[12], ARGV[13])
-return evicted
-""",
-)
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.fragment.keys) or len(self.args) != len(
+                self.fragment.args):
+            raise ValueError(f"fragment {self.fragment.name}: wrong number of keys/args")
 
-# KEYS ledger   ARGV now, maxlen, task_id, name, outcome, attempt, detail
-RECORD = compose(
-    "ledger",
-    body="ledger_add(KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])\nreturn 1",
-)
 
-# KEYS idem, leases   ARGV now, owner, fence ('' = any fence of this owner)
-RELEASE = compose(
-    "idempotency", body="return idem_release(KEYS[1], KEYS[2], ARGV[2], ARGV[3])"
-)
+def _bind(code: str, keys: Mapping[str, int], args: Mapping[str, int], key_base: int,
+          arg_base: int, where: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "@@":
+            return str(key_base)
+        if token == "$$":
+            return str(arg_base)
+        sigil, name = match.group(1), match.group(2)
+        table = keys if sigil == "@" else args
+        if name not in table:
+            raise KeyError(f"{where}: no {'key' if sigil == '@' else 'argument'} named {name!r}")
+        return f"{'KEYS' if sigil == '@' else 'ARGV'}[{table[name]}]"
 
-# KEYS idem, leases   ARGV now, owner, fence, lease_s
-RENEW = compose(
-    "idempotency",
-    body="return idem_renew(KEYS[1], KEYS[2], ARGV[2], ARGV[3], tonumber(ARGV[4]))",
-)
+    return _TOKEN.sub(replace, code)
 
-# KEYS parked, parked_msgs   ARGV now, limit, claim_s
-CLAIM_PARKED = compose(
-    "deferral",
-    body="return parked_claim(KEYS[1], KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))",
-)
 
-# KEYS leases   ARGV now, limit
-# Lapsed leases still marked running: removed from the index and returned as
-# (key, delivery tag) pairs for the reaper to restore.
-REAP_LEASES = compose(
-    body="""
-local out = {}
-local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, key in ipairs(keys) do
-  local h = redis.call('HMGET', key, 'state', 'until', 'dtag')
-  redis.call('ZREM', KEYS[1], key)
-  if h[1] == 'running' and tonumber(h[2] or '0') <= now then
-    out[#out + 1] = key
-    out[#out + 1] = h[3] or ''
-  end
-end
-return out
-""",
-)
+@dataclass(frozen=True)
+class Script:
+    """A Lua script with named keys and arguments, optionally extended by fragments."""
 
-# KEYS/ARGV: a guards tail only (guards.lua), after ARGV[1] = now.
-SETTLE_GUARDS = compose("breaker", "ratelimit", "guards", body="guards_settle(1, 2)\nreturn 1")
+    libraries: tuple[str, ...]
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    body: str
+    fragments: tuple[Fragment, ...] = ()
+    _source: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    def extended(self, fragments: tuple[Fragment, ...]) -> Script:
+        """This script with ``fragments`` bound after its own keys and arguments."""
+        return _extended(self, fragments)
+
+    @property
+    def source(self) -> str:
+        if not self._source:
+            self._source.append(self._build())
+        return self._source[0]
+
+    def _build(self) -> str:
+        keys = {name: i + 1 for i, name in enumerate(self.keys)}
+        args = {name: i + 2 for i, name in enumerate(self.args)}  # ARGV[1] is now
+        key_base, arg_base = len(self.keys), len(self.args) + 1
+        codes, commits = [], []
+        libraries = list(self.libraries)
+        for fragment in self.fragments:
+            fkeys = {name: key_base + i + 1 for i, name in enumerate(fragment.keys)}
+            fargs = {name: arg_base + i + 1 for i, name in enumerate(fragment.args)}
+            where = f"fragment {fragment.name}"
+            codes.append(f"-- {fragment.name}\n"
+                         + _bind(fragment.code, fkeys, fargs, key_base, arg_base, where))
+            if fragment.commit:
+                commits.append(_bind(fragment.commit, fkeys, fargs, key_base, arg_base, where))
+            libraries.extend(x for x in fragment.libraries if x not in libraries)
+            key_base += len(fragment.keys)
+            arg_base += len(fragment.args)
+        body = _bind(self.body, keys, args, 0, 1, "script body")
+        body = body.replace(FRAGMENTS, "\n".join(codes)).replace(COMMITS, "\n".join(commits))
+        return compose(*dict.fromkeys(libraries), body=body)
+
+    def layout(self, keys: Mapping[str, str], args: Mapping[str, Any],
+               parts: Sequence[Part] = (), now: Any = "") -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV lists for one call: named values, then each part's, in the
+        order of :attr:`fragments` (which ``parts`` must match)."""
+        if tuple(p.fragment for p in parts) != self.fragments:
+            raise ValueError("parts do not match the script's fragments")
+        unknown = (set(keys) - set(self.keys)) | (set(args) - set(self.args))
+        if unknown:
+            raise KeyError(f"no key or argument named {sorted(unknown)}")
+        key_list = [keys.get(name, "") for name in self.keys]
+        arg_list: list[Any] = [now, *(args.get(name, "") for name in self.args)]
+        for part in parts:
+            key_list.extend(part.keys)
+            arg_list.extend(part.args)
+        return key_list, arg_list
+
+
+@cache
+def _extended(script: Script, fragments: tuple[Fragment, ...]) -> Script:
+    return Script(script.libraries, script.keys, script.args, script.body,
+                  script.fragments + fragments)
+
+
+def script(*libraries: str, keys: tuple[str, ...], args: tuple[str, ...], body: str) -> Script:
+    """A named-binding script using the given ``.lua`` libraries."""
+    return Script(libraries, keys, args, body)

@@ -1,121 +1,48 @@
 """Settling a delivery: every way a delivery that was admitted (or refused) ends.
 
-Success writes the completion record — fused into Celery's result write when the
-backend allows (:mod:`reliability.backend`), else in its own script — before the ack.
-A failure is retried by parking the message (policy delay, fleet-wide retry budget) or
-dead-lettered, never both, never neither; either way the breaker hears of it and
-concurrency places are freed (the guards' settle tail). The worker's parent uses the
-same methods for the endings only it sees (hard time limit, lost child, revoke).
+Success writes the completion record (:mod:`reliability.completion`) before the ack. A
+failure is retried by parking the message (policy delay, fleet-wide retry budget) or
+dead-lettered, never both, never neither; either way every guard's settle tail runs in
+the same script (the breaker hears of the call, concurrency places are freed). The
+worker's parent uses the same collaborator for the endings only it sees (hard time
+limit, lost child, revoke), with a shorter wait for an unreachable store.
+
+A :class:`Settlement` is built per delivery with what it needs passed in: the task's
+spec, the runtime, the guard list, and how long to wait for the store before handing
+the message back (Celery's ``Reject(requeue=True)``: nothing is acked unrecorded).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import json
-import threading
 import time
-import traceback
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
-from celery.app.task import get_actual_ignore_result
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, Reject
 
-from reliability import breaker as breaker_mod
-from reliability import idempotency, metrics, ratelimit, scripts
-from reliability.deferral import ParkedMessage
-from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, RESERVED, Delivery
-from reliability.dlq import DeadLetter, FailureClass
+from reliability import metrics
+from reliability.completion import COMPLETE, Completion, result_json
+from reliability.deadletter import envelope
+from reliability.deferral import PARK, ParkedMessage
+from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, RESERVED, delivery_key
+from reliability.dlq import DEAD_LETTER, FailureClass
 from reliability.errors import (
     BackendUnavailable,
     DeadlineExceeded,
     IdempotencyConflict,
     PermanentError,
     PoisonMessage,
-    StaleFencingToken,
 )
-from reliability.lease import Holding
+from reliability.guard import Call, Ending, Guard
+from reliability.idempotency import RELEASE, idem_key, result_ttl
 from reliability.ledger import Outcome
-from reliability.runtime import Runtime, get_runtime
-from reliability.sensitive import changed_arguments
-
-if TYPE_CHECKING:
-    import inspect
-
-    from reliability.task import ReliableTask
+from reliability.reprs import sensitive_of
+from reliability.scripts import Part, Script
 
 log = structlog.get_logger("reliability.pipeline")
-
-
-class Completion:
-    """A successful delivery's completion record, written once before the ack."""
-
-    def __init__(self, pipeline: Settlement, delivery: Delivery, keys: list[str],
-                 args: list[Any], tail: tuple[list[str], list[Any]] = ([], [])) -> None:
-        self.pipeline = pipeline
-        self.delivery = delivery
-        self.keys = keys
-        self.args = args
-        self.tail = tail
-
-    def write(self, rt: Runtime, script: str = scripts.COMPLETE,
-              extra_keys: Sequence[Any] = (), extra_args: Sequence[Any] = ()) -> str:
-        """Run the completion script (plus anything fused into it); returns the outcome."""
-        d = self.delivery
-        tail_keys, tail_args = self.tail
-        outcome = str(self.pipeline._store(rt, "completion", lambda: rt.store.run(
-            script, [*self.keys, *extra_keys, *tail_keys], [*self.args, *extra_args, *tail_args],
-            "completion",
-        )))
-        metrics.OUTCOMES.labels(d.name, outcome).inc()
-        if outcome == Outcome.SUPERSEDED:
-            log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
-                        fence=d.fence)
-        return outcome
-
-
-# How long a store operation waits for an unreachable store (None: the runtime's
-# setting). The worker's parent settles endings on its consumer thread, which must not
-# stall for long: it sets a short wait (see reliability.request).
-store_wait: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "reliable_store_wait", default=None)
-
-
-# Completions waiting to be fused into the result write, by task id (per thread).
-_pending_local = threading.local()
-
-
-class _Pending:
-    def __setitem__(self, task_id: str, completion: Completion) -> None:
-        _pending_local.__dict__.setdefault("items", {})[task_id] = completion
-
-    def take(self, task_id: str) -> Completion | None:
-        return _pending_local.__dict__.setdefault("items", {}).pop(task_id, None)
-
-
-_pending = _Pending()
-
-
-def take_pending(task_id: str) -> Completion | None:
-    """The completion the result backend should write with this task's result."""
-    return _pending.take(task_id)
-
-
-def flush_pending(task_id: str) -> None:
-    """Write a completion the backend did not take (no result stored): still before ack."""
-    completion = _pending.take(task_id)
-    if completion is not None:
-        completion.write(get_runtime())
-
-
-def _result_json(result: Any) -> str:
-    """The result as stored under the idempotency key (a repr when JSON cannot hold it)."""
-    try:
-        return json.dumps(result, default=str)
-    except (TypeError, ValueError):
-        return json.dumps(repr(result))
+_SETTLED = "_reliable_settled"
 
 
 def classify(exc: BaseException, retryable: bool) -> FailureClass:
@@ -126,9 +53,6 @@ def classify(exc: BaseException, retryable: bool) -> FailureClass:
     if isinstance(exc, DeadlineExceeded):
         return FailureClass.EXPIRED
     return FailureClass.TRANSIENT if retryable else FailureClass.PERMANENT
-
-
-_SETTLED = "_reliable_settled"
 
 
 def settled(exc: BaseException) -> BaseException:
@@ -142,92 +66,72 @@ def is_settled(exc: BaseException) -> bool:
     return bool(getattr(exc, _SETTLED, False))
 
 
+def _requeue(exc: BackendUnavailable) -> None:
+    raise Reject(exc, requeue=True) from exc
+
+
 class Settlement:
-    """The outcome half of :class:`~reliability.pipeline.Pipeline` (a mixin)."""
+    """The endings of one task's deliveries."""
 
-    task: ReliableTask
-    signature: inspect.Signature
-    _limits: list[ratelimit.RateLimit] | None
+    def __init__(self, guards: Sequence[Guard], *, wait: float | None = None) -> None:
+        self.guards = guards
+        self.wait = wait
 
+    # -- store access -------------------------------------------------------------------
 
-    def _succeeded(self, rt: Runtime, d: Delivery, result: Any) -> Any:
+    def store(self, call: Call, operation: str, fn: Callable[[], Any]) -> Any:
+        """Run a store operation; if the store stays away, hand the message back unacked."""
+        return call.rt.stored(operation, fn, wait=self.wait, hand_back=_requeue)
+
+    def run(self, call: Call, base: Script, keys: dict[str, str], args: dict[str, Any],
+            operation: str, parts: Sequence[Part] = ()) -> Any:
+        """Run a settle script with the guards' tails bound after its own names."""
+        script_ = base.extended(tuple(p.fragment for p in parts))
+        key_list, arg_list = script_.layout(keys, args, parts)
+        return self.store(call, operation, lambda: call.rt.store.run(
+            script_.source, key_list, arg_list, operation))
+
+    def tails(self, call: Call, ending: Ending) -> list[Part]:
+        """Every guard's settle tail for this ending, in guard order."""
+        return [part for guard in self.guards if (part := guard.settle(call, ending))]
+
+    # -- success ------------------------------------------------------------------------
+
+    def completion(self, call: Call, result: Any) -> Completion:
+        d, rt = call.d, call.rt
         keys = rt.store.keys
-        cfg = rt.config
-        completion = Completion(
-            pipeline=self,
-            delivery=d,
-            keys=[self._idem_key(rt, d) if d.idempotency_key else "", keys.leases,
-                  self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag)],
-            args=["", d.owner, str(d.fence), _result_json(result),
-                  self._result_ttl(rt), self._delivery_ttl_ms(rt), cfg.ledger_max_len,
-                  d.task_id, d.name, d.attempt, cfg.budget_window_seconds],
-            tail=self.guard_tail(rt, d, None),
+        return Completion(
+            task_name=d.name,
+            idempotency_key=d.idempotency_key,
+            keys={"idem": idem_key(call) if d.idempotency_key else "", "leases": keys.leases,
+                  "dlv": delivery_key(call), "ledger": keys.ledger,
+                  "budget": keys.budget(call.spec.tag)},
+            args={"owner": d.owner, "fence": str(d.fence), "result": result_json(result),
+                  "result_ttl": result_ttl(call), "dlv_ttl_ms": _dlv_ttl_ms(call),
+                  "ledger_max": rt.config.ledger_max_len, "task_id": d.task_id,
+                  "name": d.name, "attempt": d.attempt,
+                  "budget_window": rt.config.budget_window_seconds},
+            parts=self.tails(call, Ending("success", None, d.duration)),
+            store=lambda operation, fn: self.store(call, operation, fn),
         )
-        request = self.task.request
-        if (getattr(self.task.backend, "fuses_completion", False)
-                and not get_actual_ignore_result(self.task, request)
-                # Callbacks and chain steps are published before the result is stored: a
-                # fused write that then fails would publish them twice on redelivery.
-                and not request.callbacks and not request.chain):
-            # Written together with Celery's result, in the backend's one round trip,
-            # still before the ack (see reliability.backend).
-            _pending[d.task_id] = completion
-            return result
-        if completion.write(rt) == Outcome.SUPERSEDED:
+
+    def succeeded(self, call: Call, result: Any) -> Any:
+        """Write the completion now (it is not fused with a result write)."""
+        if self.completion(call, result).write(call.rt, COMPLETE) == Outcome.SUPERSEDED:
             raise Ignore()
         return result
 
-    def _failed(self, rt: Runtime, d: Delivery, exc: BaseException,
-                countdown: float | None = None) -> Any:
-        if isinstance(exc, StaleFencingToken) and d.fence:
-            return self._superseded(rt, d, exc)
-        decision, delay = self.settle_failure(rt, d, exc, countdown=countdown, ran=True)
-        settled(exc)
-        # Celery stores the exception (and its traceback, causes included) in the result
-        # backend and logs it: no secret in any of it.
-        rt.masker.exception(exc)
-        if decision == Outcome.RETRIED:
-            raise Retry(exc=exc, when=delay)
-        raise exc
+    # -- failure ------------------------------------------------------------------------
 
-    def _given_up(self, rt: Runtime, d: Delivery, control: Ignore | Reject) -> None:
-        """The body raised Celery's Ignore or Reject itself: record what becomes of it."""
-        self._release(rt, d)
-        self._store(rt, "release guards", lambda: self.release_guards(rt, d))
-        if isinstance(control, Reject) and not control.requeue:
-            self.dead_letter(rt, d, FailureClass.PERMANENT, ran=False,
-                             reason=f"rejected by the task: {control.reason!r}")
-            return
-        outcome, detail = ((Outcome.REQUEUED, "rejected by the task, requeued")
-                           if isinstance(control, Reject) else
-                           (Outcome.REVOKED, "ignored by the task"))
-        self._store(rt, "ledger", lambda: rt.ledger.record(
-            d.task_id, d.name, outcome, d.attempt, detail))
-        metrics.OUTCOMES.labels(d.name, outcome).inc()
-        log.warning("task_given_up_by_body", settled_as=str(outcome), detail=detail)
-
-    def _superseded(self, rt: Runtime, d: Delivery, exc: StaleFencingToken) -> Any:
-        """The provider saw a newer fence: a successor owns the key (and settles it).
-
-        Not a failure of the work, so no retry and no DLQ entry: only a ledger record.
-        """
-        self._store(rt, "release guards", lambda: self.release_guards(rt, d))
-        self._store(rt, "superseded", lambda: rt.ledger.record(
-            d.task_id, d.name, Outcome.SUPERSEDED, d.attempt, type(exc).__name__))
-        metrics.OUTCOMES.labels(d.name, Outcome.SUPERSEDED).inc()
-        log.warning("idempotency_fence_superseded", idempotency_key=d.idempotency_key,
-                    fence=d.fence, error=rt.masker.text(str(exc)))
-        raise Ignore()
-
-    def settle_failure(self, rt: Runtime, d: Delivery, exc: BaseException, *,
-                       countdown: float | None = None, ran: bool = True
-                       ) -> tuple[Outcome, float | None]:
+    def failure(self, call: Call, exc: BaseException, *, countdown: float | None = None,
+                ran: bool = True) -> tuple[Outcome, float | None]:
         """Park the message for another attempt, or dead-letter it: exactly one of them.
 
         Used by the pool child after the body failed, and by the worker's parent when the
         child hit its hard time limit.
         """
-        policy = self.task.retry_policy or rt.config.retry_policy
+        d, rt = call.d, call.rt
+        policy = call.spec.option("retry_policy") or rt.config.retry_policy
         first = d.first_attempt_at or time.time()
         if countdown is not None:
             delay: float | None = countdown if d.attempt < policy.max_attempts else None
@@ -235,87 +139,72 @@ class Settlement:
             delay = policy.decide(d.attempt, exc, time.time() - first, d.previous_delay)
         if delay is None:
             retryable = policy.is_retryable(exc) and not isinstance(exc, PermanentError)
-            failure = classify(exc, retryable)
-            self.dead_letter(rt, d, failure, exc=exc, ran=ran)
+            self.dead_letter(call, classify(exc, retryable), exc=exc, ran=ran)
             return Outcome.DEAD_LETTERED, None
         message = ParkedMessage.of(
             d, retries=d.retries + 1, reason=f"retry after {type(exc).__name__}",
-            extra_headers={**self._carried_headers(d), FIRST_ATTEMPT_AT: first,
+            extra_headers={**carried_headers(call), FIRST_ATTEMPT_AT: first,
                            PREVIOUS_DELAY: delay},
         )
-        reply = self._park(rt, d, message, delay, mode="retry", outcome=Outcome.RETRIED,
-                           detail=type(exc).__name__, tail=self.guard_tail(rt, d, exc))
+        ending = Ending("failure", exc, d.duration) if ran else None
+        reply = self.park(call, message, delay, mode="retry", outcome=Outcome.RETRIED,
+                          detail=type(exc).__name__, ending=ending)
         if reply[0] == "refused":
-            self.dead_letter(rt, d, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
+            self.dead_letter(call, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
             return Outcome.DEAD_LETTERED, None
         metrics.OUTCOMES.labels(d.name, Outcome.RETRIED).inc()
         log.warning("task_retry_scheduled", delay_seconds=round(delay, 3),
                     error_type=type(exc).__name__, error=rt.masker.text(str(exc)))
         return Outcome.RETRIED, delay
 
-    def _park(self, rt: Runtime, d: Delivery, message: ParkedMessage, delay: float, *,
-              mode: str, outcome: Outcome, detail: str,
-              tail: tuple[list[str], list[Any]] = ([], [])) -> list[Any]:
-        keys = rt.store.keys
-        cfg = rt.config
-        return self._store(rt, "park", lambda: rt.store.run(
-            scripts.PARK,
+    def park(self, call: Call, message: ParkedMessage, delay: float, *, mode: str,
+             outcome: Outcome, detail: str, ending: Ending | None = None) -> list[Any]:
+        """Park the message (a retry, or a deferral that spends no attempt)."""
+        d, rt = call.d, call.rt
+        keys, cfg = rt.store.keys, rt.config
+        reply: list[Any] = self.run(
+            call, PARK,
             # Release only a lease this delivery holds (a deferral holds none).
-            [self._idem_key(rt, d) if d.idempotency_key and d.fence else "", keys.leases,
-             self._delivery_key(rt, d), keys.ledger, keys.budget(self.task.tag),
-             keys.parked, keys.parked_msgs, *tail[0]],
-            ["", d.owner, str(d.fence) if d.fence else "", mode, cfg.budget_window_seconds,
-             cfg.budget_ratio, cfg.budget_min_retries_per_second, message.id, delay,
-             message.to_json(), self._delivery_ttl_ms(rt), cfg.ledger_max_len, d.task_id,
-             d.name, d.attempt, str(outcome), detail, *tail[1]],
-            "park",
-        ))
+            {"idem": idem_key(call) if d.idempotency_key and d.fence else "",
+             "leases": keys.leases, "dlv": delivery_key(call), "ledger": keys.ledger,
+             "budget": keys.budget(call.spec.tag), "parked": keys.parked,
+             "parked_msgs": keys.parked_msgs},
+            {"owner": d.owner, "fence": str(d.fence) if d.fence else "", "mode": mode,
+             "budget_window": cfg.budget_window_seconds, "budget_ratio": cfg.budget_ratio,
+             "budget_floor": cfg.budget_min_retries_per_second, "park_id": message.id,
+             "delay": delay, "envelope": message.to_json(), "dlv_ttl_ms": _dlv_ttl_ms(call),
+             "ledger_max": cfg.ledger_max_len, "task_id": d.task_id, "name": d.name,
+             "attempt": d.attempt, "outcome": str(outcome), "detail": detail},
+            "park", self.tails(call, ending) if ending is not None else ())
+        return reply
 
-    def dead_letter(self, rt: Runtime, d: Delivery, failure: FailureClass, *,
-                     exc: BaseException | None = None, reason: str = "", ran: bool) -> None:
-        keys = rt.store.keys
-        cfg = rt.config
-        # Sensitive arguments whole; their values wherever else they appear (the
-        # exception message, the traceback), as configured secrets and patterns are.
-        sensitive = self.task.sensitive
-        masker = rt.masker.including(sensitive.values(d.args, d.kwargs))
-        args, kwargs = masker.call(d.args, d.kwargs, sensitive)
-        masked_args = changed_arguments(list(self.signature.parameters), d.args, d.kwargs,
-                                        args, kwargs)
-        now = time.time()
-        entry = DeadLetter(
-            task_name=d.name,
-            task_id=d.task_id,
-            failure_class=str(failure),
-            reason=masker.text(reason or (str(exc) if exc else "")),
-            args=args,
-            kwargs=kwargs,
-            idempotency_key=d.idempotency_key,
-            correlation_id=d.correlation_id,
-            tenant_id=d.tenant_id,
-            exception_type=type(exc).__name__ if exc else None,
-            exception_message=masker.text(str(exc)) if exc else None,
-            traceback=masker.text("".join(traceback.format_exception(exc))) if exc else None,
-            attempts=d.attempt,
-            first_failure_at=d.first_attempt_at or now,
-            last_failure_at=now,
-            redrive_count=d.redrive_count,
-            headers=masker.data(d.producer_headers()),
-            routing=d.routing,
-            masked_args=masked_args,
-        )
+    def dead_letter(self, call: Call, failure: FailureClass, *,
+                    exc: BaseException | None = None, reason: str = "", ran: bool) -> None:
+        d, rt = call.d, call.rt
+        keys, cfg = rt.store.keys, rt.config
+        entry = envelope(
+            rt.masker, task_name=d.name, task_id=d.task_id, failure_class=str(failure),
+            reason=reason, error=exc, args=d.args, kwargs=d.kwargs,
+            sensitive=sensitive_of(call.spec), parameters=list(call.spec.signature.parameters),
+            headers=d.producer_headers(), idempotency_key=d.idempotency_key,
+            correlation_id=d.correlation_id, tenant_id=d.tenant_id, attempts=d.attempt,
+            first_failure_at=d.first_attempt_at or time.time(), redrive_count=d.redrive_count,
+            routing=d.routing)
         holds = bool(d.idempotency_key and d.fence)
-        tail_keys, tail_args = self.guard_tail(rt, d, exc) if ran else ([], [])
-        evicted = self._store(rt, "dead_letter", lambda: rt.store.run(
-            scripts.DEAD_LETTER,
-            [self._idem_key(rt, d) if holds else "", keys.leases, self._delivery_key(rt, d),
-             keys.ledger, keys.budget(self.task.tag) if ran else "", keys.dlq, keys.dlq_index,
-             *tail_keys],
-            ["", d.owner if holds else "", str(d.fence), cfg.budget_window_seconds, entry.id,
-             entry.to_json(), cfg.dlq_max_entries, self._delivery_ttl_ms(rt), cfg.ledger_max_len,
-             d.task_id, d.name, d.attempt, str(failure), *tail_args],
-            "dead_letter",
-        ))
+        parts = self.tails(call, Ending("failure", exc, d.duration)) if ran else ()
+        evicted = self.run(
+            call, DEAD_LETTER,
+            {"idem": idem_key(call) if holds else "", "leases": keys.leases,
+             "dlv": delivery_key(call), "ledger": keys.ledger,
+             "budget": keys.budget(call.spec.tag) if ran else "", "dlq": keys.dlq,
+             "dlq_index": keys.dlq_index},
+            {"owner": d.owner if holds else "", "fence": str(d.fence),
+             "budget_window": cfg.budget_window_seconds, "entry_id": entry.id,
+             "envelope": entry.to_json(), "max_entries": cfg.dlq_max_entries,
+             "dlv_ttl_ms": _dlv_ttl_ms(call), "ledger_max": cfg.ledger_max_len,
+             "task_id": d.task_id, "name": d.name, "attempt": d.attempt,
+             "failure_class": str(failure)},
+            "dead_letter", parts)
         metrics.DEAD_LETTERS.labels(d.name, str(failure)).inc()
         metrics.OUTCOMES.labels(d.name, Outcome.DEAD_LETTERED).inc()
         log.error("task_dead_lettered", failure_class=str(failure), dlq_id=entry.id,
@@ -324,108 +213,48 @@ class Settlement:
             metrics.DLQ_EVICTIONS.inc(int(evicted))
             log.warning("dlq_evicted_oldest", count=int(evicted), max_entries=cfg.dlq_max_entries)
 
-    def _release(self, rt: Runtime, d: Delivery) -> None:
-        if d.idempotency_key and d.fence:
-            self._store(rt, "release", lambda: self.release(rt, d))
-            log.info("idempotency_lock_released_on_error", idempotency_key=d.idempotency_key)
+    # -- releases -----------------------------------------------------------------------
 
-    def release(self, rt: Runtime, d: Delivery) -> bool:
-        """Release the delivery's lease (any fence of its owner when ``d.fence`` is 0)."""
-        return bool(rt.store.run(
-            scripts.RELEASE, [self._idem_key(rt, d), rt.store.keys.leases],
-            ["", d.owner, str(d.fence) if d.fence else ""], "release",
-        ))
+    def release(self, call: Call) -> bool:
+        """Release the delivery's lease (any fence of its owner when it has no fence yet)."""
+        d = call.d
+        if not d.idempotency_key:
+            return False
+        return bool(self.store(call, "release", lambda: call.rt.store.run(
+            RELEASE, [idem_key(call), call.rt.store.keys.leases],
+            ["", d.owner, str(d.fence) if d.fence else ""], "release")))
 
-    # -- helpers --------------------------------------------------------------------------
-
-    def breaker(self, rt: Runtime) -> breaker_mod.CircuitBreaker:
-        return rt.breakers.get(self.task.breaker or "")
-
-    def limits(self, rt: Runtime) -> list[ratelimit.RateLimit]:
-        if self._limits is None:
-            self._limits = [x if isinstance(x, ratelimit.RateLimit) else rt.rate_limit(x)
-                            for x in self.task.rate_limits]
-        return self._limits
-
-    def _arguments(self, d: Delivery) -> dict[str, Any]:
-        return idempotency.bind_arguments(self.signature, d.args, d.kwargs)
-
-    def release_guards(self, rt: Runtime, d: Delivery) -> None:
+    def release_guards(self, call: Call) -> None:
         """Free what the delivery holds in its guards (a breaker trial slot, concurrency
         places) without judging the call: it ended without an outcome (lost child,
         superseded, given up by the task)."""
-        keys, args = self.guard_tail(rt, d, None, outcome="ignore")
-        if keys:
-            rt.store.run(scripts.SETTLE_GUARDS, keys, ["", *args], "release guards")
+        parts = self.tails(call, Ending("ignore", None, call.d.duration))
+        if parts:
+            self.run(call, SETTLE_ONLY, {}, {}, "release guards", parts)
 
-    def guard_tail(self, rt: Runtime, d: Delivery, error: BaseException | None,
-                   outcome: str | None = None) -> tuple[list[str], list[Any]]:
-        """KEYS/ARGV tail settling the breaker and concurrency limits of a call that ran."""
-        concurrency = [x for x in self.limits(rt) if x.kind == "concurrency"]
-        if not self.task.breaker and not concurrency:
-            return [], []
-        keys: list[str] = []
-        args: list[Any] = [d.owner, 1 if self.task.breaker else 0]
-        if self.task.breaker:
-            breaker = self.breaker(rt)
-            keys.extend(breaker.keys)
-            args.extend(breaker.settle_args(error, d.duration, outcome))
-        args.append(len(concurrency))
-        for limit in concurrency:
-            scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
-            keys.append(ratelimit.limit_keys(rt.store, limit, scope)[0])
-        return keys, args
+    def record(self, call: Call, outcome: Outcome, detail: str) -> None:
+        """A ledger record for an ending decided outside the settle scripts."""
+        d = call.d
+        self.store(call, "ledger", lambda: call.rt.ledger.record(
+            d.task_id, d.name, outcome, d.attempt, detail))
+        metrics.OUTCOMES.labels(d.name, outcome).inc()
 
-    def holding(self, rt: Runtime, d: Delivery) -> Holding:
-        """What a running delivery of this task holds, for the worker's lease keeper: its
-        idempotency lease, a breaker trial slot, its concurrency places."""
-        places = []
-        for limit in self.limits(rt):
-            if limit.kind == "concurrency":
-                scope = limit.scope_value(d.name, d.tenant_id, lambda: self._arguments(d))
-                places.append((ratelimit.limit_keys(rt.store, limit, scope)[0],
-                               float(limit.lease_seconds)))
-        breaker = self.breaker(rt) if self.task.breaker else None
-        return Holding(
-            owner=d.owner,
-            pid=None,
-            idempotency_key=self._idem_key(rt, d) if d.idempotency_key else None,
-            lease_seconds=self._lease_seconds(rt),
-            trial_key=breaker.keys[2] if breaker is not None else None,
-            trial_seconds=breaker.config.trial_lease_seconds if breaker is not None else 60.0,
-            places=places,
-        )
 
-    def _store(self, rt: Runtime, operation: str, fn: Any) -> Any:
-        """Run a store operation; if the store stays away, hand the message back unacked."""
-        try:
-            return rt.wait_for_store(operation, fn, seconds=store_wait.get())
-        except BackendUnavailable as exc:
-            log.error("task_requeued_store_unavailable", operation=operation, error=str(exc))
-            raise Reject(exc, requeue=True) from exc
+# The guards' settle tails alone (an ending with nothing else to record).
+SETTLE_ONLY = Script((), (), (), body="--[fragments]\nreturn 1")
 
-    def _carried_headers(self, d: Delivery, keep_reservation: bool = False
-                         ) -> dict[str, Any]:
-        # A copy deferred again (not retried: a retry is a new call) keeps its reserved
-        # rate-limit slot; the start gate still applies to it.
-        carried: dict[str, Any] = {RESERVED: 1} if keep_reservation and d.reserved else {}
-        if d.first_attempt_at is not None:
-            carried[FIRST_ATTEMPT_AT] = d.first_attempt_at
-        if d.previous_delay is not None:
-            carried[PREVIOUS_DELAY] = d.previous_delay
-        return carried
 
-    def _idem_key(self, rt: Runtime, d: Delivery) -> str:
-        return rt.store.keys.idem(self.task.tag, d.idempotency_key or "")
+def carried_headers(call: Call, keep_reservation: bool = False) -> dict[str, Any]:
+    """Headers a parked copy carries on: the first attempt's time, the last delay, and
+    (a copy deferred again, not retried: a retry is a new call) its reserved slot."""
+    d = call.d
+    carried: dict[str, Any] = {RESERVED: 1} if keep_reservation and d.reserved else {}
+    if d.first_attempt_at is not None:
+        carried[FIRST_ATTEMPT_AT] = d.first_attempt_at
+    if d.previous_delay is not None:
+        carried[PREVIOUS_DELAY] = d.previous_delay
+    return carried
 
-    def _delivery_key(self, rt: Runtime, d: Delivery) -> str:
-        return rt.store.keys.delivery(self.task.tag, d.task_id, d.retries, d.publish_id or "0")
 
-    def _lease_seconds(self, rt: Runtime) -> float:
-        return self.task.lease_ttl or rt.config.lease_seconds
-
-    def _result_ttl(self, rt: Runtime) -> int:
-        return int(self.task.idempotency_ttl or rt.config.result_ttl_seconds)
-
-    def _delivery_ttl_ms(self, rt: Runtime) -> int:
-        return int(rt.config.delivery_ttl_seconds * 1000)
+def _dlv_ttl_ms(call: Call) -> int:
+    return int(call.rt.config.delivery_ttl_seconds * 1000)

@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 
 from reliability import admission, idempotency, scripts
-from reliability.admission import DEFER, DELIVERY, Fragment, Part, Verdict
-from reliability.idempotency import IdempotencyStore, Lease
+from reliability.admission import Verdict
+from reliability.completion import COMPLETE
+from reliability.deferral import DEFER
+from reliability.delivery import REDELIVERY as DELIVERY
+from reliability.idempotency_store import IdempotencyStore, Lease
 from reliability.ledger import Ledger
+from reliability.scripts import Fragment, Part
 from reliability.store import Store
 
 IDEM = idempotency.FRAGMENT
@@ -27,7 +31,7 @@ DELIVERY_TTL_MS = 60_000
 LEASE_SECONDS = 10.0
 RESULT_TTL_SECONDS = 3600
 # A guard that always refuses: shows what a refusal after other checks leaves behind.
-REFUSE = Fragment(name="refuse", libraries=(), check="do return {'refused', 'always'} end")
+REFUSE = Fragment(name="refuse", code="do return {'refused', 'always'} end")
 
 
 def checks_in_order(script: str) -> list[str]:
@@ -37,18 +41,18 @@ def checks_in_order(script: str) -> list[str]:
 # -- assembly (pure) ---------------------------------------------------------------------
 
 
-def test_tokens_bind_to_the_keys_and_arguments_after_the_fragments_before() -> None:
+def test_names_bind_to_the_keys_and_arguments_after_the_fragments_before() -> None:
     script = admission.assemble((DELIVERY, DEFER, IDEM))
-    # Base: KEYS[1] ledger, ARGV[1..6]. Delivery: KEYS[2], ARGV[7].
+    # Base: KEYS[1] ledger, ARGV[1] now, ARGV[2..6] its own. Redelivery: KEYS[2], ARGV[7].
     assert "dlv_key = KEYS[2]" in script
-    assert "delivery_admit(KEYS[2], tonumber(ARGV[7]), tonumber(ARGV[6]))" in script
-    # Defer: KEYS[3], ARGV[8..9].
-    assert "defer_claim(KEYS[3], ARGV[8], tonumber(ARGV[9]))" in script
-    # Idempotency: KEYS[4..5], ARGV[10..14].
-    assert "idem_check(KEYS[4], ARGV[10])" in script
-    assert ("fence = idem_acquire(KEYS[4], KEYS[5], ARGV[10], ARGV[11], tonumber(ARGV[12]),"
-            " tonumber(ARGV[13]), ARGV[3], ARGV[14])") in script
-    assert "$K" not in script and "$A" not in script
+    assert "delivery_admit(KEYS[2], tonumber(ARGV[7]), dlv_ttl)" in script
+    # Deferral: KEYS[3], ARGV[8].
+    assert "defer_claim(KEYS[3], ARGV[8], dlv_ttl)" in script
+    # Idempotency: KEYS[4..5], ARGV[9..13].
+    assert "idem_check(KEYS[4], ARGV[9])" in script
+    assert ("fence = idem_acquire(KEYS[4], KEYS[5], ARGV[9], ARGV[10], tonumber(ARGV[11]),"
+            " tonumber(ARGV[12]), task_id, ARGV[13])") in script
+    assert not re.search(r"[@$][A-Za-z_]", script.split("redis.replicate_commands()")[-1])
 
 
 def test_the_same_fragment_binds_differently_at_another_position() -> None:
@@ -59,9 +63,9 @@ def test_the_same_fragment_binds_differently_at_another_position() -> None:
 
 def test_checks_run_in_fragment_order_and_commits_only_after_every_check() -> None:
     script = admission.assemble((DELIVERY, DEFER, IDEM))
-    assert checks_in_order(script) == ["delivery", "defer", "idempotency"]
+    assert checks_in_order(script) == ["redelivery", "deferral", "idempotency"]
     reordered = admission.assemble((IDEM, DELIVERY))
-    assert checks_in_order(reordered) == ["idempotency", "delivery"]
+    assert checks_in_order(reordered) == ["idempotency", "redelivery"]
     last_check = reordered.index("delivery_admit(KEYS[4]")
     assert reordered.index("fence = idem_acquire(") > last_check
     assert reordered.rstrip().endswith(
@@ -76,35 +80,40 @@ def test_each_library_is_included_once() -> None:
 
 
 def test_the_script_is_cached_per_combination() -> None:
-    first = admission.assemble((DELIVERY, IDEM))
-    again = admission.assemble(tuple([DELIVERY, IDEM]))
+    first = admission.script_for((DELIVERY, IDEM))
+    again = admission.script_for(tuple([DELIVERY, IDEM]))
     assert again is first
-    copy = Fragment(DELIVERY.name, DELIVERY.libraries, DELIVERY.check, DELIVERY.commit,
-                    DELIVERY.nkeys, DELIVERY.nargs)
-    assert admission.assemble((copy, IDEM)) is first
-    assert admission.assemble((IDEM, DELIVERY)) != first
+    copy = Fragment(DELIVERY.name, DELIVERY.libraries, DELIVERY.keys, DELIVERY.args,
+                    DELIVERY.code, DELIVERY.commit)
+    assert admission.script_for((copy, IDEM)) is first
+    assert admission.script_for((IDEM, DELIVERY)) != first
 
 
-def test_flatten_concatenates_keys_and_arguments_in_part_order() -> None:
-    fragments, keys, args = admission.flatten([
-        Part(DELIVERY, ["dlv"], [5]),
-        Part(DEFER, ["defer"], ["pub", 1000]),
-        Part(IDEM, ["idem", "leases"], ["fp", "owner", 10, 3600, "tag"]),
-    ])
-    assert fragments == (DELIVERY, DEFER, IDEM)
-    assert keys == ["dlv", "defer", "idem", "leases"]
-    assert args == [5, "pub", 1000, "fp", "owner", 10, 3600, "tag"]
+def test_the_layout_concatenates_named_values_then_parts_in_order() -> None:
+    parts = [Part(DELIVERY, ["dlv"], [5]), Part(DEFER, ["defer"], ["pub"]),
+             Part(IDEM, ["idem", "leases"], ["fp", "owner", 10, 3600, "tag"])]
+    script, keys, args = admission.layout(
+        parts, ledger="ledger", ledger_max=9, task_id="t", name="n", attempt=1, dlv_ttl_ms=7)
+    assert script.fragments == (DELIVERY, DEFER, IDEM)
+    assert keys == ["ledger", "dlv", "defer", "idem", "leases"]
+    assert args == ["", 9, "t", "n", 1, 7, 5, "pub", "fp", "owner", 10, 3600, "tag"]
 
 
 @pytest.mark.parametrize(
     ("keys", "args"),
     [([], [5]), (["a", "b"], [5]), (["a"], []), (["a"], [5, 6])],
 )
-def test_flatten_rejects_a_part_with_the_wrong_number_of_keys_or_arguments(
+def test_a_part_with_the_wrong_number_of_keys_or_arguments_is_refused(
     keys: list[str], args: list[Any]
 ) -> None:
-    with pytest.raises(ValueError, match="fragment delivery: wrong number of keys/args"):
-        admission.flatten([Part(DELIVERY, keys, args)])
+    with pytest.raises(ValueError, match="fragment redelivery: wrong number of keys/args"):
+        Part(DELIVERY, keys, args)
+
+
+def test_an_unknown_name_in_a_fragment_is_refused_when_the_script_is_built() -> None:
+    bad = Fragment("bad", keys=("k",), code="return @nope")
+    with pytest.raises(KeyError, match="fragment bad: no key named 'nope'"):
+        admission.assemble((bad,))
 
 
 def test_parse_reads_run_and_refusal_replies() -> None:
@@ -129,14 +138,10 @@ class Admission:
 
     def __call__(self, parts: Sequence[Part], now: float = NOW, task_id: str = "t1",
                  attempt: int = 1) -> Verdict:
-        fragments, keys, args = admission.flatten(parts)
-        reply = self.store.run(
-            admission.assemble(fragments),
-            [self.store.keys.ledger, *keys],
-            [now, LEDGER_MAX_LEN, task_id, "test.echo", attempt, DELIVERY_TTL_MS, *args],
-            "admission",
-        )
-        return admission.parse(reply)
+        script, keys, args = admission.layout(
+            parts, ledger=self.store.keys.ledger, ledger_max=LEDGER_MAX_LEN, task_id=task_id,
+            name="test.echo", attempt=attempt, dlv_ttl_ms=DELIVERY_TTL_MS, now=now)
+        return admission.parse(self.store.run(script.source, keys, args, "admission"))
 
     def outcomes(self) -> list[tuple[str, str]]:
         return [(e["outcome"], e["detail"]) for e in self.ledger.entries()]
@@ -145,8 +150,7 @@ class Admission:
         return Part(DELIVERY, [key], [max_redeliveries])
 
     def defer(self, defer_id: str, publish_id: str) -> Part:
-        return Part(DEFER, [self.store.keys.defer("test.echo", defer_id)],
-                    [publish_id, DELIVERY_TTL_MS])
+        return Part(DEFER, [self.store.keys.defer("test.echo", defer_id)], [publish_id])
 
     def idem(self, key: str, fp: str, owner: str) -> Part:
         return Part(IDEM, [self.store.keys.idem("test.echo", key), self.store.keys.leases],
@@ -161,13 +165,13 @@ def admit(bare_store: Store) -> Admission:
 def finish_delivery(store: Store, dlv_key: str) -> None:
     """Settle a delivery as succeeded with the completion script (no idempotency key)."""
     k = store.keys
-    store.run(
-        scripts.COMPLETE,
-        ["", k.leases, dlv_key, k.ledger, ""],
-        [NOW, "", "", "null", RESULT_TTL_SECONDS, DELIVERY_TTL_MS, LEDGER_MAX_LEN, "t1",
-         "test.echo", 1, 60],
-        "completion",
-    )
+    keys, args = COMPLETE.layout(
+        {"leases": k.leases, "dlv": dlv_key, "ledger": k.ledger},
+        {"result": "null", "result_ttl": RESULT_TTL_SECONDS, "dlv_ttl_ms": DELIVERY_TTL_MS,
+         "ledger_max": LEDGER_MAX_LEN, "task_id": "t1", "name": "test.echo", "attempt": 1,
+         "budget_window": 60},
+        now=NOW)
+    store.run(COMPLETE.source, keys, args, "completion")
 
 
 def test_delivery_runs_until_it_is_delivered_more_than_max_redeliveries(

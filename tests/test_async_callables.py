@@ -30,16 +30,11 @@ from reliability.breaker import (
     CircuitState,
 )
 from reliability.callables import AwaitableReturned, is_async_callable
+from reliability.effects import SideEffectWrapper
 from reliability.errors import TransientError
-from reliability.idempotency import (
-    DUPLICATE_MARKER,
-    IdempotencyStore,
-    InProgress,
-    Lease,
-    SideEffectWrapper,
-    canonical,
-    idempotent,
-)
+from reliability.idempotency import canonical
+from reliability.idempotency_store import DUPLICATE_MARKER, IdempotencyStore, InProgress, Lease
+from reliability.idempotent import idempotent
 from reliability.retry import RetryPolicy
 from reliability.store import Store
 from tests.support.fleet import wait_until

@@ -20,15 +20,11 @@ from reliability.deadline import (
     soft_limit,
     validate_deadline,
 )
+from reliability.effects import SideEffectWrapper
 from reliability.errors import IdempotencyConflict
-from reliability.idempotency import (
-    IdempotencyStore,
-    InProgress,
-    SideEffectWrapper,
-    derive_key,
-    fingerprint,
-    idempotent,
-)
+from reliability.idempotency import derive_key, fingerprint
+from reliability.idempotency_store import IdempotencyStore, InProgress
+from reliability.idempotent import idempotent
 from reliability.security import MASK, Masker, mask_secret
 from reliability.store import Store
 

@@ -31,9 +31,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from reliability import idempotency, scripts
+from reliability import idempotency_store
+from reliability.deferral import CLAIM_PARKED
 from reliability.errors import IdempotencyConflict
-from reliability.idempotency import IdempotencyStore, InProgress, Lease, canonical
+from reliability.idempotency import canonical
+from reliability.idempotency_store import IdempotencyStore, InProgress, Lease
 from reliability.store import Store
 
 # Logical clocks start far from zero, on a grid of exact binary fractions.
@@ -115,7 +117,7 @@ class LeaseMachine(RuleBasedStateMachine):
         holders_before = self.live_holders(key)
         token = SimpleNamespace(hex=owner or uuid.uuid4().hex)
         try:
-            with mock.patch.object(idempotency, "uuid", SimpleNamespace(uuid4=lambda: token)):
+            with mock.patch.object(idempotency_store, "uuid", SimpleNamespace(uuid4=lambda: token)):
                 decision, value = self.ids.acquire(key, fp, lease_seconds=lease_seconds,
                                                    ttl_seconds=TTL_SECONDS, now=self.now)
         except InProgress as exc:
@@ -266,7 +268,7 @@ def test_parked_claims_hand_out_each_due_entry_once_per_claim_in_due_order(
     now = START
 
     def claim(limit: int) -> list[str]:
-        flat = store.run(scripts.CLAIM_PARKED, [k.parked, k.parked_msgs],
+        flat = store.run(CLAIM_PARKED, [k.parked, k.parked_msgs],
                          [now, limit, claim_seconds], "claim parked")
         ids = flat[0::2]
         assert flat[1::2] == [envelopes[pid] for pid in ids]
@@ -315,7 +317,7 @@ def test_an_unconfirmed_claim_is_due_again_after_claim_seconds(bare_store: Store
     bare_store.client.hset(k.parked_msgs, mapping={"late": "L", "early": "E"})
 
     def claim(now: float) -> list[str]:
-        return bare_store.run(scripts.CLAIM_PARKED, [k.parked, k.parked_msgs], [now, 10, 30],
+        return bare_store.run(CLAIM_PARKED, [k.parked, k.parked_msgs], [now, 10, 30],
                               "claim parked")
 
     assert claim(START) == []

@@ -24,8 +24,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from reliability import admission, ratelimit, scripts
+from reliability import admission, ratelimit
+from reliability.completion import COMPLETE
 from reliability.ratelimit import RateLimit, RateLimiter
+from reliability.ratelimit.guard import release_fragment
+from reliability.scripts import Part
 from reliability.store import Store
 from tests.support.fleet import delete_prefix
 
@@ -57,10 +60,11 @@ def admit(store: Store, limits_: Sequence[RateLimit], now: float, owner: str = "
     Returns ('run', now), ('limit_delay', reserved time) or ('limit_busy', retry after).
     """
     keys, args = ratelimit.admission_args(store, "test.limited", limits_, owner, None, dict)
-    script = admission.assemble((ratelimit.fragment(len(limits_), reserved),))
-    reply = store.run(script, [store.keys.ledger, *keys],
-                      [now, 1000, "t1", "test.limited", 1, 60_000, *args], "admission")
-    verdict = admission.parse(reply)
+    script, all_keys, all_args = admission.layout(
+        [Part(ratelimit.fragment(len(limits_), reserved), keys, args)],
+        ledger=store.keys.ledger, ledger_max=1000, task_id="t1", name="test.limited",
+        attempt=1, dlv_ttl_ms=60_000, now=now)
+    verdict = admission.parse(store.run(script.source, all_keys, all_args, "admission"))
     if verdict.runs:
         return "run", now
     if verdict.decision == "limit_delay":
@@ -547,9 +551,14 @@ def test_weighted_cost_takes_that_many_places(store: Store) -> None:
     assert store.client.zcard(key) == 4
     k = store.keys
     dlv = k.delivery("test.limited", "t1", 0, "")
-    store.run(scripts.COMPLETE, ["", k.leases, dlv, k.ledger, "", key],
-              [START, "", "", "null", 60, 60_000, 1000, "t1", "test.limited", 1, 60,
-               "e", 0, 1], "completion")
+    tail = Part(release_fragment(1), [key], ["e"])
+    script = COMPLETE.extended((tail.fragment,))
+    keys, args = script.layout(
+        {"leases": k.leases, "dlv": dlv, "ledger": k.ledger},
+        {"result": "null", "result_ttl": 60, "dlv_ttl_ms": 60_000, "ledger_max": 1000,
+         "task_id": "t1", "name": "test.limited", "attempt": 1, "budget_window": 60},
+        [tail], now=START)
+    store.run(script.source, keys, args, "completion")
     assert store.client.zrange(key, 0, -1) == ["c"]
 
 

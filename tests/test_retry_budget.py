@@ -26,6 +26,9 @@ from hypothesis import strategies as st
 
 from config import SettingsError, load_settings
 from reliability import scripts
+from reliability.completion import COMPLETE
+from reliability.deferral import PARK
+from reliability.dlq import DEAD_LETTER
 from reliability.errors import ConfigurationError
 from reliability.runtime import (
     DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND,
@@ -113,13 +116,15 @@ class Budget:
         """``scripts.PARK`` in retry mode, as a failed attempt settles: counts the call, asks."""
         k = self.store.keys
         park_id = park_id or uuid.uuid4().hex
-        reply = self.store.run(
-            scripts.PARK,
-            ["", k.leases, "", k.ledger, self.key, k.parked, k.parked_msgs],
-            [now, "", "", "retry", self.window, self.ratio, self.per_second, park_id, 1.0,
-             "{}", 60_000, 1000, park_id, "test.budget", 1, "retried", ""],
-            "park",
-        )
+        keys, args = PARK.layout(
+            {"leases": k.leases, "ledger": k.ledger, "budget": self.key, "parked": k.parked,
+             "parked_msgs": k.parked_msgs},
+            {"mode": "retry", "budget_window": self.window, "budget_ratio": self.ratio,
+             "budget_floor": self.per_second, "park_id": park_id, "delay": 1.0,
+             "envelope": "{}", "dlv_ttl_ms": 60_000, "ledger_max": 1000, "task_id": park_id,
+             "name": "test.budget", "attempt": 1, "outcome": "retried"},
+            now=now)
+        reply = self.store.run(PARK.source, keys, args, "park")
         return str(reply[0])
 
 
@@ -220,16 +225,21 @@ def test_completions_and_dead_letters_count_as_calls(bare_store: Store) -> None:
     budget = Budget(bare_store, ratio=0.5, per_second=0.0)
     k = bare_store.keys
     for n in range(6):
-        bare_store.run(
-            scripts.COMPLETE, ["", k.leases, "", k.ledger, budget.key],
-            [START, "", "", "{}", 60, 60_000, 1000, f"ok{n}", "test.budget", 1, WINDOW],
-            "complete")
+        keys, args = COMPLETE.layout(
+            {"leases": k.leases, "ledger": k.ledger, "budget": budget.key},
+            {"result": "{}", "result_ttl": 60, "dlv_ttl_ms": 60_000, "ledger_max": 1000,
+             "task_id": f"ok{n}", "name": "test.budget", "attempt": 1, "budget_window": WINDOW},
+            now=START)
+        bare_store.run(COMPLETE.source, keys, args, "complete")
     for n in range(4):
-        bare_store.run(
-            scripts.DEAD_LETTER, ["", k.leases, "", k.ledger, budget.key, k.dlq, k.dlq_index],
-            [START, "", "0", WINDOW, f"d{n}", "{}", 100, 60_000, 1000, f"dl{n}", "test.budget",
-             1, "transient"],
-            "dead letter")
+        keys, args = DEAD_LETTER.layout(
+            {"leases": k.leases, "ledger": k.ledger, "budget": budget.key, "dlq": k.dlq,
+             "dlq_index": k.dlq_index},
+            {"fence": "0", "budget_window": WINDOW, "entry_id": f"d{n}", "envelope": "{}",
+             "max_entries": 100, "dlv_ttl_ms": 60_000, "ledger_max": 1000, "task_id": f"dl{n}",
+             "name": "test.budget", "attempt": 1, "failure_class": "transient"},
+            now=START)
+        bare_store.run(DEAD_LETTER.source, keys, args, "dead letter")
     assert budget.retries_allowed(START, 6) == 5  # half of 10 calls
 
 

@@ -19,7 +19,8 @@ from celery import Celery
 from reliability import ReliableTask
 from reliability.dlq import DeadLetter, DeadLetterQueue, RedriveRefused
 from reliability.errors import ConfigurationError, IdempotencyConflict
-from reliability.idempotency import IdempotencyStore, derive_key, fingerprint
+from reliability.idempotency import derive_key, fingerprint
+from reliability.idempotency_store import IdempotencyStore
 from reliability.logs import configure_logging
 from reliability.patterns import luhn_valid, mask_patterns
 from reliability.ratelimit import RateLimit, RateLimiter, admission_args, limit_keys

@@ -26,15 +26,22 @@ from celery import Celery, current_app
 import reliability
 from reliability import runtime as runtime_module
 from reliability.breaker import SERVICE_DEFAULTS, BreakerConfig, CircuitState
-from reliability.effects import EffectType, entity_id, wrap_effect, wrap_order_placement
+from reliability.effects import (
+    EffectType,
+    SideEffectWrapper,
+    entity_id,
+    wrap_effect,
+    wrap_order_placement,
+)
 from reliability.errors import ConfigurationError, TransientError
-from reliability.idempotency import IdempotencyStore, SideEffectWrapper, idempotent
 from reliability.idempotency_keys import (
     check_idempotency,
     clear_idempotency,
     generate_idempotency_key,
     locate,
 )
+from reliability.idempotency_store import IdempotencyStore
+from reliability.idempotent import idempotent
 from reliability.runtime import Runtime, set_runtime
 from reliability.store import Store
 from reliability.task import ReliableTask

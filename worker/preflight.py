@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from config import Environment, Settings
+from reliability.pipeline import GUARDS
 from reliability.runtime import Runtime
 from reliability.task import ReliableTask
 
@@ -31,26 +32,24 @@ def _known(names: Any) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
+# The setting that defines each kind of name a guard resolves (Guard.unresolved).
+SETTING = {"breaker": "RELIABLE_BREAKERS", "rate limit": "RELIABLE_RATE_LIMITS"}
+
+
 def unresolved_names(tasks: Mapping[str, Any], runtime: Runtime) -> list[str]:
-    """One sentence per breaker or rate-limit name a reliable task declares that the
-    settings do not define, in task-name order."""
-    breakers = runtime.breakers.configs
-    limits = runtime.rate_limits
+    """One sentence per name a reliable task declares (a breaker, a rate limit: whatever
+    its guards resolve) that the settings do not define, in task-name order."""
     problems: list[str] = []
     for name in sorted(tasks):
         task = tasks[name]
         if not isinstance(task, ReliableTask):
             continue
-        if task.breaker and task.breaker not in breakers:
-            problems.append(
-                f"task {name} names breaker {task.breaker!r}, which RELIABLE_BREAKERS does "
-                f"not define (known: {_known(breakers)})"
-            )
-        for limit in task.rate_limits:
-            if isinstance(limit, str) and limit not in limits:
+        for guard in GUARDS:
+            for what, missing, known in guard.unresolved(task.spec.options, runtime):
                 problems.append(
-                    f"task {name} names rate limit {limit!r}, which RELIABLE_RATE_LIMITS does "
-                    f"not define (known: {_known(limits)})"
+                    f"task {name} names {what} {missing!r}, which "
+                    f"{SETTING.get(what, 'the settings')} does not define "
+                    f"(known: {_known(known)})"
                 )
     return problems
 

@@ -1,21 +1,7 @@
-"""Circuit breakers whose state the whole fleet shares (semantics after resilience4j).
+"""A circuit breaker shared by the fleet, for calls outside tasks (seed 000/003 API).
 
-Failures from every process count toward one breaker in Redis (``lua/breaker.lua``):
-it opens on consecutive failures, or on a failure rate or slow-call rate over a
-count- or time-based sliding window once ``minimum_requests`` calls were seen; after
-``recovery_timeout`` it half-opens and admits exactly ``half_open_max_calls`` trial calls
-fleet-wide (trial slots are leases, so a trial whose worker dies frees its slot);
-``success_threshold`` trial successes close it, any trial failure re-opens it. Which
-errors count is configurable (client errors do not trip it) and store outages never
-count. Every transition is appended once to a stream that :mod:`reliability.alerts`
-delivers once, fleet-wide, to logs and hooks.
-
-Inside tasks the breaker is part of the admission script (no extra round trip); outside
-tasks use :meth:`CircuitBreaker.call` (``await breaker.call(fn)`` for a coroutine function),
-the decorator, or :meth:`CircuitBreaker.guard` (``with`` or ``async with``); sync and async
-callables are admitted, timed and recorded alike (:mod:`reliability.callables`), and
-:func:`get_circuit_breaker` finds one by name (seed 003). ``state`` may be served from a
-local cache kept coherent by Redis invalidation.
+Inside tasks the breaker is part of the admission script (:mod:`reliability.breaker.guard`);
+here a call admits, runs (sync or async alike), is timed and recorded, in two round trips.
 """
 
 from __future__ import annotations
@@ -24,124 +10,31 @@ import functools
 import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
 from reliability import metrics, scripts
-from reliability.admission import Fragment
 from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
 from reliability.errors import (
     BackendUnavailable,
-    ConfigurationError,
-    PermanentError,
-    ReliabilityError,
 )
 from reliability.store import Store
 
-log = structlog.get_logger("reliability.breaker")
 P = ParamSpec("P")
 R = TypeVar("R")
+log = structlog.get_logger("reliability.breaker")
 
-
-class CircuitState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-class BreakerMode(StrEnum):
-    NORMAL = "normal"
-    FORCED_OPEN = "forced_open"
-    DISABLED = "disabled"
-    SHADOW = "shadow"  # metrics only: transitions recorded, calls never rejected
-
-
-class CircuitBreakerError(ReliabilityError):
-    """The breaker is open (or its half-open trial slots are taken): call not made."""
-
-    def __init__(self, name: str, retry_after: float, reason: str = "open") -> None:
-        super().__init__(f"circuit breaker {name!r} is {reason}; retry in {retry_after:.3f}s")
-        self.name = name
-        self.retry_after = retry_after
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class BreakerConfig:
-    """A breaker's policy. Defaults follow seed 000's guidance for a payment API."""
-
-    failure_threshold: int = 5  # consecutive failures; 0 = off
-    failure_rate_threshold: float = 0.0  # 0..1 over the window; 0 = off
-    window_type: Literal["count", "time"] = "count"
-    window_size: float = 100  # calls (count) or seconds (time)
-    minimum_requests: int = 10
-    slow_call_seconds: float = 0.0  # 0 = off
-    slow_call_rate_threshold: float = 1.0
-    recovery_timeout: float = 60.0
-    half_open_max_calls: int = 2
-    success_threshold: int = 2
-    trial_lease_seconds: float = 60.0
-    # Exceptions that count as failures; `ignore_on` wins (never recorded at all).
-    record_on: tuple[type[BaseException], ...] = (Exception,)
-    ignore_on: tuple[type[BaseException], ...] = (PermanentError, BackendUnavailable)
-
-    def args(self) -> list[Any]:
-        """The 11 numbers breaker.lua's ``cb_cfg`` reads, in order."""
-        return [self.failure_threshold, self.failure_rate_threshold, self.window_type,
-                self.window_size, self.minimum_requests, self.slow_call_seconds,
-                self.slow_call_rate_threshold, self.recovery_timeout,
-                self.half_open_max_calls, self.success_threshold, self.trial_lease_seconds]
-
-    def classify(self, error: BaseException | None) -> str:
-        """'success', 'failure' or 'ignore' for a call that ended with ``error``."""
-        if error is None:
-            return "success"
-        if isinstance(error, self.ignore_on) or not isinstance(error, self.record_on):
-            return "ignore"
-        return "failure"
-
-
-# Per-service defaults (seed 000 and 003): thresholds, recovery and trial calls.
-SERVICE_DEFAULTS: dict[str, BreakerConfig] = {
-    "payment": BreakerConfig(failure_threshold=5, recovery_timeout=60.0,
-                             half_open_max_calls=2, success_threshold=2),
-    "notification": BreakerConfig(failure_threshold=15, recovery_timeout=45.0,
-                                  half_open_max_calls=4, success_threshold=3),
-    "analytics": BreakerConfig(failure_threshold=25, recovery_timeout=20.0,
-                               half_open_max_calls=8, success_threshold=5),
-    "database": BreakerConfig(failure_threshold=10, recovery_timeout=30.0,
-                              half_open_max_calls=3, success_threshold=3),
-}
-
-CFG_ARGS = 11
-EVENTS_STREAM = "cb:events"
-
-
-def _keys(store: Store, name: str) -> list[str]:
-    base = f"{store.keys.prefix}:{{{name}}}:cb"
-    return [base, f"{base}:win", f"{base}:trials", f"{store.keys.prefix}:{EVENTS_STREAM}"]
-
-
-# Admission fragment for one breaker. KEYS H, W, T, E; ARGV name, cfg (11), owner.
-FRAGMENT = Fragment(
-    name="breaker",
-    libraries=("breaker",),
-    nkeys=4,
-    nargs=2 + CFG_ARGS,
-    check="""
-local cb_c = cb_cfg(ARGV, $AB + 2)
-local cbv, cbw = cb_check($K1, $K2, $K3, $K4, $A1, cb_c)
-if cbv == 'open' or cbv == 'busy' then return {'breaker_' .. cbv, string.format('%.6f', cbw)} end
-""",
-    commit=f"""if cbv == 'trial' then
-  cb_take_trial($K3, ARGV[$AB + {2 + CFG_ARGS}], cb_c)
-  run_extra[#run_extra + 1] = 'trial'
-end""",
+from reliability.breaker.config import (  # noqa: E402
+    BreakerConfig,
+    BreakerMode,
+    CircuitBreakerError,
+    CircuitState,
+    breaker_keys,
 )
+from reliability.breaker.local import LocalBreaker  # noqa: E402
 
 _CHECK = scripts.compose("breaker", body="""
 local c = cb_cfg(ARGV, 4)
@@ -175,44 +68,6 @@ end
 return state
 """)
 
-
-@dataclass
-class LocalBreaker:
-    """An in-process breaker for when the store is unreachable: documented as inexact.
-
-    It sees only this process's calls (consecutive failures and recovery timeout; one
-    trial call when half-open), so the fleet's breakers may disagree until Redis returns.
-    """
-
-    config: BreakerConfig
-    clock: Callable[[], float] = time.monotonic
-    consec: int = 0
-    open_until: float = 0.0
-    trial: bool = False
-
-    def admit(self, name: str) -> None:
-        now = self.clock()
-        if self.open_until and now < self.open_until:
-            raise CircuitBreakerError(name, self.open_until - now, "open (local fallback)")
-        if self.open_until and self.trial:
-            raise CircuitBreakerError(name, 0.5, "busy (local fallback)")
-        if self.open_until:
-            self.trial = True
-
-    def record(self, outcome: str) -> None:
-        if outcome == "ignore":
-            self.trial = False
-            return
-        if outcome == "failure":
-            self.consec += 1
-            threshold = self.config.failure_threshold or 1
-            if self.trial or self.consec >= threshold:
-                self.open_until = self.clock() + self.config.recovery_timeout
-        else:
-            self.consec = 0
-            if self.trial:
-                self.open_until = 0.0
-        self.trial = False
 
 
 class BreakerCall:
@@ -262,7 +117,7 @@ class CircuitBreaker:
 
     @property
     def keys(self) -> list[str]:
-        return _keys(self.store, self.name)
+        return breaker_keys(self.store, self.name)
 
     # -- state and administration ---------------------------------------------------------
 
@@ -407,78 +262,3 @@ class CircuitBreaker:
             return self.call(fn, *args, **kwargs)
 
         return wrapper
-
-    # -- inside tasks ---------------------------------------------------------------------
-
-    def admission_args(self, owner: str) -> tuple[list[str], list[Any]]:
-        return self.keys, [self.name, *self.config.args(), owner]
-
-    def settle_args(self, error: BaseException | None, duration: float,
-                    outcome: str | None = None) -> list[Any]:
-        """Settle-tail arguments; ``outcome`` overrides the classification of ``error``."""
-        return [self.name, outcome or self.config.classify(error), duration,
-                *self.config.args()]
-
-
-class BreakerRegistry:
-    """Named breakers built from settings; unknown names fail loudly."""
-
-    def __init__(self, store: Store, configs: dict[str, BreakerConfig] | None = None, *,
-                 cache: Callable[[], Any] | None = None, local_fallback: bool = False) -> None:
-        self.store = store
-        self.configs = dict(SERVICE_DEFAULTS)
-        self.configs.update(configs or {})
-        self.cache = cache
-        self.local_fallback = local_fallback
-        self._breakers: dict[str, CircuitBreaker] = {}
-
-    def get(self, name: str) -> CircuitBreaker:
-        found = self._breakers.get(name)
-        if found is None:
-            if name not in self.configs:
-                raise KeyError(f"no circuit breaker named {name!r}; known: {sorted(self.configs)}")
-            found = self._breakers[name] = CircuitBreaker(
-                name, self.store, self.configs[name], local_fallback=self.local_fallback,
-                cache=self.cache)
-        return found
-
-    def register(self, name: str, config: BreakerConfig) -> CircuitBreaker:
-        """Define a breaker in code and return it; the same definition again is a no-op.
-
-        A name already defined with another config is refused: every process must judge
-        one shared breaker by the same policy.
-        """
-        known = self.configs.get(name)
-        if known is not None and known != config:
-            raise ConfigurationError(
-                f"circuit breaker {name!r} is already defined with {known}; call"
-                " get_circuit_breaker without a config to use it")
-        self.configs[name] = config
-        return self.get(name)
-
-    def __iter__(self) -> Iterator[CircuitBreaker]:
-        return (self.get(name) for name in sorted(self.configs))
-
-
-def get_circuit_breaker(name: str, config: BreakerConfig | None = None, *,
-                        store: Store | None = None) -> CircuitBreaker:
-    """The breaker ``name`` (seed 003): ``cb = get_circuit_breaker("my_service", config)``.
-
-    Without ``store`` it comes from the worker's runtime registry (settings and the
-    built-in defaults), so it is the same object the tasks' breaker uses; a ``config`` for
-    a new name registers it there, and one that differs from the defined policy is a
-    :class:`~reliability.errors.ConfigurationError`. With ``store`` a breaker over that
-    store is built from ``config`` or the built-in default for ``name``. An unknown name
-    without a config raises :class:`KeyError`.
-    """
-    if store is None:
-        from reliability.runtime import get_runtime
-
-        registry = get_runtime().breakers
-        return registry.get(name) if config is None else registry.register(name, config)
-    if config is None:
-        config = SERVICE_DEFAULTS.get(name)
-        if config is None:
-            raise KeyError(f"no circuit breaker named {name!r} among the built-in defaults"
-                           f" {sorted(SERVICE_DEFAULTS)}; pass a BreakerConfig")
-    return CircuitBreaker(name, store, config)
