@@ -264,7 +264,9 @@ class Pipeline:
 
     def _given_up(self, call: Call, control: Ignore | Reject) -> None:
         """The body raised Celery's Ignore or Reject itself: record what becomes of it."""
-        self.settlement.release(call)
+        if call.d.fence and self.settlement.release(call):
+            log.info("idempotency_lock_released_on_error",
+                     idempotency_key=call.d.idempotency_key)
         self.settlement.release_guards(call)
         if isinstance(control, Reject) and not control.requeue:
             self.settlement.dead_letter(call, FailureClass.PERMANENT, ran=False,
