@@ -21,7 +21,8 @@ import structlog
 
 from reliability import scripts
 from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery, duplicate
-from reliability.guard import Action, Call, Guard
+from reliability.errors import PoisonMessage
+from reliability.guard import Action, Call, DeadLetter, Guard
 from reliability.scripts import FRAGMENTS, Fragment, Part, script
 from reliability.store import Store
 
@@ -176,7 +177,7 @@ def _confirm(client: Any, keys: Any, park_id: str) -> None:
 # guards' settle tails of a retried call run first.
 PARK = script(
     "idempotency", "delivery", "deferral", "ledger", "budget",
-    keys=("idem", "leases", "dlv", "ledger", "budget", "parked", "parked_msgs"),
+    keys=("idem", "leases", "dlv", "ledger", "budget", "parked", "parked_msgs", "defer"),
     args=("owner", "fence", "mode", "budget_window", "budget_ratio", "budget_floor",
           "park_id", "delay", "envelope", "dlv_ttl_ms", "ledger_max", "task_id", "name",
           "attempt", "outcome", "detail"),
@@ -192,6 +193,7 @@ end
 if @idem ~= '' then idem_release(@idem, @leases, $owner, $fence) end
 local due = now + tonumber($delay)
 park(@parked, @parked_msgs, $park_id, due, $envelope)
+defer_issue(@defer, math.ceil(tonumber($delay) * 1000) + tonumber($dlv_ttl_ms))
 delivery_finish(@dlv, $outcome, tonumber($dlv_ttl_ms))
 ledger_add(@ledger, $ledger_max, $task_id, $name, $outcome, $attempt, $detail)
 return {{'parked', string.format('%.6f', due)}}
@@ -204,6 +206,7 @@ return {{'parked', string.format('%.6f', due)}}
 
 class DeferralVerdict(StrEnum):
     DUPLICATE = "duplicate"  # another published copy of this parked entry ran
+    FORGED = "forged"  # a defer id no parked message issued (or issued too long ago)
 
 
 # KEYS defer (the parked entry's claim)   ARGV pub (this copy's publish id)
@@ -214,6 +217,7 @@ DEFER = Fragment(
     args=("pub",),
     code="""
 local fv, fd = defer_claim(@defer, $pub, dlv_ttl)
+if fv == 'unknown' then return {'forged', ''} end
 if fv then
   settle('duplicate_delivery', fd)
   return {'duplicate', fd}
@@ -237,4 +241,8 @@ class Deferral(Guard):
                     [d.publish_id or ""])
 
     def refused(self, call: Call, verdict: Verdict) -> Action:
+        if verdict.decision == DeferralVerdict.FORGED:
+            return DeadLetter(
+                "poison", "internal headers (rel_defer) name no parked message: forged, or "
+                "parked longer ago than the delivery records are kept", PoisonMessage)
         return duplicate(call, verdict)

@@ -154,7 +154,9 @@ class Delivery:
             first_attempt_at=_number(get(FIRST_ATTEMPT_AT)),
             previous_delay=_number(get(PREVIOUS_DELAY)),
             redrive_count=int(_number(get(REDRIVE_COUNT)) or 0),
-            reserved=bool(get(RESERVED)),
+            # Only a copy the mover published carries a reservation (its defer id is
+            # checked at admission); the flag alone from a producer means nothing.
+            reserved=bool(get(RESERVED)) and _hex_id(get(DEFER_ID)) is not None,
             time_limits=_time_limits(get("timelimit")),
             expires=_text(get("expires")),
             delivery_tag=str(info.get("delivery_tag") or ""),

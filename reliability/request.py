@@ -21,15 +21,15 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import structlog
 from billiard.exceptions import Terminated, WorkerLostError
-from celery.exceptions import InvalidTaskError, Reject, TimeLimitExceeded
+from celery.exceptions import InvalidTaskError, TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
+from reliability import endings
 from reliability.consumer import hand_back
 from reliability.deadline import parse_deadline, soft_limit
 from reliability.delivery import (
@@ -37,25 +37,13 @@ from reliability.delivery import (
     DEADLINE,
     REQUEST_CORRELATION_ID,
     REQUEST_OWNER,
-    Delivery,
 )
-from reliability.dlq import FailureClass
-from reliability.errors import BackendUnavailable, DeadlineExceeded
-from reliability.guard import Call
 from reliability.heartbeat import identity
-from reliability.lease import Holding, Running
 from reliability.ledger import Outcome
-from reliability.pipeline import GUARDS, call_for
 from reliability.poison import malformed
 from reliability.reprs import current_masker, masked_reprs
-from reliability.runtime import runtime_of
-from reliability.settlement import Settlement
 
 log = structlog.get_logger("reliability.request")
-# The parent settles on its consumer thread: it waits this long for the store, then
-# hands the message back unacked.
-PARENT_STORE_WAIT_SECONDS = 2.0
-PARENT = Settlement(GUARDS, wait=PARENT_STORE_WAIT_SECONDS)
 
 
 class ReliableRequest(Request):  # type: ignore[misc]
@@ -110,29 +98,6 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     # -- parent-side endings ---------------------------------------------------------------
 
-    def _call(self) -> Call:
-        """This delivery as the guards see it (keyed as the pool child keys it)."""
-        d = Delivery.from_request(self._request_dict, self._task.name, self.args, self.kwargs)
-        return call_for(self._task.spec, runtime_of(self._task.app), d)
-
-    def holding(self) -> Holding | None:
-        """What this delivery holds while it runs (built on the lease keeper's thread)."""
-        call = self._call()
-        holding = Holding(owner=call.d.owner, pid=None)
-        for guard in GUARDS:
-            guard.hold(call, holding)
-        return holding
-
-    def _settle(self, settle: Any, *args: Any) -> bool:
-        """Run a parent-side settlement (a short store wait: PARENT); False if the store
-        is away (the caller then hands the message back unacked instead of acking it)."""
-        try:
-            settle(*args)
-        except (BackendUnavailable, Reject) as exc:
-            log.error("task_ending_unrecorded_requeued", task_id=self.id, error=str(exc))
-            return False
-        return True
-
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """billiard's timeout callback. A hard limit was settled in :meth:`on_failure`,
         which billiard calls first; only a dead-lettered one goes on to Celery's failure
@@ -150,7 +115,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
         self._kill_child()
         if not self._task.acks_late:
             return True
-        if not self._settle(self._settle_hard_timeout, timeout):
+        if not endings.settle(self, self._settle_hard_timeout, timeout):
             self._hard_limit_ending = "requeued"
             task_ready(self)
             self.reject(requeue=True)
@@ -176,14 +141,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
             return  # already gone
         log.warning("task_hard_time_limit_child_killed", task_id=self.id, pid=pid)
 
-    def _settle_hard_timeout(self, timeout: float) -> None:
-        call = self._call()
-        PARENT.release(call)
-        outcome, delay = PARENT.failure(
-            call, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True)
-        self._hard_limit_ending = outcome
-        log.warning("task_hard_time_limit", task_id=self.id, task_name=self.name,
-                    settled_as=str(outcome), retry_in=delay)
+    @staticmethod
+    def _settle_hard_timeout(request: ReliableRequest, timeout: float) -> None:
+        request._hard_limit_ending = endings.hard_time_limit(request, timeout)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
@@ -203,7 +163,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
         """Release the dead child's lease now, so the redelivered copy need not wait."""
         if self._already_revoked or self._already_cancelled:
             return
-        self._record_requeued(type(exc).__name__, str(exc))
+        endings.requeued(self, type(exc).__name__, str(exc))
 
     def abandon(self) -> None:
         """Worker shutdown is about to kill this request's child (:mod:`worker.shutdown`).
@@ -230,24 +190,10 @@ class ReliableRequest(Request):  # type: ignore[misc]
             task_ready(self, successful=True)
             self.acknowledge()
             return
-        self._record_requeued("WorkerShutdown", "killed at worker shutdown",
+        endings.requeued(self, "WorkerShutdown", "killed at worker shutdown",
                               event="task_handed_back_at_shutdown")
         task_ready(self)
         self.reject(requeue=True)
-
-    def _record_requeued(self, reason: str, detail: str,
-                         event: str = "task_child_lost_requeued") -> None:
-        try:
-            call = self._call()
-            released = PARENT.release(call)
-            PARENT.release_guards(call)
-            PARENT.record(call, Outcome.REQUEUED, reason)
-        except (BackendUnavailable, Reject) as error:
-            # The lease lapses by itself within its TTL; the message is requeued anyway.
-            log.error("lease_release_failed_child_lost", task_id=self.id, error=str(error))
-            return
-        log.warning(event, task_id=self.id, task_name=self.name, lease_released=released,
-                    error=detail)
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
         """Celery cancels running late-ack tasks when the broker connection is lost.
@@ -268,25 +214,12 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
                           expired: bool) -> None:
-        if not self._settle(self._settle_revoked, reason, terminated, expired):
+        if not endings.settle(self, endings.revoked, reason, terminated, expired):
             task_ready(self)
             self._already_revoked = True
             self.reject(requeue=True)
             return
         super()._announce_revoked(reason, terminated, signum, expired)
-
-    def _settle_revoked(self, reason: str, terminated: bool, expired: bool) -> None:
-        call = self._call()
-        if terminated:
-            PARENT.release(call)
-        if expired:
-            PARENT.dead_letter(
-                call, FailureClass.EXPIRED,
-                exc=DeadlineExceeded(f"message expired before it ran ({reason})"), ran=False)
-            return
-        PARENT.record(call, Outcome.REVOKED, reason)
-        log.warning("task_revoked", task_id=self.id, task_name=self.name, reason=reason,
-                    terminated=terminated)
 
     # -- what Celery shows of the arguments ---------------------------------------------
     # Celery reads `_argsrepr`/`_kwargsrepr` for the task-received event (Flower), the
@@ -334,16 +267,3 @@ class ReliableRequest(Request):  # type: ignore[misc]
             fields = {k: masker.text(v) if isinstance(v, str) else v
                       for k, v in fields.items()}
         super().send_event(type, **fields)
-
-
-def running_deliveries() -> Iterable[Running]:
-    """The reliable deliveries running in this worker now, for the lease keeper."""
-    from celery.worker.state import active_requests
-
-    wall, mono = time.time(), time.monotonic()
-    for request in tuple(active_requests):
-        if isinstance(request, ReliableRequest) and not request.acknowledged:
-            owner = request._request_dict.get(REQUEST_OWNER) or request.id
-            started = request.time_start
-            yield Running(str(owner), request.worker_pid,
-                          None if not started else mono - (wall - started), request.holding)

@@ -150,7 +150,10 @@ class Admission:
         return Part(DELIVERY, [key], [max_redeliveries])
 
     def defer(self, defer_id: str, publish_id: str) -> Part:
-        return Part(DEFER, [self.store.keys.defer("test.echo", defer_id)], [publish_id])
+        """A copy of parked entry ``defer_id`` (parking issued it: its key exists)."""
+        key = self.store.keys.defer("test.echo", defer_id)
+        self.store.client.set(key, "", nx=True, px=DELIVERY_TTL_MS)
+        return Part(DEFER, [key], [publish_id])
 
     def idem(self, key: str, fp: str, owner: str) -> Part:
         return Part(IDEM, [self.store.keys.idem("test.echo", key), self.store.keys.leases],
@@ -278,3 +281,11 @@ def test_a_refusal_in_a_later_fragment_commits_no_earlier_lease(
     assert bare_store.client.zcard(bare_store.keys.leases) == 0
     # Nothing was held, so the next delivery takes the key with the first fence.
     assert admit([admit.idem("k1", "fp", "owner-2")]) == Verdict("run", fence=1, now=NOW)
+
+
+def test_a_defer_id_no_parked_message_issued_is_refused_as_forged(
+    admit: Admission, bare_store: Store
+) -> None:
+    forged = Part(DEFER, [bare_store.keys.defer("test.echo", "f" * 32)], ["pub-x"])
+    assert admit([forged]) == Verdict("forged", "")
+    assert bare_store.client.exists(bare_store.keys.defer("test.echo", "f" * 32)) == 0

@@ -16,13 +16,13 @@ from reliability import delivery
 from reliability.alerts import BreakerEvents, default_hooks
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
+from reliability.endings import running_deliveries
 from reliability.heartbeat import Heartbeat
 from reliability.lease import LeaseKeeper
 from reliability.logs import configure_logging
 from reliability.maintenance import Maintenance
 from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
-from reliability.request import running_deliveries
 from reliability.runtime import Runtime
 from reliability.sensitive import clear_delivery_values
 from reliability.transport import TRANSPORT_PATH, restore_owned, sweep_orphans

@@ -164,14 +164,23 @@ class CircuitBreaker:
     def set_mode(self, mode: BreakerMode) -> None:
         """Forced-open, disabled, shadow or normal, fleet-wide and persisted."""
         self.store.call("breaker mode", lambda c: c.hset(self.keys[0], "mode", str(mode)))
+        self._forget_cached()
         log.info("circuit_breaker_mode_set", breaker=self.name, mode=str(mode))
 
     def reset(self) -> None:
         """Close the breaker and forget its window (admin); closing is a recorded transition."""
         self.store.run(_RESET, self.keys, ["", self.name, *self.config.args()], "breaker reset")
+        self._forget_cached()
         log.info("circuit_breaker_reset", breaker=self.name)
 
     # -- calls outside tasks --------------------------------------------------------------
+
+    def _forget_cached(self) -> None:
+        """This process changed the state: do not serve the old one from the local cache
+        until Redis's invalidation message arrives."""
+        cache = self.cache() if callable(self.cache) else self.cache
+        if cache is not None:
+            cache.invalidate(self.keys[0])
 
     def _fallback(self, operation: str, exc: BackendUnavailable) -> LocalBreaker:
         if not self.local_fallback:

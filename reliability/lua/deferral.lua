@@ -1,10 +1,17 @@
--- Parked messages: a zset by due time plus a hash of envelopes. A published copy
--- carries a defer id and a publish id; the first copy admitted owns the defer id, a
--- redelivery of that same copy still runs, any other copy is a duplicate.
+-- Parked messages: a zset by due time plus a hash of envelopes. Parking issues a defer
+-- id (its key holds '' until a copy claims it); a published copy carries the defer id and
+-- a publish id; the first copy admitted owns the defer id, a redelivery of that same copy
+-- still runs, any other copy is a duplicate. A defer id nobody issued (a producer forging
+-- our internal headers, e.g. to pass a rate limit as a "reserved" copy) is 'unknown'.
+local function defer_issue(key, ttl_ms)
+  redis.call('SET', key, '', 'PX', ttl_ms)
+end
+
 local function defer_claim(key, pub, ttl_ms)
   local owner = redis.call('GET', key)
-  if owner and owner ~= pub then return 'duplicate', owner end
-  if not owner then redis.call('SET', key, pub, 'PX', ttl_ms) end
+  if not owner then return 'unknown', '' end
+  if owner ~= '' and owner ~= pub then return 'duplicate', owner end
+  if owner == '' then redis.call('SET', key, pub, 'PX', ttl_ms) end
   return nil
 end
 
