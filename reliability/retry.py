@@ -276,6 +276,6 @@ class RetryPolicy:
 
         return self.retrying().wraps(attempt)
 
-    def replace(self, **changes: object) -> RetryPolicy:
+    def replace(self, **changes: Any) -> RetryPolicy:
         """A copy with ``changes`` applied, validated again."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
