@@ -9,7 +9,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint bench demo
+.PHONY: install run test lint typecheck bench demo
 install: $(BIN)/.installed
 
 run: install  ## worker + beat (+ sandbox provider) on an embedded Redis unless RELIABLE_REDIS__URL is set
@@ -20,6 +20,9 @@ test: install  ## the whole test suite (real Redis if one answers, else an embed
 
 lint: install
 	$(BIN)/ruff check .
+
+typecheck: install  ## mypy --strict on reliability/ and config/ ([tool.mypy] in pyproject.toml)
+	$(BIN)/mypy
 
 bench: install  ## throughput and round trips vs bare Celery (not part of the test run)
 	$(BIN)/python -m bench.throughput

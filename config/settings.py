@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -318,7 +318,7 @@ def _url_password(url: str) -> list[str]:
     return [password] if password else []
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     path = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
     variable = ENV_PREFIX + NESTED_DELIMITER.join(path).upper() if path else "settings"
     got = error.get("input")

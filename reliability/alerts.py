@@ -142,6 +142,9 @@ class BreakerEvents:
                        "mode": fields.get("mode", "normal"), "at": float(fields.get("at", 0))}
             message = f"circuit breaker {context['breaker']} {context['from']} -> {to}"
             self.hooks.emit(event, message, context)
-            self.store.call("breaker events ack",
-                            lambda c, i=entry_id: c.xack(self.stream, GROUP, i))
+            self._ack(entry_id)
         return len(entries)
+
+    def _ack(self, entry_id: str) -> None:
+        """Acknowledge one delivered transition (it is not claimed again)."""
+        self.store.call("breaker events ack", lambda c: c.xack(self.stream, GROUP, entry_id))

@@ -6,7 +6,8 @@ RESP2 ``CLIENT TRACKING on REDIRECT <id>``. Two connections per process:
 
 - the *data* connection reads (``HGETALL`` / ``GET``) with tracking on, redirected to
 - the *invalidation* connection, subscribed to ``__redis__:invalidate`` and read by a daemon
-  thread; each message drops the keys it names, a null message (FLUSHDB) drops everything.
+  thread (:mod:`reliability.invalidation`); each message drops the keys it names, a null
+  message (FLUSHDB) drops everything.
 
 Never serve possibly stale data: when the invalidation connection drops, the cache is flushed at
 once and reads go to Redis uncached until a new invalidation connection is subscribed (the data
@@ -20,9 +21,7 @@ Fork-aware: a child forgets the parent's sockets and thread, and starts its own 
 from __future__ import annotations
 
 import os
-import select
 import threading
-import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,14 +32,15 @@ import redis
 import structlog
 
 from reliability.errors import BackendUnavailable, ConfigurationError, ReliabilityError
+from reliability.invalidation import HEALTH_CHECK_SECONDS as HEALTH_CHECK_SECONDS
+from reliability.invalidation import INVALIDATION_CHANNEL as INVALIDATION_CHANNEL
+from reliability.invalidation import POLL_SECONDS as POLL_SECONDS
+from reliability.invalidation import RECONNECT_FIRST_SECONDS as RECONNECT_FIRST_SECONDS
+from reliability.invalidation import RECONNECT_MAX_SECONDS as RECONNECT_MAX_SECONDS
+from reliability.invalidation import InvalidationListener
 
 log = structlog.get_logger("reliability.cache")
 
-INVALIDATION_CHANNEL = "__redis__:invalidate"
-POLL_SECONDS = 0.2  # how often the listener looks at its stop flag while idle
-HEALTH_CHECK_SECONDS = 1.0  # PING an idle invalidation connection this often (half-open sockets)
-RECONNECT_FIRST_SECONDS = 0.05  # listener reconnect backoff: first delay, doubled up to the max
-RECONNECT_MAX_SECONDS = 1.0
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -63,13 +63,23 @@ class TrackedCache:
     attempt) raise :class:`BackendUnavailable`.
     """
 
-    def __init__(self, url: str, *, max_entries: int = 10_000, socket_timeout: float = 5.0,
-                 on_fetched: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_entries: int = 10_000,
+        socket_timeout: float = 5.0,
+        on_fetched: Callable[[str], None] | None = None,
+    ) -> None:
         if max_entries < 1 or socket_timeout <= 0:
             raise ConfigurationError("max_entries must be >= 1 and socket_timeout > 0")
         self._pool = redis.ConnectionPool.from_url(
-            url, decode_responses=True, protocol=2, socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout)
+            url,
+            decode_responses=True,
+            protocol=2,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+        )
         self._max_entries = max_entries
         self._socket_timeout = socket_timeout
         self._on_fetched = on_fetched
@@ -87,9 +97,7 @@ class TrackedCache:
         self._data: Any = None
         self._redirect: int | None = None  # invalidation id the data connection reports to
         self._inv_id: int | None = None  # set only while subscribed
-        self._stop = threading.Event()
-        self._established = threading.Event()
-        self._listener: threading.Thread | None = None
+        self._listener = InvalidationListener(self._pool, self, socket_timeout=self._socket_timeout)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -128,9 +136,7 @@ class TrackedCache:
     def close(self) -> None:
         """Stop the listener, close both connections and empty the cache; idempotent."""
         self._closed = True
-        self._stop.set()
-        if self._listener is not None:
-            self._listener.join(timeout=POLL_SECONDS * 5)
+        self._listener.stop()
         with self._io:
             if self._data is not None:
                 self._data.disconnect()
@@ -227,79 +233,34 @@ class TrackedCache:
                 self._flush_locked()
             log.warning("cache_data_connection_lost")
 
-    # -- invalidation listener -----------------------------------------------------------------
-
     def _ensure_started(self) -> None:
         if self._closed:
             raise ReliabilityError("TrackedCache is closed")
-        if self._listener is not None and self._listener.is_alive():
-            return
+        self._listener.ensure_running()
+
+    # -- what the invalidation listener reports (reliability.invalidation) ---------------------
+
+    def on_subscribed(self, client_id: int) -> None:
         with self._state:
-            if self._listener is None or not self._listener.is_alive():
-                self._listener = threading.Thread(
-                    target=self._listen, name="tracked-cache-invalidations", daemon=True)
-                self._listener.start()
-        self._established.wait(self._socket_timeout)  # first reads are cached, not bypassed
+            self._inv_id = client_id  # from now on misses are cached
 
-    def _listen(self) -> None:
-        delay, quiet = RECONNECT_FIRST_SECONDS, False
-        while not self._stop.is_set():
-            conn = self._pool.make_connection()
-            try:
-                conn.send_command("CLIENT", "ID")
-                client_id = int(conn.read_response())
-                conn.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
-                conn.read_response()
-                with self._state:
-                    self._inv_id = client_id  # from now on misses are cached
-                self._established.set()
-                log.info("cache_tracking_established", client_id=client_id)
-                delay, quiet = RECONNECT_FIRST_SECONDS, False
-                self._pump(conn)
-            except Exception as exc:  # whatever it was, the flush below keeps us correct
-                if not (quiet or self._stop.is_set()):
-                    log.warning("cache_invalidation_connection_lost",
-                                error=f"{type(exc).__name__}: {exc}")
-                quiet = True  # one warning per outage, not one per reconnect attempt
-            finally:
-                with self._state:
-                    if self._inv_id is not None:
-                        self._inv_id = None
-                        self._flush_locked()
-                conn.disconnect()
-            self._established.set()  # never make a first reader wait on a Redis that is down
-            self._stop.wait(delay)
-            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+    def on_unsubscribed(self) -> None:
+        with self._state:
+            if self._inv_id is not None:
+                self._inv_id = None
+                self._flush_locked()
 
-    def _pump(self, conn: Any) -> None:
-        """Apply invalidation messages until stopped; PING when idle to detect dead peers.
+    def on_invalidate(self, keys: list[str] | None) -> None:
+        with self._state:
+            if keys is None:
+                self._flush_locked()
+            else:
+                self._drop_locked(keys)
 
-        Also watches the idle data socket: Redis forgets the tracking of a connection it
-        closed, so a killed data connection must flush the cache now, not at the next miss.
-        """
-        last_heard, ping_sent = time.monotonic(), None
-        while not self._stop.is_set():
-            if conn.can_read(0):
-                self._on_message(conn.read_response())
-                last_heard, ping_sent = time.monotonic(), None
-                continue
-            data = self._data
-            data_sock = getattr(data, "_sock", None)
-            try:
-                readable = select.select([conn._sock, data_sock] if data_sock else [conn._sock],
-                                         [], [], POLL_SECONDS)[0]
-            except (OSError, ValueError):  # a reader closed the data socket meanwhile
-                readable = []
-            if data_sock is not None and data_sock in readable:
-                self._check_data_connection(data)
-            now = time.monotonic()
-            if ping_sent is not None and now - ping_sent > self._socket_timeout:
-                raise redis.TimeoutError("invalidation connection did not answer PING")
-            if ping_sent is None and now - last_heard >= HEALTH_CHECK_SECONDS:
-                conn.send_command("PING")
-                ping_sent = now
+    def idle_data_connection(self) -> Any:
+        return self._data
 
-    def _check_data_connection(self, data: Any) -> None:
+    def on_data_readable(self, data: Any) -> None:
         """The data socket is readable: a reply a reader is about to take, or EOF."""
         with self._io:  # waits for an in-flight read to finish
             if self._data is not data or data._sock is None:
@@ -311,15 +272,6 @@ class TrackedCache:
                 pass
             data.disconnect()  # closed by the server, or bytes nobody asked for
             self._data_lost()
-
-    def _on_message(self, message: Any) -> None:
-        if not isinstance(message, list) or len(message) != 3 or message[0] != "message":
-            return  # PING replies and subscribe confirmations
-        with self._state:
-            if message[2] is None:
-                self._flush_locked()
-            else:
-                self._drop_locked(message[2])
 
     def _drop_locked(self, keys: list[str]) -> None:
         for key in keys:

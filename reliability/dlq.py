@@ -16,12 +16,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
 
 from reliability.delivery import REDRIVE_COUNT
 from reliability.errors import ReliabilityError
 from reliability.scripts import FRAGMENTS, script
 from reliability.store import Store
+
+T = TypeVar("T")
 
 
 class FailureClass(StrEnum):
@@ -90,7 +94,7 @@ class DeadLetter:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> DeadLetter:
+    def from_json(cls, text: str | bytes) -> DeadLetter:
         data = json.loads(text)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -115,6 +119,8 @@ class Filter:
 
 
 Publish = Callable[[DeadLetter, dict[str, Any]], str]
+# A read through the store's client (see Store.call).
+Read = Callable[[redis.Redis], T]
 
 
 class DeadLetterQueue:
@@ -147,16 +153,12 @@ class DeadLetterQueue:
     def iter(self, where: Filter | None = None, *, newest_first: bool = True,
              batch: int = 500) -> Iterator[DeadLetter]:
         where = where or Filter()
-        keys = self.store.keys
         start = 0
         while True:
-            ids = self.store.call(
-                "dlq list",
-                lambda c, s=start: c.zrange(keys.dlq_index, s, s + batch - 1, desc=newest_first),
-            )
+            ids = self.store.call("dlq list", self._ids(start, batch, newest_first))
             if not ids:
                 return
-            raws = self.store.call("dlq list", lambda c, i=ids: c.hmget(keys.dlq, i))
+            raws = self.store.call("dlq list", self._raws(ids))
             for raw in raws:
                 if raw:
                     entry = DeadLetter.from_json(raw)
@@ -164,8 +166,19 @@ class DeadLetterQueue:
                         yield entry
             start += batch
 
-    def list(self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
+    # Replies are text: the store's client decodes responses.
+    def _ids(self, start: int, batch: int, newest_first: bool) -> Read[list[Any]]:
+        """One batch of entry ids from the index, from position ``start``."""
+        index = self.store.keys.dlq_index
+        return lambda c: list(c.zrange(index, start, start + batch - 1, desc=newest_first))
+
+    def _raws(self, ids: list[Any]) -> Read[list[Any]]:
+        """The JSON envelopes of ``ids`` (None where one was removed meanwhile)."""
+        return lambda c: list(c.hmget(self.store.keys.dlq, ids))
+
+    def page(self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
              ) -> list[DeadLetter]:
+        """Matching entries ``offset`` to ``offset + limit``, newest first."""
         out: list[DeadLetter] = []
         for index, entry in enumerate(self.iter(where)):
             if index >= offset + limit:

@@ -20,13 +20,16 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from reliability.errors import BackendUnavailable
 from reliability.lease import LeaseKeeper
 from reliability.store import Store
+
+if TYPE_CHECKING:
+    import redis
 
 log = structlog.get_logger("reliability.heartbeat")
 
@@ -114,19 +117,17 @@ class Heartbeat(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         if deregister:
-            keys = self.store.keys
             try:
-                self.store.call(
-                    "heartbeat stop",
-                    lambda c: (
-                        c.pipeline(transaction=False)
-                        .delete(keys.heartbeat(self.identity))
-                        .hdel(keys.workers, self.identity)
-                        .execute()
-                    ),
-                )
+                self.store.call("heartbeat stop", self._deregister)
             except BackendUnavailable as exc:
                 log.warning("heartbeat_deregister_failed", error=str(exc))
+
+    def _deregister(self, client: redis.Redis) -> None:
+        keys = self.store.keys
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(keys.heartbeat(self.identity))
+        pipe.hdel(keys.workers, self.identity)
+        pipe.execute()
 
 
 def dead_workers(store: Store) -> list[str]:

@@ -7,7 +7,7 @@ Tests and operators reconcile sent task ids against it: "0 lost" is counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -86,11 +86,11 @@ class Ledger:
         rows = self.store.call(
             "ledger read", lambda c: c.xrange(self.key, min=start, max="+", count=count)
         )
-        return [{"id": entry_id, **fields} for entry_id, fields in rows]
+        return _entries(rows)
 
     def tail(self, count: int = 50) -> list[dict[str, Any]]:
         rows = self.store.call("ledger read", lambda c: c.xrevrange(self.key, count=count))
-        return [{"id": entry_id, **fields} for entry_id, fields in rows]
+        return _entries(rows)
 
     def outcomes(self, task_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
         wanted = set(task_ids) if task_ids is not None else None
@@ -123,3 +123,9 @@ class Ledger:
             else:
                 result.pending.append(tid)
         return result
+
+
+def _entries(rows: Iterable[tuple[Any, Mapping[Any, Any] | None]] | None) -> list[dict[str, Any]]:
+    """Stream entries as dicts with their ``id``; redis-py may parse a reply as None (no
+    entries) and an entry's fields as None (deleted under it): both read as empty."""
+    return [{"id": entry_id, **(fields or {})} for entry_id, fields in rows or ()]

@@ -14,12 +14,13 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 from reliability.security import Masker
 
 
-def drop_quiet_tracebacks(_logger: Any, method: str, event_dict: dict[str, Any]
-                          ) -> dict[str, Any]:
+def drop_quiet_tracebacks(_logger: WrappedLogger, method: str, event_dict: EventDict
+                          ) -> EventDict:
     """Celery attaches a traceback to every task log record, even a deliberate ``Ignore``
     (each deferral) logged at INFO: keep tracebacks for warnings and errors only."""
     data = event_dict.get("data")

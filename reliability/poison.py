@@ -13,6 +13,8 @@ too). Every item is therefore checked here first, in time linear in its size:
 
 A failed check raises :class:`Poison`; the caller dead-letters the raw bytes (base64,
 capped at :data:`MAX_RAW_BYTES`) *before* the item leaves the queue, logs and counts it.
+The transport does that through the poison sink (:func:`dead_letter`), which the worker's
+consumer installs because it knows the state store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from reliability.delivery import PRODUCER_HEADERS
+
+log = structlog.get_logger("reliability.transport")
 
 # Raw bytes kept in a DLQ entry for an item that could not be decoded.
 MAX_RAW_BYTES = 64 * 1024
@@ -141,3 +147,27 @@ def _limits_valid(limits: Any) -> bool:
     return isinstance(limits, list | tuple) and len(limits) == 2 and all(
         x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
         for x in limits)
+
+# Writes a poison item to the DLQ: (raw item, queue, what is wrong) -> True once written.
+PoisonSink = Callable[[bytes, str, Poison], bool]
+_poison_sink: PoisonSink | None = None
+
+
+def set_poison_sink(sink: PoisonSink | None) -> None:
+    """Install the function that dead-letters poison items (the worker's consumer does)."""
+    global _poison_sink
+    _poison_sink = sink
+
+
+def dead_letter(raw: bytes, queue: str, poison: Poison) -> bool:
+    """Hand a poison item to the installed sink; True once it is written. Never raises:
+    a sink that fails (or none installed) is logged, and the caller keeps the item."""
+    sink = _poison_sink
+    if sink is None:
+        log.error("poison_without_sink", queue=queue, kind=poison.kind, size=len(raw))
+        return False
+    try:
+        return bool(sink(raw, queue, poison))
+    except Exception:
+        log.exception("poison_sink_failed", queue=queue, kind=poison.kind)
+        return False

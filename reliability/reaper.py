@@ -100,12 +100,16 @@ class Reaper:
             freed = int(self.store.run(FREE_LEASES, [self.store.keys.leases],
                                        ["", f"{worker}:"], "free dead worker's leases"))
             moved = self.restore_owned(worker) if self.restore_owned is not None else 0
-            self.store.call("forget worker", lambda c, w=worker: c.hdel(self.store.keys.workers, w))
+            self._forget(worker)
             metrics.WORKERS_REVIVED.inc()
             log.warning("worker_dead_revived", worker=worker, leases_released=freed,
                         messages_restored=moved)
             revived.append(worker)
         return revived
+
+    def _forget(self, worker: str) -> None:
+        """Remove a revived worker from the registry (its heartbeat key expired already)."""
+        self.store.call("forget worker", lambda c: c.hdel(self.store.keys.workers, worker))
 
     def reap(self, now: float | None = None) -> int:
         flat = self.store.run(

@@ -77,7 +77,7 @@ def _cut(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[:max_chars] + ELLIPSIS
 
 
-class ReliableAMQP(AMQP):  # type: ignore[misc]
+class ReliableAMQP(AMQP):
     """Celery's AMQP helper; messages this app publishes carry masked argument reprs.
 
     A repr the caller passes explicitly (``apply_async(argsrepr=...)``) is kept, with
@@ -109,6 +109,6 @@ class ReliableAMQP(AMQP):  # type: ignore[misc]
             kwargsrepr = shown_kwargs if kwargsrepr is None else masker.text(kwargsrepr)
         else:
             argsrepr, kwargsrepr = masker.text(argsrepr), masker.text(kwargsrepr)
-        return super().as_task_v2(
-            task_id, name, args, kwargs, *rest, argsrepr=argsrepr, kwargsrepr=kwargsrepr, **options
-        )
+        # Through **options: Celery passes these by keyword, never among ``rest``.
+        options.update(argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+        return super().as_task_v2(task_id, name, args, kwargs, *rest, **options)

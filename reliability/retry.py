@@ -5,9 +5,9 @@ retries call :meth:`RetryPolicy.decide` and get a delay in seconds or ``None`` (
 here sleeps, the pipeline turns the delay into a deferral. In-process retries run on tenacity via
 :meth:`RetryPolicy.retrying`, :meth:`RetryPolicy.async_retrying` or the policy as a decorator,
 with the sleep injected. The delay math lives once, in tenacity ``wait_base`` strategies
-(tenacity's own where exact; :class:`WaitFibonacci`, :class:`WaitDecorrelated`,
-:class:`WaitJitter` otherwise, all composable with ``+``), which :meth:`RetryPolicy.base` and
-:meth:`RetryPolicy.delay` evaluate. Randomness is injected (``rng``) for deterministic tests.
+(tenacity's own where exact; those of :mod:`reliability.waits` otherwise, all composable with
+``+``), which :meth:`RetryPolicy.base` and :meth:`RetryPolicy.delay` evaluate. Randomness is
+injected (``rng``) for deterministic tests.
 """
 
 from __future__ import annotations
@@ -28,24 +28,46 @@ from tenacity.wait import wait_base, wait_exponential, wait_fixed, wait_incremen
 
 from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
 from reliability.errors import ConfigurationError, PermanentError
+from reliability.waits import (
+    DECORRELATED_GROWTH,
+    JITTERS,
+    Jitter,
+    WaitDecorrelated,
+    WaitFibonacci,
+    WaitJitter,
+    evaluate,
+    retry_after,
+)
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
-    from tenacity.wait import WaitBaseT
+
+__all__ = [
+    "DECORRELATED_GROWTH",
+    "DEFAULT_BASE_DELAY",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_DELAY",
+    "DEFAULT_MULTIPLIER",
+    "JITTERS",
+    "STRATEGIES",
+    "Jitter",
+    "RetryPolicy",
+    "Strategy",
+    "WaitDecorrelated",
+    "WaitFibonacci",
+    "WaitJitter",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 Strategy = Literal["exponential", "linear", "fixed", "fibonacci", "decorrelated"]
-Jitter = Literal["none", "full", "equal"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-JITTERS: tuple[str, ...] = get_args(Jitter)
 
 DEFAULT_BASE_DELAY = 1.0  # seconds before the first retry
 DEFAULT_MAX_DELAY = 300.0  # seconds; no single wait is longer, unless the error asks for it
 DEFAULT_MULTIPLIER = 2.0  # exponential growth factor: the delay doubles per attempt
 DEFAULT_MAX_ATTEMPTS = 5  # total attempts, the first included: four retries
-DECORRELATED_GROWTH = 3.0  # AWS decorrelated jitter: the next wait is at most 3x the last one
 # Stateless (os.urandom), so forked Celery workers do not all draw the same jitter sequence.
 _DEFAULT_RNG: random.Random = random.SystemRandom()
 
@@ -62,70 +84,6 @@ def _exception_classes(value: object) -> bool:
     )
 
 
-def _retry_after(error: BaseException | None) -> float:
-    """The error's ``retry_after`` hint in seconds; 0.0 if absent or not a finite number >= 0."""
-    hint = getattr(error, "retry_after", None)
-    if isinstance(hint, bool) or not isinstance(hint, int | float):
-        return 0.0
-    return float(hint) if math.isfinite(hint) and hint >= 0 else 0.0
-
-
-class WaitFibonacci(wait_base):
-    """Wait ``base_delay * fib(attempt)`` seconds (1, 1, 2, 3, 5, ...), capped at ``max_delay``."""
-
-    def __init__(self, base_delay: float, max_delay: float) -> None:
-        self.base_delay, self.max_delay = base_delay, max_delay
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        if self.base_delay == 0:
-            return 0.0
-        previous, current = 0.0, 1.0
-        for _ in range(retry_state.attempt_number - 1):
-            if self.base_delay * current >= self.max_delay:
-                break  # saturated: this also bounds the loop for huge attempt numbers
-            previous, current = current, previous + current
-        return min(self.max_delay, self.base_delay * current)
-
-
-class WaitDecorrelated(wait_base):
-    """AWS decorrelated jitter: ``uniform(base, 3 * previous sleep)``, capped at ``max_delay``.
-
-    The previous sleep is ``retry_state.upcoming_sleep``: tenacity keeps the last wait there
-    until it computes the next (0.0 before the first retry, read as ``base_delay``).
-    """
-
-    def __init__(self, base_delay: float, max_delay: float, rng: random.Random) -> None:
-        self.base_delay, self.max_delay, self.rng = base_delay, max_delay, rng
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        previous = retry_state.upcoming_sleep or self.base_delay
-        high = max(self.base_delay, previous * DECORRELATED_GROWTH)
-        return min(self.max_delay, self.rng.uniform(self.base_delay, high))
-
-
-class WaitJitter(wait_base):
-    """Randomise a wait ``d``: none -> d; full -> uniform(0, d); equal -> d/2 + uniform(0, d/2)."""
-
-    def __init__(self, inner: WaitBaseT, jitter: Jitter, rng: random.Random) -> None:
-        self.inner, self.jitter, self.rng = inner, jitter, rng
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        delay = float(self.inner(retry_state))
-        if self.jitter == "full":
-            return self.rng.uniform(0.0, delay)
-        if self.jitter == "equal":
-            return delay / 2 + self.rng.uniform(0.0, delay / 2)
-        return delay
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    """The two fields of tenacity's ``RetryCallState`` that wait strategies read."""
-
-    attempt_number: int
-    upcoming_sleep: float  # the previous sleep; 0.0 when there was none
-
-
 class _PolicyWait(wait_base):
     """tenacity wait for a policy: :meth:`RetryPolicy.delay`, raised to the error's retry-after."""
 
@@ -137,7 +95,7 @@ class _PolicyWait(wait_base):
         error = outcome.exception() if outcome is not None and outcome.failed else None
         previous = retry_state.upcoming_sleep or None
         delay = self.policy.delay(retry_state.attempt_number, previous, self.rng)
-        return max(delay, _retry_after(error))
+        return max(delay, retry_after(error))
 
 
 @dataclass(frozen=True)
@@ -198,12 +156,6 @@ class RetryPolicy:
             return WaitDecorrelated(base, cap, rng)
         return wait_fixed(base)
 
-    def _evaluate(self, wait: wait_base, attempt: int, previous_delay: float | None) -> float:
-        if attempt < 1:
-            raise ValueError(f"attempt numbers start at 1, got {attempt}")
-        state = cast("RetryCallState", _Attempt(attempt, previous_delay or 0.0))
-        return float(wait(state))
-
     def base(
         self, attempt: int, previous_delay: float | None = None, rng: random.Random | None = None
     ) -> float:
@@ -211,7 +163,7 @@ class RetryPolicy:
 
         Capped at ``max_delay``. ``previous_delay`` and ``rng`` matter only to "decorrelated".
         """
-        return self._evaluate(self._strategy_wait(rng or _DEFAULT_RNG), attempt, previous_delay)
+        return evaluate(self._strategy_wait(rng or _DEFAULT_RNG), attempt, previous_delay)
 
     def delay(
         self, attempt: int, previous_delay: float | None = None, rng: random.Random | None = None
@@ -221,7 +173,7 @@ class RetryPolicy:
         wait = self._strategy_wait(rng)
         if self.strategy != "decorrelated" and self.jitter != "none":
             wait = WaitJitter(wait, self.jitter, rng)
-        return self._evaluate(wait, attempt, previous_delay)
+        return evaluate(wait, attempt, previous_delay)
 
     def is_retryable(self, error: BaseException) -> bool:
         """True if ``error`` is one of ``retry_on`` and none of ``give_up_on`` (a callable
@@ -246,7 +198,7 @@ class RetryPolicy:
         """
         if attempt >= self.max_attempts or not self.is_retryable(error):
             return None
-        delay = max(self.delay(attempt, previous_delay, rng), _retry_after(error))
+        delay = max(self.delay(attempt, previous_delay, rng), retry_after(error))
         if self.max_elapsed is not None and elapsed + delay > self.max_elapsed:
             return None
         return delay
@@ -324,6 +276,6 @@ class RetryPolicy:
 
         return self.retrying().wraps(attempt)
 
-    def replace(self, **changes: object) -> RetryPolicy:
+    def replace(self, **changes: Any) -> RetryPolicy:
         """A copy with ``changes`` applied, validated again."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)

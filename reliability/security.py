@@ -20,10 +20,13 @@ import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns
 from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs, delivery_values, literal_forms
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, WrappedLogger
 
 __all__ = [
     "ELLIPSIS",
@@ -165,7 +168,7 @@ class Masker:
                     mapping[ELLIPSIS] = ELLIPSIS
                 parent[slot] = mapping
             elif isinstance(node, list | tuple):
-                shown = [None] * min(len(node), PREVIEW_ITEMS)
+                shown: list[Any] = [None] * min(len(node), PREVIEW_ITEMS)
                 queue.extend((shown, i, v, name) for i, v in enumerate(node[:PREVIEW_ITEMS]))
                 if len(node) > PREVIEW_ITEMS:
                     shown.append(ELLIPSIS)
@@ -176,7 +179,7 @@ class Masker:
                 parent[slot] = self.text(repr(node)[:max_chars])
         return root[0]
 
-    def processor(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def processor(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         """A structlog processor for the event dict: masks values under sensitive keys, at
         any depth of nested data.
 

@@ -7,9 +7,9 @@ popped message exists only in the worker's memory and is lost — even with AOF
 three. No library offers an atomic pop for kombu, so this transport changes only that:
 
 * a worker consuming one queue moves each message atomically (``BLMOVE``) into a
-  processing list of its own, and records it as unacked *and* removes it from that list
-  in one MULTI/EXEC — so at every instant the message is in the queue, the processing
-  list, or the unacked hash;
+  processing list of its own (:mod:`reliability.orphans`), and records it as unacked *and*
+  removes it from that list in one MULTI/EXEC (:mod:`reliability.unacked`) — so at every
+  instant the message is in the queue, the processing list, or the unacked hash;
 * a channel's first poll moves anything left in its process's processing list back to
   the queue (after a reconnect these are messages that were popped but never recorded);
 * the processing lists of dead processes (their liveness key expired) are moved back by
@@ -18,187 +18,124 @@ three. No library offers an atomic pop for kombu, so this transport changes only
 Workers consuming several queues (or priority sub-queues) fall back to kombu's BRPOP,
 with kombu's window; the README says so.
 
-It also makes sure no item can stop the worker. kombu decodes a popped item inside the
-consumer loop, so an item that is not JSON, not a kombu envelope or megabytes large
-raises there and the worker exits (and the next worker, handed the same item, exits
-too). Here every item is checked first (:mod:`reliability.poison`) and a poison item
-is handed to the poison sink — the consumer writes it to the DLQ — before it leaves
-the processing list; if the sink cannot write it, it goes back to the end of its queue.
-And a channel closed after its connection is gone (a Redis restart) no longer fails
-while restoring its unacked messages: they are restored by tag after reconnecting.
-Everything else is kombu's transport.
+It also makes sure no item can stop the worker: kombu decodes a popped item inside the
+consumer loop, where one that is not JSON, not a kombu envelope or megabytes large makes
+the worker exit (and the next worker, handed the same item). Here each item is checked
+first (:mod:`reliability.poison`); a poison item is dead-lettered before it leaves the
+processing list, or put back at the end of its queue if it cannot be written. Acks a lost
+connection left are settled by the next channel (:mod:`reliability.unacked`); the rest is kombu's.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from queue import Empty
+from typing import Any, cast
 
 import structlog
-from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
-from kombu.utils.objects import cached_property
 
-from reliability.heartbeat import identity
-from reliability.poison import DEFAULT_MAX_MESSAGE_BYTES, Poison, check_item
+from reliability import orphans, unacked
+from reliability.broker_url import (
+    ALIAS,
+    SOCKET_FORMS,
+    TCP_FORMS,
+    TRANSPORT_PATH,
+    broker_connection,
+)
+from reliability.orphans import (
+    ALIVE_REFRESH_SECONDS,
+    ALIVE_TTL_MS,
+    PRODUCER_PRIORITY_STEPS,
+    REGISTRY,
+    move_back,
+    processing_key,
+    text,
+)
+from reliability.poison import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Poison,
+    PoisonSink,
+    check_item,
+    dead_letter,
+    set_poison_sink,
+)
+from reliability.unacked import OWNERS, QoS, handed_over, set_running_tags
+
+__all__ = [
+    "ALIAS",
+    "ALIVE_REFRESH_SECONDS",
+    "ALIVE_TTL_MS",
+    "FRONT_OF_QUEUE_HEADER",
+    "OWNERS",
+    "PRODUCER_PRIORITY_STEPS",
+    "REGISTRY",
+    "SOCKET_FORMS",
+    "TCP_FORMS",
+    "TRANSPORT_PATH",
+    "Channel",
+    "PoisonSink",
+    "QoS",
+    "Transport",
+    "broker_connection",
+    "restore_owned",
+    "set_poison_sink",
+    "set_running_tags",
+    "sweep_orphans",
+]
 
 log = structlog.get_logger("reliability.transport")
 
-# Liveness of a process's processing list: refreshed at most this often, expires after.
-ALIVE_REFRESH_SECONDS = 5.0
-ALIVE_TTL_MS = 30_000
-REGISTRY = "_reliable.processing"
-# Which worker holds each unacked message (delivery tag -> worker identity), so the
-# maintenance leader can restore a dead worker's messages at once (see heartbeat.py).
-OWNERS = "_reliable.owner"
 # Messages carrying this header are published to the front of their queue (see _put).
 FRONT_OF_QUEUE_HEADER = "rel_defer"
-# Delivery tags whose unacked record may exist without anyone holding the message:
-# restored by tag through the next channel (unless the task is still running here).
-_UNCERTAIN_TAGS: list[str] = []
-# Delivery tags acked (or rejected for good) while their channel's connection was gone:
-# their unacked records are removed through the next channel.
-_LATE_ACKS: list[str] = []
 
 
-def _nothing_running() -> set[str]:
-    return set()
-
-
-# Delivery tags of tasks still running in this process (the worker's consumer knows):
-# their messages are not restored after a reconnect, they are acked when they end.
-_running_tags: Callable[[], set[str]] = _nothing_running
-
-
-def set_running_tags(fn: Callable[[], set[str]]) -> None:
-    """Install what tells the transport which delivery tags are still being worked on."""
-    global _running_tags
-    _running_tags = fn
-
-# Writes a poison item to the DLQ: (raw item, queue, what is wrong) -> True once written.
-# Installed by the worker's consumer, which knows the state store.
-PoisonSink = Callable[[bytes, str, Poison], bool]
-_poison_sink: PoisonSink | None = None
-
-
-def set_poison_sink(sink: PoisonSink | None) -> None:
-    """Install the function that dead-letters poison items (the worker's consumer does)."""
-    global _poison_sink
-    _poison_sink = sink
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class QoS(kombu_redis.QoS):  # type: ignore[misc]
-    """Records the unacked message and clears it from the processing list atomically."""
-
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        pending = self.channel._reliable_pending
-        delivery = message.delivery_info
-        try:
-            with self.pipe_or_acquire() as pipe:
-                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
-                    self.unacked_key, delivery_tag,
-                    dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
-                ).hset(OWNERS, delivery_tag, self.channel._reliable_owner)
-                if pending is not None:
-                    # LREM is not in kombu's prefixed commands: the key is already full.
-                    pipe.execute_command("LREM", pending[0], 1, pending[1])
-                pipe.execute()
-        except self.channel.connection_errors:
-            if pending is not None:
-                # The record may have been applied with its reply lost: the message is
-                # then unacked with nobody holding it. The next channel restores it.
-                _UNCERTAIN_TAGS.append(delivery_tag)
-            raise
-        virtual.QoS.append(self, message, delivery_tag)
-
-    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
-        """kombu's removal of the unacked record, plus its owner (see OWNERS)."""
-        return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNERS, delivery_tag)
-
-    def _connection_gone(self) -> bool:
-        channel = self.channel
-        return bool(channel.closed or channel.connection is None
-                    or channel.connection.client is None)
-
-    def ack(self, delivery_tag: Any) -> None:
-        """Ack; if this channel's connection is gone (a Redis restart while the task ran),
-        the unacked record is removed through the next channel instead of failing."""
-        if not self._connection_gone():
-            try:
-                super().ack(delivery_tag)
-                return
-            except (AttributeError, *self.channel.connection_errors) as exc:
-                log.warning("ack_deferred_until_reconnect", delivery_tag=str(delivery_tag),
-                            error=str(exc))
-        _LATE_ACKS.append(str(delivery_tag))
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        if not self._connection_gone():
-            try:
-                super().reject(delivery_tag, requeue=requeue)
-                return
-            except (AttributeError, *self.channel.connection_errors) as exc:
-                log.warning("reject_deferred_until_reconnect", delivery_tag=str(delivery_tag),
-                            error=str(exc))
-        (_UNCERTAIN_TAGS if requeue else _LATE_ACKS).append(str(delivery_tag))
-        virtual.QoS.ack(self, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        """Restore delivered messages when the channel closes; if Redis is gone (a restart),
-        hand their tags to the next channel instead of failing the close (kombu then
-        raises inside ``_connparams`` and the worker exits: celery#9250)."""
-        if client is None and self.channel.connection.client is None:
-            self._hand_over()
-            return
-        try:
-            super().restore_unacked(client)
-        except (AttributeError, *self.channel.connection_errors) as exc:
-            log.warning("unacked_restore_deferred", count=len(self._delivered), error=str(exc))
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        _UNCERTAIN_TAGS.extend(str(tag) for tag in self._delivered)
-        self._delivered.clear()
-
-
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(kombu_redis.Channel):
     QoS = QoS
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")
     # Larger items are poison (``too_large``), dead-lettered without being decoded.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
-    _reliable_pending: tuple[str, Any] | None = None
     _reliable_moving: tuple[str, str] | None = None
     _reliable_recovered: set[str] | None = None
     _reliable_alive_at = 0.0
+    # kombu's private API this channel builds on; celery-types does not declare it.
+    connection_errors: tuple[type[BaseException], ...]
+    _closing: bool
+    _in_poll: Any
+    _brpop_sent_at: float | None
+    _queue_cycle: Any
+    _q_for_pri: Callable[[str, int], str]
+    _flush_brpop_reauth: Callable[[], None]
+    _get_message_priority: Callable[..., int]
 
-    @cached_property
-    def _reliable_owner(self) -> str:
-        return identity()
+    @property
+    def qos(self) -> unacked.QoS:
+        """kombu's QoS of this channel, which ``QoS = QoS`` above makes ours."""
+        return cast(unacked.QoS, super().qos)
 
     def _full(self, key: str) -> str:
         return f"{self.global_keyprefix}{key}"
 
     def processing_key(self, queue_key: str) -> str:
-        return f"{queue_key}:processing:{self._reliable_owner}"
+        return processing_key(queue_key, self.qos.owner)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if timeout is None:
             timeout = self.brpop_timeout
-        self._settle_orphans()
+        if handed_over():  # acks and records a lost connection left for this one
+            with self.conn_or_acquire() as client:
+                self.qos.settle_handed_over(client)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
-            return None
+            return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         if len(keys) != 1:
             self._queue_cycle.rotate(queues[0])
-            return super()._brpop_start(timeout)
+            # kombu private API (celery-types does not declare it): its BRPOP.
+            super()._brpop_start(timeout)  # type: ignore[misc]
+            return
         key, queue = keys[0], queues[0]
         processing = self.processing_key(key)
         self._prepare(key, processing)
@@ -208,7 +145,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self.client.connection.send_command(
             "BLMOVE", self._full(key), self._full(processing), "RIGHT", "LEFT", timeout or 0
         )
-        return None
 
     def _prepare(self, key: str, processing: str) -> None:
         """Once per channel and queue: recover leftovers; now and then: prove liveness."""
@@ -219,37 +155,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if processing not in recovered or now - self._reliable_alive_at > ALIVE_REFRESH_SECONDS:
             with self.conn_or_acquire() as client:
                 if processing not in recovered:
-                    moved = _move_back(client, self._full(processing), self._full(key))
+                    moved = move_back(client, self._full(processing), self._full(key))
                     if moved:
                         kombu_redis.logger.warning(
-                            "Restored %d popped but unheld message(s) to %s", moved, key)
+                            "Restored %d popped but unheld message(s) to %s", moved, key
+                        )
                     recovered.add(processing)
                 # kombu prefixes the key of HSET and SET itself; not of LMOVE/EXISTS.
                 client.execute_command("HSET", REGISTRY, self._full(processing), self._full(key))
                 client.execute_command("SET", processing + ":alive", "1", "PX", ALIVE_TTL_MS)
             self._reliable_alive_at = now
-
-    def _settle_orphans(self) -> None:
-        """Finish what a lost connection left: late acks first, then restore messages
-        whose records may exist with nobody holding them (not the ones still running)."""
-        if not _LATE_ACKS and not _UNCERTAIN_TAGS:
-            return
-        with self.conn_or_acquire() as client:
-            acked = 0
-            while _LATE_ACKS:
-                tag = _LATE_ACKS.pop()
-                self.qos._remove_from_indices(tag, client.pipeline()).execute()
-                acked += 1
-            running = _running_tags()
-            keep = [tag for tag in _UNCERTAIN_TAGS if tag in running]
-            restored = 0
-            for tag in _UNCERTAIN_TAGS:
-                if tag not in running:
-                    self.qos.restore_by_tag(tag, client=client)
-                    restored += 1
-            _UNCERTAIN_TAGS[:] = keep
-        log.warning("unacked_settled_after_reconnect", acked=acked, restored=restored,
-                    still_running=len(keep))
 
     def _brpop_read(self, **options: Any) -> bool:
         moving = self._reliable_moving
@@ -275,7 +190,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             if dest_item is None:
                 return False
             dest, item = dest_item
-            queue = _text(dest).rsplit(self.sep, 1)[0]  # the client strips the key prefix
+            queue = text(dest).rsplit(self.sep, 1)[0]  # the client strips the key prefix
             self._queue_cycle.rotate(queue)
             self._deliver_item(item, queue, None)
             return True
@@ -295,7 +210,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 return None
             raise
         if not reply:
-            raise kombu_redis.Empty()
+            raise Empty()
         return reply
 
     def _deliver_item(self, item: bytes, queue: str, processing: str | None) -> None:
@@ -306,13 +221,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         except Poison as poison:
             self._poisoned(item, queue, processing, poison)
             return
-        self._reliable_pending = None if processing is None else (processing, item)
+        qos = self.qos
+        qos.pending = None if processing is None else (processing, item)
         try:
             self.connection._deliver(payload, queue)
         finally:
-            self._reliable_pending = None
+            qos.pending = None
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         """kombu's polling get (``basic_get``), with the item checked before decoding."""
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
@@ -322,22 +238,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                         return check_item(item, self.max_message_bytes)
                     except Poison as poison:
                         self._poisoned(item, queue, None, poison)
-            raise kombu_redis.Empty()
+            raise Empty()
 
-    def _poisoned(self, item: bytes, queue: str, processing: str | None,
-                  poison: Poison) -> None:
+    def _poisoned(self, item: bytes, queue: str, processing: str | None, poison: Poison) -> None:
         """Dead-letter a poison item, then let it leave; if it cannot be written, put it
         back at the end of its queue (it is retried when the store answers again)."""
         raw = item if isinstance(item, bytes) else str(item).encode()
-        sink = _poison_sink
-        written = False
-        if sink is not None:
-            try:
-                written = bool(sink(raw, queue, poison))
-            except Exception:
-                log.exception("poison_sink_failed", queue=queue, kind=poison.kind)
-        else:
-            log.error("poison_without_sink", queue=queue, kind=poison.kind, size=len(raw))
+        written = dead_letter(raw, queue, poison)
         with self.conn_or_acquire() as client:
             pipe = client.pipeline()
             if processing is not None:
@@ -362,62 +269,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return None
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-# kombu picks the transport from a URL's "x+" prefix (redis+socket:// -> its own Redis
-# transport), ignoring the configured one: socket URLs name this transport by an alias.
-ALIAS = "reliable"
-TRANSPORT_PATH = "reliability.transport:Transport"
-SOCKET_FORMS = ("redis+socket://", "unix://", "socket://")
-TCP_FORMS = ("redis://", "rediss://")
-
-
-def broker_connection(url: str) -> tuple[str, str | None]:
-    """``(broker_url, broker_transport)`` that put this transport in effect for a Redis
-    broker URL in any accepted form; other URLs (AMQP) are returned unchanged."""
-    for form in SOCKET_FORMS:
-        if url.startswith(form):
-            TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT_PATH)
-            return f"{ALIAS}+socket://{url[len(form):]}", TRANSPORT_PATH
-    if url.startswith(TCP_FORMS):
-        return url, TRANSPORT_PATH
-    return url, None
-
-
-def _move_back(client: Any, processing: str, queue: str) -> int:
-    moved = 0
-    while client.execute_command("LMOVE", processing, queue, "LEFT", "RIGHT") is not None:
-        moved += 1
-    return moved
-
-
-# Priority sub-queues a producer with kombu's default steps may publish to.
-PRODUCER_PRIORITY_STEPS = (3, 6, 9)
-
-
 def sweep_orphans(app: Any) -> int:
-    """Return stranded messages to their queues; returns how many were moved.
-
-    Processing lists of dead processes (liveness key expired) go back to their queue, and
-    so do messages a producer published to a priority sub-queue, which workers with a
-    single list per queue would otherwise never read.
-    """
+    """Return stranded messages to their queues (:func:`reliability.orphans.sweep`): dead
+    processes' processing lists and priority sub-queues. Returns how many were moved."""
     with app.pool.acquire(block=True) as conn:  # a pooled connection, not a new one
         channel = conn.default_channel
         if not isinstance(channel, Channel):
             return 0
-        moved = 0
         with channel.conn_or_acquire() as client:
-            entries = _pairs(client.execute_command("HGETALL", channel._full(REGISTRY)) or {})
-            for processing, queue in entries:
-                if not client.execute_command("EXISTS", f"{processing}:alive"):
-                    moved += _move_back(client, processing, queue)
-                    client.execute_command("HDEL", REGISTRY, processing)
-                for step in PRODUCER_PRIORITY_STEPS:
-                    moved += _move_back(client, f"{queue}{channel.sep}{step}", queue)
-        return moved
+            return orphans.sweep(client, channel.global_keyprefix, channel.sep)
 
 
 def restore_owned(app: Any, worker: str) -> int:
@@ -427,24 +291,9 @@ def restore_owned(app: Any, worker: str) -> int:
         channel = conn.default_channel
         if not isinstance(channel, Channel):
             return 0  # RabbitMQ requeues a dead consumer's messages itself
-        moved = 0
         with channel.conn_or_acquire() as client:
-            owners = _pairs(client.execute_command("HGETALL", channel._full(OWNERS)) or {})
-            for tag, owner in owners:
-                if owner == worker:
-                    channel.qos.restore_by_tag(tag, client=client, leftmost=False)
-                    moved += 1
-            suffix = f":processing:{worker}"
-            lists = _pairs(client.execute_command("HGETALL", channel._full(REGISTRY)) or {})
-            for processing, queue in lists:
-                if processing.endswith(suffix):
-                    moved += _move_back(client, processing, queue)
-                    client.execute_command("HDEL", channel._full(REGISTRY), processing)
-        return moved
 
+            def restore_tag(tag: str) -> None:
+                channel.qos.restore_by_tag(tag, client=client, leftmost=False)
 
-def _pairs(flat: Any) -> list[tuple[str, str]]:
-    if isinstance(flat, dict):
-        return [(_text(k), _text(v)) for k, v in flat.items()]
-    items = [_text(x) for x in flat]
-    return list(zip(items[::2], items[1::2], strict=True))
+            return orphans.restore(client, channel.global_keyprefix, worker, OWNERS, restore_tag)

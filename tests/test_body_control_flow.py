@@ -53,5 +53,5 @@ def test_a_body_that_rejects_or_ignores_its_message_still_leaves_an_outcome(
                    20, message="both bodies ran")
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="both messages gone")
     rec = Ledger(store).reconcile([rejected.id, ignored.id])
-    dead = [e.task_id for e in DeadLetterQueue(store).list()]
+    dead = [e.task_id for e in DeadLetterQueue(store).page()]
     assert rec.lost == 0, f"gone from the broker with no final outcome: {rec}, dlq={dead}"

@@ -71,7 +71,7 @@ def test_a_worker_on_a_unix_socket_dead_letters_an_item_that_is_no_message(
         pid = worker.pid
         client.lpush(environment.broker_prefix + environment.queue, b"not json")
         dlq = DeadLetterQueue(Store(socket_redis, environment.prefix))
-        entry = wait_until(lambda: dlq.list(), timeout=30, message="poison entry")[0]
+        entry = wait_until(lambda: dlq.page(), timeout=30, message="poison entry")[0]
         result = environment.producer().send_task("test.echo", args=["after"])
         assert result.get(timeout=30) == "after"  # still consuming
         assert worker.proc is not None and worker.proc.poll() is None and worker.pid == pid
@@ -99,7 +99,7 @@ def test_a_worker_on_rabbitmq_dead_letters_a_body_that_is_no_message(
                 headers={"task": "test.echo", "id": "raw-1"},
             )
         dlq = DeadLetterQueue(Store(redis_url, environment.prefix))
-        entry = wait_until(lambda: dlq.list(), timeout=30, message="poison entry")[0]
+        entry = wait_until(lambda: dlq.page(), timeout=30, message="poison entry")[0]
         result = environment.producer().send_task("test.echo", args=["after"])
         assert result.get(timeout=30) == "after"
         assert worker.proc is not None and worker.proc.poll() is None

@@ -122,7 +122,7 @@ def test_every_reliable_command_in_the_readme_runs(
     readme_env: dict[str, str], shared_env: Environment
 ) -> None:
     store = Store(shared_env.redis_url, shared_env.prefix)
-    [entry] = DeadLetterQueue(store).list()
+    [entry] = DeadLetterQueue(store).page()
     assert Ledger(store).tail(1)
     ran = []
     for words in readme_commands():

@@ -36,7 +36,7 @@ def test_a_fallback_that_raises_is_dead_lettered_not_acked_silently(
         sent.get(timeout=30, propagate=False)
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="message acked")
     outcomes = Ledger(store).outcomes([sent.id])
-    entries = DeadLetterQueue(store).list()
+    entries = DeadLetterQueue(store).page()
     assert sent.state == "FAILURE"
     assert [e.task_id for e in entries] == [sent.id], (
         f"acked with no DLQ entry; ledger={outcomes}")

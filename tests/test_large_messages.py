@@ -42,7 +42,7 @@ def test_5_and_50_mb_arguments_are_dead_lettered_as_too_large_and_the_worker_sta
             assert producer.send_task("test.echo", args=[n]).get(timeout=30) == n
             print(f"{size // MB} MB argument: dead-lettered as too_large in {refused_in:.2f}s")
         assert worker.proc is not None and worker.proc.poll() is None and worker.pid == pid
-    entries = dlq.list()
+    entries = dlq.page()
     assert sorted(e.failure_class for e in entries) == ["poison", "poison"]
     assert all(e.reason.startswith("too_large: message of ") for e in entries)
     # The raw bytes are kept capped, base64 (never decoded).

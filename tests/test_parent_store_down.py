@@ -57,7 +57,7 @@ def test_an_expired_message_met_while_the_store_is_down_is_requeued_and_dead_let
         # The requeued message comes back and is dead-lettered as expired.
         wait_until(lambda: Ledger(store).outcomes([sent.id]).get(sent.id), timeout=60,
                    message="the expired message reaches the ledger")
-        entries = DeadLetterQueue(store).list()
+        entries = DeadLetterQueue(store).page()
     finally:
         worker.stop()
     assert [e.failure_class for e in entries] == ["expired"]

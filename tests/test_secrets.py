@@ -56,9 +56,9 @@ def test_a_refused_pickle_carrying_a_secret_keeps_no_recoverable_copy_in_the_dlq
     pickler.conf.update(accept_content=["json", "pickle"], task_serializer="pickle")
     sent = pickler.send_task("test.echo", args=[f"card token {SECRET}"], serializer="pickle")
     dlq = DeadLetterQueue(store)
-    wait_until(lambda: [e for e in dlq.list() if e.task_id == sent.id], 20,
+    wait_until(lambda: [e for e in dlq.page() if e.task_id == sent.id], 20,
                message="the pickle dead-lettered")
-    entry = next(e for e in dlq.list() if e.task_id == sent.id)
+    entry = next(e for e in dlq.page() if e.task_id == sent.id)
     raw = base64.b64decode(entry.raw_body or "")
     assert SECRET.encode() not in raw, "the DLQ entry's raw_body decodes to the secret"
 
@@ -68,11 +68,11 @@ def test_a_chained_cause_holding_a_secret_is_masked_in_the_result_backend(
 ) -> None:
     sent = environment.producer().send_task("review.chained_secret", args=["n"])
     sent.get(timeout=30, propagate=False)
-    wait_until(lambda: DeadLetterQueue(store).list(), 20, message="dead-lettered")
+    wait_until(lambda: DeadLetterQueue(store).page(), 20, message="dead-lettered")
     client = redis.Redis.from_url(environment.redis_url)
     meta = client.get(f"{environment.broker_prefix}celery-task-meta-{sent.id}") or b""
     assert SECRET not in worker.log_text()  # logs are masked
-    assert SECRET not in DeadLetterQueue(store).list()[0].traceback  # so is the DLQ
+    assert SECRET not in DeadLetterQueue(store).page()[0].traceback  # so is the DLQ
     assert SECRET.encode() not in meta, "the stored FAILURE traceback holds the secret"
 
 

@@ -216,7 +216,7 @@ def test_secrets_sent_through_every_business_task_reach_no_event_log_dlq_or_key_
     assert _hits(log_text, SECRETS) == []
 
     # The DLQ: one entry, the failing webhook, nothing in clear, refused for redrive.
-    entries = DeadLetterQueue(store).list()
+    entries = DeadLetterQueue(store).page()
     assert [(e.task_id, e.failure_class) for e in entries] == [(sent["failing"].id, "permanent")]
     assert entries[0].masked_args == ["url", "payload"]
     assert _hits(json.dumps([e.to_json() for e in entries]), SECRETS) == []

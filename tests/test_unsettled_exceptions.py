@@ -49,7 +49,7 @@ def test_a_result_with_non_string_keys_still_settles_the_delivery(
             "review.totals_by_day",
             derive_key("review.totals_by_day", {"key": "k1"}, key_args=("key",))))
     outcomes = Ledger(store).outcomes([sent.id])
-    dead = DeadLetterQueue(store).list()
+    dead = DeadLetterQueue(store).page()
     assert outcomes.get(sent.id), (
         f"acked with no ledger entry: celery={sent.state} {sent.result!r}, "
         f"dlq={len(dead)}, idempotency state={idem.get('state')}")
@@ -63,4 +63,4 @@ def test_a_message_with_an_unreadable_retries_header_runs_as_a_first_attempt(
         assert sent.get(timeout=30) == "x"
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="message acked")
     assert Ledger(store).outcomes([sent.id]) == {sent.id: ["succeeded"]}
-    assert DeadLetterQueue(store).list() == []
+    assert DeadLetterQueue(store).page() == []

@@ -80,7 +80,7 @@ def command(service: Any, args: argparse.Namespace) -> int:
         print(dlq.count())
         return 0
     if args.command == "list":
-        entries = dlq.list(_filter(args), offset=args.offset, limit=args.limit)
+        entries = dlq.page(_filter(args), offset=args.offset, limit=args.limit)
         if args.json:
             print(json.dumps([_shown(e) for e in entries], indent=2, default=str))
             return 0
