@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from reliability import scripts
 from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery
+from reliability.republish import Copy, Publisher, republish
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.deferral")
@@ -72,12 +73,6 @@ class ParkedMessage:
         )
 
 
-class Publisher(Protocol):
-    """What the mover needs from a Celery app."""
-
-    def send_task(self, name: str, args: Any = ..., kwargs: Any = ..., **options: Any) -> Any: ...
-
-
 class Mover:
     """Republishes parked messages when due. Safe to run anywhere; meant for one leader."""
 
@@ -123,31 +118,23 @@ class Mover:
         return moved
 
     def publish(self, message: ParkedMessage, park_id: str) -> None:
-        headers = dict(message.headers)
-        headers[DEFER_ID] = park_id
-        headers[PUBLISH_ID] = uuid.uuid4().hex
-        options: dict[str, Any] = {}
-        routing = message.routing
-        if routing.get("routing_key"):
-            options["routing_key"] = routing["routing_key"]
-        if routing.get("exchange"):
-            options["exchange"] = routing["exchange"]
-        if routing.get("priority") is not None:
-            options["priority"] = routing["priority"]
-        if message.expires:
-            options["expires"] = message.expires
-        if message.time_limits:
-            options["time_limit"], options["soft_time_limit"] = message.time_limits
-        self.app.send_task(
-            message.task,
-            args=message.args,
-            kwargs=message.kwargs,
-            task_id=message.task_id,
-            retries=message.retries,
-            headers=headers,
-            parent_id=message.parent_id,
-            root_id=message.root_id,
-            **options,
+        """Publish the parked message as the same work: same task id and retry count,
+        plus the entry's defer id and this publication's own id."""
+        republish(
+            self.app,
+            Copy(
+                task=message.task,
+                args=message.args,
+                kwargs=message.kwargs,
+                headers={**message.headers, DEFER_ID: park_id, PUBLISH_ID: uuid.uuid4().hex},
+                routing=message.routing,
+                expires=message.expires,
+                time_limits=message.time_limits,
+                parent_id=message.parent_id,
+                root_id=message.root_id,
+                task_id=message.task_id,
+                retries=message.retries,
+            ),
         )
 
 
