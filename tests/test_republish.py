@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.result import AsyncResult
-from kombu import Exchange, Queue
+from kombu import Connection, Exchange, Queue
 
 from reliability.delivery import DEFER_ID
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.republish import Copy, republish
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix
+from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
 
 # What the producer sets on the original, none of it the worker's default.
 PRIORITY = 7
@@ -208,6 +208,40 @@ def test_a_copy_of_a_message_from_another_queue_is_published_to_that_queue_as_it
     )
     assert (headers["parent_id"], headers["root_id"]) == ("parent-1", "root-1")
     assert {k: headers[k] for k in HEADERS} == HEADERS and "x-other" not in headers
+
+
+@pytest.mark.rabbitmq
+def test_on_rabbitmq_a_copy_from_the_default_exchange_reaches_its_queue_as_it_was(
+    redis_url: str, rabbitmq_url: str
+) -> None:
+    env = Environment(redis_url=redis_url, broker_url=rabbitmq_url)
+    queue = Queue(f"{env.name}-billing", durable=False)
+    expires = in_an_hour().isoformat()
+    copy = Copy(
+        task="test.shape",
+        args=["k", 0],
+        headers=HEADERS,
+        routing={"exchange": "", "routing_key": queue.name, "priority": 5},
+        expires=expires,
+        time_limits=[30.0, 20.0],
+        task_id="task-1",
+    )
+    with Connection(rabbitmq_url) as connection:
+        bound = queue.bind(connection.default_channel)
+        bound.declare()  # by its consumers, with their arguments: the copy declares nothing
+        try:
+            assert republish(env.producer(), copy) == "task-1"
+            message = wait_until(lambda: bound.get(no_ack=True), 10, message="the copy")
+        finally:
+            bound.delete()
+    assert (message.delivery_info["exchange"], message.delivery_info["routing_key"]) == (
+        "",
+        queue.name,
+    )
+    assert message.properties["priority"] == 5
+    assert (message.headers["id"], message.headers["expires"]) == ("task-1", expires)
+    assert message.headers["timelimit"] == [30.0, 20.0]
+    assert {k: message.headers[k] for k in HEADERS} == HEADERS
 
 
 # -- the worker's request: the mover and the DLQ redrive -----------------------------------
