@@ -15,7 +15,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -23,6 +23,7 @@ from reliability import scripts
 from reliability.delivery import DEFER_ID, PUBLISH_ID, Delivery, duplicate
 from reliability.errors import PoisonMessage
 from reliability.guard import Action, Call, DeadLetter, Guard
+from reliability.republish import Copy, Publisher, republish
 from reliability.scripts import FRAGMENTS, Fragment, Part, script
 from reliability.store import Store
 
@@ -86,12 +87,6 @@ CLAIM_PARKED = scripts.compose(
 )
 
 
-class Publisher(Protocol):
-    """What the mover needs from a Celery app."""
-
-    def send_task(self, name: str, args: Any = ..., kwargs: Any = ..., **options: Any) -> Any: ...
-
-
 class Mover:
     """Republishes parked messages when due. Safe to run anywhere; meant for one leader."""
 
@@ -137,31 +132,23 @@ class Mover:
         return moved
 
     def publish(self, message: ParkedMessage, park_id: str) -> None:
-        headers = dict(message.headers)
-        headers[DEFER_ID] = park_id
-        headers[PUBLISH_ID] = uuid.uuid4().hex
-        options: dict[str, Any] = {}
-        routing = message.routing
-        if routing.get("routing_key"):
-            options["routing_key"] = routing["routing_key"]
-        if routing.get("exchange"):
-            options["exchange"] = routing["exchange"]
-        if routing.get("priority") is not None:
-            options["priority"] = routing["priority"]
-        if message.expires:
-            options["expires"] = message.expires
-        if message.time_limits:
-            options["time_limit"], options["soft_time_limit"] = message.time_limits
-        self.app.send_task(
-            message.task,
-            args=message.args,
-            kwargs=message.kwargs,
-            task_id=message.task_id,
-            retries=message.retries,
-            headers=headers,
-            parent_id=message.parent_id,
-            root_id=message.root_id,
-            **options,
+        """Publish the parked message as the same work: same task id and retry count,
+        plus the entry's defer id and this publication's own id."""
+        republish(
+            self.app,
+            Copy(
+                task=message.task,
+                args=message.args,
+                kwargs=message.kwargs,
+                headers={**message.headers, DEFER_ID: park_id, PUBLISH_ID: uuid.uuid4().hex},
+                routing=message.routing,
+                expires=message.expires,
+                time_limits=message.time_limits,
+                parent_id=message.parent_id,
+                root_id=message.root_id,
+                task_id=message.task_id,
+                retries=message.retries,
+            ),
         )
 
 

@@ -3,8 +3,9 @@
 Entries live in Redis (a hash of JSON envelopes plus an index by failure time), written
 in the same script that settles the delivery and records the ledger outcome. The size
 is bounded by policy (``max_entries``; the oldest are evicted, logged and counted).
-Redrive re-enqueues with the same idempotency key and correlation id, removes the
-entry only after the publish succeeded, and is capped per entry.
+Redrive re-enqueues the same logical work (:mod:`reliability.republish`: idempotency
+key, correlation id, routing, expiry, time limits, workflow ids) under a new task id,
+removes the entry only after the publish succeeded, and is capped per entry.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, TypeVar
 
 import redis
 
-from reliability.delivery import REDRIVE_COUNT
+from reliability.delivery import CORRELATION_ID, PRODUCER_HEADERS, REDRIVE_COUNT
 from reliability.errors import ReliabilityError
+from reliability.republish import Copy, Publisher, republish
 from reliability.scripts import FRAGMENTS, script
 from reliability.store import Store
 
@@ -83,7 +85,13 @@ class DeadLetter:
     worker_host: str = field(default_factory=socket.gethostname)
     redrive_count: int = 0
     headers: dict[str, Any] = field(default_factory=dict)
-    routing: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)  # exchange, routing_key, priority
+    # What else a redrive needs to publish the same work (reliability.republish): Celery's
+    # `expires` (ISO-8601), the producer's (hard, soft) time limits, the workflow ids.
+    expires: str | None = None
+    time_limits: list[float | None] | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
     raw_body: str | None = None  # for messages that could not be decoded (base64, capped)
     # Arguments kept masked (sensitive, or holding a secret): their values are gone, so
     # the entry cannot be redriven; the producer sends such work again.
@@ -118,7 +126,6 @@ class Filter:
         )
 
 
-Publish = Callable[[DeadLetter, dict[str, Any]], str]
 # A read through the store's client (see Store.call).
 Read = Callable[[redis.Redis], T]
 
@@ -150,8 +157,9 @@ class DeadLetterQueue:
         raw = self.store.call("dlq get", lambda c: c.hget(self.store.keys.dlq, entry_id))
         return DeadLetter.from_json(raw) if raw else None
 
-    def iter(self, where: Filter | None = None, *, newest_first: bool = True,
-             batch: int = 500) -> Iterator[DeadLetter]:
+    def iter(
+        self, where: Filter | None = None, *, newest_first: bool = True, batch: int = 500
+    ) -> Iterator[DeadLetter]:
         where = where or Filter()
         start = 0
         while True:
@@ -198,8 +206,9 @@ class DeadLetterQueue:
 
         return self.store.call("dlq remove", _remove)
 
-    def redrive(self, entry_id: str, publish: Publish) -> str:
-        """Re-enqueue one entry; returns the new task id. Removed only after publishing."""
+    def redrive(self, entry_id: str, app: Publisher) -> str:
+        """Re-enqueue one entry through ``app``; returns the new task id. The entry is
+        removed only after the publish returned."""
         entry = self.get(entry_id)
         if entry is None:
             raise RedriveRefused(f"no DLQ entry {entry_id}")
@@ -207,29 +216,24 @@ class DeadLetterQueue:
             raise RedriveRefused(
                 f"entry {entry_id} keeps {', '.join(entry.masked_args)} masked (secrets never"
                 " reach the DLQ): redriving would run the work with *** in their place;"
-                " the producer must send it again")
+                " the producer must send it again"
+            )
         if entry.redrive_count >= self.max_redrives:
             raise RedriveRefused(
                 f"entry {entry_id} was redriven {entry.redrive_count} times"
                 f" (max {self.max_redrives})"
             )
-        # The producer's headers carry its idempotency key as sent (a derived key is
-        # derived again from the same arguments), so the redriven task keys the same.
-        headers = dict(entry.headers)
-        if entry.correlation_id:
-            headers["correlation_id"] = entry.correlation_id
-        headers[REDRIVE_COUNT] = entry.redrive_count + 1
-        new_task_id = publish(entry, headers)
+        new_task_id = republish(app, redriven(entry))
         self.remove(entry_id)
         return new_task_id
 
-    def redrive_matching(self, where: Filter, publish: Publish) -> tuple[list[str], list[str]]:
+    def redrive_matching(self, where: Filter, app: Publisher) -> tuple[list[str], list[str]]:
         """Redrive every matching entry: (new task ids, refused entry ids)."""
         done: list[str] = []
         refused: list[str] = []
         for entry in list(self.iter(where)):
             try:
-                done.append(self.redrive(entry.id, publish))
+                done.append(self.redrive(entry.id, app))
             except RedriveRefused:
                 refused.append(entry.id)
         return done, refused
@@ -237,3 +241,27 @@ class DeadLetterQueue:
     def purge(self, where: Filter | None = None) -> int:
         ids = [entry.id for entry in self.iter(where)]
         return sum(1 for entry_id in ids if self.remove(entry_id))
+
+
+def redriven(entry: DeadLetter) -> Copy:
+    """The copy a redrive publishes: the entry's work as a new task (new id, attempt 1).
+
+    The producer's headers carry its idempotency key as sent (a derived key is derived
+    again from the same arguments), so the redriven task keys the same; of our internal
+    headers only the redrive count applies (a redrive is no parked copy nor a retry).
+    """
+    headers = {k: v for k, v in entry.headers.items() if k in PRODUCER_HEADERS}
+    if entry.correlation_id:
+        headers[CORRELATION_ID] = entry.correlation_id
+    headers[REDRIVE_COUNT] = entry.redrive_count + 1
+    return Copy(
+        task=entry.task_name,
+        args=entry.args,
+        kwargs=entry.kwargs,
+        headers=headers,
+        routing=entry.routing,
+        expires=entry.expires,
+        time_limits=entry.time_limits,
+        parent_id=entry.parent_id,
+        root_id=entry.root_id,
+    )

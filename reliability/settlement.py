@@ -190,7 +190,9 @@ class Settlement:
             headers=d.producer_headers(), idempotency_key=d.idempotency_key,
             correlation_id=d.correlation_id, tenant_id=d.tenant_id, attempts=d.attempt,
             first_failure_at=d.first_attempt_at or time.time(), redrive_count=d.redrive_count,
-            routing=d.routing)
+            routing=d.routing, expires=d.expires,
+            time_limits=list(d.time_limits) if d.time_limits else None,
+            parent_id=d.parent_id, root_id=d.root_id)
         holds = bool(d.idempotency_key and d.fence)
         parts = self.tails(call, Ending("failure", exc, d.duration)) if ran else ()
         evicted = self.run(

@@ -284,11 +284,13 @@ def test_a_redrive_whose_publish_fails_keeps_the_entry(bare_store: Store) -> Non
     entry = DeadLetter(task_name="test.call", task_id=unique("task"), failure_class="transient")
     dlq.add(entry, Ledger(bare_store))
 
-    def broken_publish(_entry: DeadLetter, _headers: dict[str, Any]) -> str:
-        raise ConnectionError("broker unreachable")
+    class BrokenBroker:
+        def send_task(self, name: str, args: Any = None, kwargs: Any = None,
+                      **options: Any) -> Any:
+            raise ConnectionError("broker unreachable")
 
     with pytest.raises(ConnectionError):
-        dlq.redrive(entry.id, broken_publish)
+        dlq.redrive(entry.id, BrokenBroker())
     kept = dlq.get(entry.id)
     assert kept is not None and kept.redrive_count == 0
 

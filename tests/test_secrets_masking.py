@@ -438,6 +438,11 @@ def test_an_entry_with_masked_arguments_is_not_redriven(bare_store: Store) -> No
 
     dlq.add(entry, NoLedger())
     published: list[str] = []
+
+    class Recorder:
+        def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+            published.append(name)
+
     with pytest.raises(RedriveRefused, match="keeps message masked"):
-        dlq.redrive(entry.id, lambda e, h: published.append(e.id) or "new-id")
+        dlq.redrive(entry.id, Recorder())
     assert published == [] and dlq.get(entry.id) is not None

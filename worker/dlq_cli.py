@@ -1,7 +1,8 @@
 """``reliable dlq`` (also ``reliable-dlq``): list, show, retry and purge dead letters.
 
-Retry re-enqueues with the same idempotency key and correlation id; an entry is removed
-only after its re-enqueue succeeded, and the number of redrives per entry is capped.
+Retry re-enqueues the same work (idempotency key, correlation id, exchange, routing key,
+priority, expiry, time limits: :mod:`reliability.republish`); an entry is removed only
+after its re-enqueue succeeded, and the number of redrives per entry is capped.
 Purge asks for confirmation unless ``--yes`` is given. Times are ISO-8601 UTC; errors
 are one line on stderr (:mod:`worker.console`).
 """
@@ -33,19 +34,6 @@ def _shown(entry: DeadLetter) -> dict[str, Any]:
 def _filter(args: argparse.Namespace) -> Filter:
     since = time.time() - args.since_minutes * 60 if args.since_minutes else None
     return Filter(failure_class=args.failure_class, task_name=args.task, since=since)
-
-
-def _publisher(app: Any) -> Any:
-    def publish(entry: DeadLetter, headers: dict[str, Any]) -> str:
-        options: dict[str, Any] = {}
-        if entry.routing.get("routing_key"):
-            options["routing_key"] = entry.routing["routing_key"]
-        result = app.send_task(
-            entry.task_name, args=entry.args, kwargs=entry.kwargs, headers=headers, **options
-        )
-        return str(result.id)
-
-    return publish
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,9 +86,8 @@ def command(service: Any, args: argparse.Namespace) -> int:
         print(json.dumps(_shown(entry), indent=2, default=str))
         return 0
     if args.command == "retry":
-        publish = _publisher(service.app)
         if args.all:
-            done, refused = dlq.redrive_matching(_filter(args), publish)
+            done, refused = dlq.redrive_matching(_filter(args), service.app)
             print(f"re-enqueued {len(done)}; refused {len(refused)} (redrive cap)")
             if refused:
                 raise CommandError(
@@ -108,7 +95,7 @@ def command(service: Any, args: argparse.Namespace) -> int:
                     f"({dlq.max_redrives}) and stay in the DLQ"
                 )
             return 0
-        task_id = dlq.redrive(args.id, publish)  # RedriveRefused: one line, exit 1
+        task_id = dlq.redrive(args.id, service.app)  # RedriveRefused: one line, exit 1
         print(f"re-enqueued as task {task_id}")
         return 0
     where = _filter(args)  # purge

@@ -7,12 +7,13 @@ sandbox provider (so tests count them) or to Redis keys under the test prefix.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import time
 from typing import Any
 
-from reliability import ReliableTask, RetryPolicy, TransientError
+from reliability import PermanentError, ReliableTask, RetryPolicy, TransientError
 from reliability.delivery import current
 from tasks.provider import post
 from worker.app import app, runtime, settings
@@ -238,3 +239,38 @@ def stuck_call(key: str, seconds: int, times: int = 1, mode: str = "gil",
         else:
             _sleep_through_soft_limits(seconds)
     return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.shape", retry_policy=FAST_RETRY)
+def shape(key: str, fail_times: int, permanent: bool = False) -> int:
+    """Records how each delivery arrived — routing, priority, expiry, time limits, ids and
+    producer headers, as Celery's request shows them — in ``<prefix>:test:shape:<key>``
+    (one JSON object per delivery), then fails the first ``fail_times`` deliveries:
+    transiently (retried through the mover) or, with ``permanent``, into the DLQ."""
+    request = shape.request
+    info = request.delivery_info or {}
+    d = current()
+    assert d is not None
+    record = {
+        "exchange": info.get("exchange"),
+        "routing_key": info.get("routing_key"),
+        "priority": info.get("priority"),
+        "expires": request.expires,
+        "timelimit": list(request.timelimit or (None, None)),
+        "task_id": request.id,
+        "retries": request.retries,
+        "parent_id": request.parent_id,
+        "root_id": request.root_id,
+        "correlation_id": d.correlation_id,
+        "idempotency_key": d.idempotency_header,
+        "deadline": d.deadline_header,
+        "tenant_id": d.tenant_id,
+        "defer_id": d.defer_id,
+        "redrive_count": d.redrive_count,
+    }
+    runs = f"{runtime.store.keys.prefix}:test:shape:{key}"
+    n = int(runtime.store.client.rpush(runs, json.dumps(record)))
+    runtime.store.client.expire(runs, 600)
+    if n <= fail_times:
+        raise (PermanentError if permanent else TransientError)(f"shape failure {n}")
+    return n
