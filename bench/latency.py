@@ -29,9 +29,9 @@ from bench import guard_settings
 from bench.stack import delete_prefix
 from config import Settings
 from reliability import admission, idempotency, ratelimit, scripts
-from reliability import breaker as breaker_mod
-from reliability.admission import Part
+from reliability.breaker.guard import ADMISSION
 from reliability.runtime import Runtime
+from reliability.scripts import Part
 from reliability.store import Store
 from worker.celeryconfig import breaker_configs, rate_limits, runtime_config
 
@@ -104,22 +104,21 @@ def _admission_call(rt: Runtime, n: int, guards: tuple[str, ...]
     owner = f"bench@host:{n}:{task_id}"
     limit = rt.rate_limit(guard_settings.LIMIT)
     breaker = rt.breakers.get(guard_settings.BREAKER)
-    breaker_keys, breaker_args = breaker.admission_args(owner)
+    breaker_keys, breaker_args = breaker.keys, [breaker.name, *breaker.config.args(), owner]
     limit_keys, limit_args = ratelimit.admission_args(
         rt.store, TASK, [limit], owner, None, lambda: arguments)
     every = {
         "idempotency": Part(idempotency.FRAGMENT, [keys.idem(tag, key), keys.leases],
                             [idempotency.fingerprint(arguments), owner, cfg.lease_seconds,
                              int(cfg.result_ttl_seconds), str(n)]),
-        "breaker": Part(breaker_mod.FRAGMENT, breaker_keys, breaker_args),
+        "breaker": Part(ADMISSION, breaker_keys, breaker_args),
         "limits": Part(ratelimit.fragment(1), limit_keys, limit_args),
     }
     parts = [every[g] for g in guards]
-    fragments, part_keys, part_args = admission.flatten(parts)
-    script = admission.assemble(fragments)
-    return (script, [keys.ledger, *part_keys],
-            ["", cfg.ledger_max_len, task_id, TASK, 1, int(cfg.delivery_ttl_seconds * 1000),
-             *part_args])
+    script, all_keys, all_args = admission.layout(
+        parts, ledger=keys.ledger, ledger_max=cfg.ledger_max_len, task_id=task_id, name=TASK,
+        attempt=1, dlv_ttl_ms=int(cfg.delivery_ttl_seconds * 1000))
+    return script.source, all_keys, all_args
 
 
 def measure_latency(redis_url: str, iterations: int, warmup: int) -> Latency:

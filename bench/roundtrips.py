@@ -215,6 +215,9 @@ def script_names() -> dict[str, str]:
         reaper,
         scripts,
     )
+    from reliability.breaker import guard as breaker_guard
+    from reliability.deferral import DEFER
+    from reliability.delivery import REDELIVERY
 
     sources: dict[str, str] = {}
     for module in (scripts, idempotency, maintenance, deferral, ledger, reaper, breaker,
@@ -223,8 +226,8 @@ def script_names() -> dict[str, str]:
             if isinstance(value, str) and "redis.call" in value:
                 sources[f"{module.__name__.rsplit('.', 1)[-1]}.{attr}"] = value
     # In the pipeline's order: delivery, defer, idempotency, breaker, limits.
-    fragments = {"delivery": admission.DELIVERY, "defer": admission.DEFER,
-                 "idempotency": idempotency.FRAGMENT, "breaker": breaker.FRAGMENT,
+    fragments = {"delivery": REDELIVERY, "defer": DEFER,
+                 "idempotency": idempotency.FRAGMENT, "breaker": breaker_guard.ADMISSION,
                  "limits": ratelimit.fragment(1), "limits x2": ratelimit.fragment(2)}
     for n in range(1, len(fragments) + 1):
         for combo in itertools.combinations(fragments, n):

@@ -9,7 +9,7 @@ does not declare.
 
 The base script gives fragments ``now``, ``settle(outcome, detail)`` (ledger entry,
 plus the delivery record when one is part of the admission), ``record(outcome, detail)``
-(ledger entry only), ``dlv_ttl`` (ms), ``task_id`` and the variables ``fence``, ``dlv_key`` and
+(ledger entry only), ``dlv_ttl`` (ms), ``task_id``, ``task_name`` and the variables ``fence``, ``dlv_key`` and
 ``run_extra`` (strings a commit appends to the ``run`` verdict, e.g. ``trial``).
 """
 
@@ -32,6 +32,7 @@ local dlv_key = nil
 local run_extra = {{}}
 local dlv_ttl = tonumber($dlv_ttl_ms)
 local task_id = $task_id
+local task_name = $name
 local function record(outcome, detail)
   ledger_add(@ledger, $ledger_max, $task_id, $name, outcome, $attempt, detail)
 end
