@@ -9,8 +9,9 @@ does not declare.
 
 The base script gives fragments ``now``, ``settle(outcome, detail)`` (ledger entry,
 plus the delivery record when one is part of the admission), ``record(outcome, detail)``
-(ledger entry only), ``dlv_ttl`` (ms), ``task_id``, ``task_name`` and the variables ``fence``, ``dlv_key`` and
-``run_extra`` (strings a commit appends to the ``run`` verdict, e.g. ``trial``).
+(ledger entry only), ``dlv_ttl`` (ms), ``task_id``, ``task_name`` and the variables
+``fence``, ``dlv_key`` and ``run_extra`` (strings a commit appends to the ``run``
+verdict, e.g. ``trial``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,12 @@ from reliability.reprs import sensitive_of
 from reliability.runtime import Runtime, runtime_of
 
 
-class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
+class ReliableRedisBackend(RedisBackend):
     """Celery's Redis backend; fuses pending completions into the result write."""
+
+    # Set in the backend's __init__; the stubs leave them out.
+    app: Any
+    expires: Any
 
     fuses_completion = True
 
@@ -34,7 +38,7 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
         """Celery's meta, secrets masked: in the result and traceback by value and
         pattern; the task's arguments (``result_extended``) as in a DLQ entry — sensitive
         arguments whole, values under sensitive keys too."""
-        meta = super()._get_result_meta(*args, **kwargs)
+        meta = super()._get_result_meta(*args, **kwargs)  # type: ignore[misc]
         masker = self.runtime.masker
         call = {k: meta.pop(k) for k in ("args", "kwargs") if k in meta}
         meta = masker.values(meta)
@@ -52,7 +56,8 @@ class ReliableRedisBackend(RedisBackend):  # type: ignore[misc]
         # The pipeline left the completion on the task's request context (completion.py).
         completion = completions.take(request) if state == states.SUCCESS else None
         if completion is None:
-            return super()._store_result(task_id, result, state, traceback=traceback,
+            return super()._store_result(  # type: ignore[misc]
+                task_id, result, state, traceback=traceback,
                                          request=request, **kwargs)
         meta = self._get_result_meta(result=result, state=state, traceback=traceback,
                                      request=request)

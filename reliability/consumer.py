@@ -139,7 +139,7 @@ def hand_back(tag: Any) -> None:
         _orphaned_tags.append(str(tag))
 
 
-class ReliableConsumer(Consumer):  # type: ignore[misc]
+class ReliableConsumer(Consumer):
     """Celery's consumer, dead-lettering every message it would drop, before the ack.
 
     It also hands back messages Celery forgets when the broker connection drops: the
@@ -148,6 +148,8 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
     where Celery would leave them for the visibility timeout (an hour); after
     reconnecting they are restored by delivery tag.
     """
+
+    connection_errors: tuple[type[BaseException], ...]  # set by Celery; not in the stubs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -218,7 +220,7 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
             log.warning("messages_restored_after_reconnect", count=restored)
         return connection
 
-    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task")
         reason = f"unknown task {name!r}: not registered"
         if dead_letter_message(self.runtime, message, reason, exc):
@@ -229,12 +231,12 @@ class ReliableConsumer(Consumer):  # type: ignore[misc]
         name = headers.get("task")
         return self.app.tasks.get(name) if isinstance(name, str) else None
 
-    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
         if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
             super().on_invalid_task(body, message, exc)
 
-    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
         if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
             super().on_decode_error(message, exc)

@@ -11,6 +11,7 @@ the first copy admitted (and that copy's own redeliveries) run.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -127,7 +128,8 @@ class Mover:
                 log.error("parked_message_unreadable", park_id=park_id, error=str(exc))
                 continue
             self.publish(message, park_id)
-            self.store.call("confirm parked", lambda c, p=park_id: _confirm(c, keys, p))
+            confirm = functools.partial(_confirm, keys=keys, park_id=park_id)
+            self.store.call("confirm parked", confirm)
             moved += 1
         return moved
 

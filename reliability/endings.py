@@ -10,6 +10,7 @@ lease keeper what the parent's children hold.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -116,4 +117,4 @@ def running_deliveries() -> Iterable[Running]:
         started = request.time_start
         yield Running(str(owner), request.worker_pid,
                       None if not started else mono - (wall - started),
-                      lambda request=request: holding_of(request))
+                      functools.partial(holding_of, request))

@@ -14,7 +14,7 @@ import types
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import structlog
 
@@ -94,7 +94,11 @@ class IdempotencyStore:
 
     def state(self, redis_key: str) -> dict[str, str]:
         """The raw state hash (empty when the key is unknown): check without locking."""
-        return self.store.call("idempotency check", lambda c: c.hgetall(redis_key))
+        def read(client: Any) -> dict[str, str]:
+            return cast("dict[str, str]", client.hgetall(redis_key))
+
+        found: dict[str, str] = self.store.call("idempotency check", read)
+        return found
 
     def status(self, redis_key: str) -> str:
         """``done``, ``running`` (under a live lease, on Redis time) or ``free`` (unknown,

@@ -23,7 +23,7 @@ import time
 from typing import Any, Protocol
 
 import structlog
-from celery.app.task import get_actual_ignore_result
+from celery.app.task import get_actual_ignore_result  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
 from pydantic import ValidationError
 
@@ -63,8 +63,10 @@ class Body(Protocol):
     """What the pipeline needs of the Celery task whose delivery it runs."""
 
     name: str
-    request: Any
     backend: Any
+
+    @property
+    def request(self) -> Any: ...
 
     def run(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -259,7 +261,7 @@ class Pipeline:
         # backend and logs it: no secret in any of it.
         call.rt.masker.exception(exc)
         if decision == Outcome.RETRIED:
-            raise Retry(exc=exc, when=delay)
+            raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]  # stubs: Exception, Real
         raise exc
 
     def _given_up(self, call: Call, control: Ignore | Reject) -> None:
@@ -268,9 +270,11 @@ class Pipeline:
             log.info("idempotency_lock_released_on_error",
                      idempotency_key=call.d.idempotency_key)
         self.settlement.release_guards(call)
-        if isinstance(control, Reject) and not control.requeue:
+        # Reject's attributes are set in __init__; the stubs leave them out.
+        if isinstance(control, Reject) and not getattr(control, "requeue", False):
+            reason = getattr(control, "reason", None)
             self.settlement.dead_letter(call, FailureClass.PERMANENT, ran=False,
-                                        reason=f"rejected by the task: {control.reason!r}")
+                                        reason=f"rejected by the task: {reason!r}")
             return
         outcome, detail = ((Outcome.REQUEUED, "rejected by the task, requeued")
                            if isinstance(control, Reject) else

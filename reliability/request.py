@@ -46,8 +46,19 @@ from reliability.reprs import current_masker, masked_reprs
 log = structlog.get_logger("reliability.request")
 
 
-class ReliableRequest(Request):  # type: ignore[misc]
+class ReliableRequest(Request):
     """Celery's request plus the parent-side endings of the pipeline."""
+
+    # Celery's private request state, which the stubs leave out (set in Request.__init__).
+    _request_dict: dict[str, Any]
+    _args: Any
+    _kwargs: Any
+    _delivery_info: dict[str, Any]
+    _task: Any
+    _app: Any
+    _eventer: Any
+    _already_revoked: bool
+    _already_cancelled: bool
 
     _reliable_limits: tuple[Any, Any] = (None, None)
     # How this request's hard time limit ended: an Outcome, or "requeued" (store away).
@@ -94,7 +105,8 @@ class ReliableRequest(Request):  # type: ignore[misc]
 
     @time_limits.setter
     def time_limits(self, value: tuple[Any, Any]) -> None:
-        self._reliable_limits = tuple(value)  # type: ignore[assignment]
+        hard, soft = value
+        self._reliable_limits = (hard, soft)
 
     # -- parent-side endings ---------------------------------------------------------------
 
@@ -129,9 +141,9 @@ class ReliableRequest(Request):  # type: ignore[misc]
     def _kill_child(self) -> None:
         """SIGKILL the pool child running this request (its process group if it leads
         one, as billiard does). A stuck child may block every other signal."""
-        pid = self.worker_pid
-        if not pid:
+        if not self.worker_pid:
             return
+        pid = int(self.worker_pid)  # the stubs say str; billiard gives an int
         try:
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
@@ -182,7 +194,7 @@ class ReliableRequest(Request):  # type: ignore[misc]
         try:
             # Killed after storing its result but before telling the parent (a kill can
             # land there): done, so acked, as Celery does for a child lost there.
-            succeeded = bool(self._success_was_stored())
+            succeeded = bool(self._success_was_stored())  # type: ignore[attr-defined]
         except Exception:
             succeeded = False
         if succeeded:
@@ -219,7 +231,8 @@ class ReliableRequest(Request):  # type: ignore[misc]
             self._already_revoked = True
             self.reject(requeue=True)
             return
-        super()._announce_revoked(reason, terminated, signum, expired)
+        super()._announce_revoked(  # type: ignore[misc]
+            reason, terminated, signum, expired)
 
     # -- what Celery shows of the arguments ---------------------------------------------
     # Celery reads `_argsrepr`/`_kwargsrepr` for the task-received event (Flower), the

@@ -43,7 +43,7 @@ def _signature(run: Any) -> inspect.Signature:
     return signature.replace(parameters=parameters)
 
 
-class ReliableTask(Task):  # type: ignore[misc]
+class ReliableTask(Task[Any, Any]):
     """Base class for tasks that run through the reliability pipeline."""
 
     Request = "reliability.request:ReliableRequest"
@@ -56,7 +56,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("_decorated"):
-            name = cls.__dict__.get("name") or cls.__name__
+            name = str(cls.__dict__.get("name") or cls.__name__)
             ignore = set(dir(Task)) | _CELERY_DECORATOR_KEYS | _CELERY_EXEC_OPTIONS
             cls.spec = build(name, cls.__dict__, _signature(cls.__dict__["run"]), GUARDS,
                                   ignore=ignore)

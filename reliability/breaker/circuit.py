@@ -255,7 +255,7 @@ class CircuitBreaker:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 return await result
-            return result  # type: ignore[return-value]
+            return result
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Use as a decorator on sync or async functions."""

@@ -145,7 +145,8 @@ class RateLimiter:
         """Change the limit at runtime for the whole fleet (persisted in Redis)."""
         new = {"gcra": (rate, burst), "concurrency": (limit, None)}.get(
             self.limit.kind, (max_requests, window_seconds))
-        mapping = {k: v for k, v in zip(("p1", "p2"), new, strict=True) if v is not None}
+        pairs = zip(("p1", "p2"), new, strict=True)
+        mapping: dict[Any, Any] = {k: v for k, v in pairs if v is not None}
         if mapping:
             self.store.call("rate limit set", lambda c: c.hset(self.keys[1], mapping=mapping))
             log.info("rate_limit_changed", limit=self.limit.name, **mapping)
@@ -156,8 +157,9 @@ class RateLimiter:
         raw = self.store.call("rate limit read", lambda c: c.hmget(self.keys[1], "p1", "p2"))
         fields = {"gcra": ("rate", "burst"), "concurrency": ("limit", "lease_seconds")}.get(
             self.limit.kind, ("max_requests", "window_seconds"))
-        changes = {name: int(float(value)) if name in COUNT_FIELDS else float(value)
-                   for name, value in zip(fields, raw, strict=True) if value is not None}
+        changes: dict[str, Any] = {
+            name: int(float(value)) if name in COUNT_FIELDS else float(value)
+            for name, value in zip(fields, raw, strict=True) if value is not None}
         return replace(self.limit, **changes)
 
     def reset(self) -> None:
