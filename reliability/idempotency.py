@@ -23,12 +23,12 @@ import structlog
 from reliability import metrics, scripts
 from reliability.errors import IdempotencyConflict
 from reliability.guard import Action, Call, DeadLetter, Guard, Park, Skip, require
+from reliability.lease import Holding, Lease
 from reliability.scripts import Fragment, Part
 from reliability.security import key_token
 
 if TYPE_CHECKING:
     from reliability.admission import Verdict
-    from reliability.lease import Holding
 
 log = structlog.get_logger("reliability.idempotency")
 
@@ -194,5 +194,7 @@ class Idempotency(Guard):
 
     def hold(self, call: Call, holding: Holding) -> None:
         if call.d.idempotency_key:
-            holding.idempotency_key = idem_key(call)
-            holding.lease_seconds = lease_seconds(call)
+            seconds = lease_seconds(call)
+            holding.leases.append(Lease(
+                RENEW, [idem_key(call), call.rt.store.keys.leases],
+                ["", holding.owner, "", seconds], seconds, lost="idempotency_lease_lost"))

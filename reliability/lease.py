@@ -25,8 +25,6 @@ from typing import Any
 
 import structlog
 
-from reliability import scripts
-from reliability.idempotency import RENEW
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.lease")
@@ -34,31 +32,22 @@ log = structlog.get_logger("reliability.lease")
 # Renew when this share of the lease has passed.
 RENEW_FRACTION = 1 / 3
 
-# KEYS trials   ARGV now, owner, seconds: a running half-open trial keeps its slot.
-RENEW_TRIAL = scripts.compose(
-    body="""
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[2])
-  return 1
-end
-return 0
-"""
-)
-# KEYS places   ARGV now, owner, seconds: the concurrency places a holder took
-# (owner, owner#2, ...: see ratelimit.lua rl_commit) stay taken while it runs.
-RENEW_PLACES = scripts.compose(
-    body="""
-local n = 0
-local member = ARGV[2]
-while redis.call('ZSCORE', KEYS[1], member) do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), member)
-  n = n + 1
-  member = ARGV[2] .. '#' .. (n + 1)
-end
-if n > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(ARGV[3]) + 1) * 1000)) end
-return n
-"""
-)
+
+@dataclass
+class Lease:
+    """One lease a running delivery holds under one guard, and the script renewing it.
+
+    Guards add theirs in :meth:`Guard.hold <reliability.guard.Guard.hold>`; the keeper
+    knows nothing of what they mean. A script returns a truthy reply when it kept the
+    lease; ``lost`` names the warning logged when one renewed before is refused now.
+    """
+
+    script: str  # the Lua source (scripts.compose)
+    keys: list[str]
+    args: list[Any]
+    seconds: float  # the lease's TTL: renewed when a third of it has passed
+    lost: str | None = None
+    held: bool = False  # renewed at least once
 
 
 @dataclass
@@ -67,25 +56,16 @@ class Holding:
 
     owner: str
     pid: int | None  # the process running the body (None: unknown yet, not renewed)
-    idempotency_key: str | None = None
-    lease_seconds: float = 60.0
-    trial_key: str | None = None  # a breaker's trial zset, if the task has a breaker
-    trial_seconds: float = 60.0
-    places: list[tuple[str, float]] = field(default_factory=list)  # (zset, lease seconds)
+    leases: list[Lease] = field(default_factory=list)
     renew_at: float = 0.0
-    held: bool = False  # the idempotency lease was renewed at least once
 
     def period(self) -> float:
         """Seconds between renewals: a third of the shortest lease held."""
-        seconds = [self.lease_seconds] if self.idempotency_key else []
-        if self.trial_key:
-            seconds.append(self.trial_seconds)
-        seconds.extend(s for _, s in self.places)
-        return min(seconds, default=60.0) * RENEW_FRACTION
+        return min((lease.seconds for lease in self.leases), default=60.0) * RENEW_FRACTION
 
     @property
     def empty(self) -> bool:
-        return not (self.idempotency_key or self.trial_key or self.places)
+        return not self.leases
 
 
 def process_running(pid: int | None) -> bool:
@@ -179,36 +159,19 @@ class LeaseKeeper:
             holding.renew_at = now + holding.period()
             if not self.alive(holding.pid):
                 continue  # gone or paused: its leases must lapse
-            if holding.idempotency_key:
-                self.store.script(RENEW)(
-                    keys=[holding.idempotency_key, self.store.keys.leases],
-                    args=["", holding.owner, "", holding.lease_seconds],
-                    client=pipe,
-                )
-            if holding.trial_key:
-                self.store.script(RENEW_TRIAL)(
-                    keys=[holding.trial_key],
-                    args=["", holding.owner, holding.trial_seconds],
-                    client=pipe,
-                )
-            for key, seconds in holding.places:
-                self.store.script(RENEW_PLACES)(
-                    keys=[key], args=["", holding.owner, seconds], client=pipe
-                )
+            for lease in holding.leases:
+                self.store.script(lease.script)(keys=lease.keys, args=lease.args, client=pipe)
             queued.append(holding)
         return queued
 
     def settle(self, queued: list[Holding], replies: list[Any]) -> None:
         """Read the renewal replies (in :meth:`due`'s order): log a lease found lost."""
-        index = 0
-        for holding in queued:
-            if holding.idempotency_key:
-                kept = bool(replies[index])
-                if kept:
-                    holding.held = True
-                elif holding.held:
-                    # Renewed before, refused now: the lease lapsed or was taken over.
-                    holding.held = False
-                    log.warning("idempotency_lease_lost", key=holding.idempotency_key)
-                index += 1
-            index += (1 if holding.trial_key else 0) + len(holding.places)
+        leases = [lease for holding in queued for lease in holding.leases]
+        for lease, reply in zip(leases, replies, strict=True):
+            if reply:
+                lease.held = True
+            elif lease.held:
+                # Renewed before, refused now: the lease lapsed or was taken over.
+                lease.held = False
+                if lease.lost:
+                    log.warning(lease.lost, key=lease.keys[0])

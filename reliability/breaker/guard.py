@@ -16,18 +16,31 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from reliability import scripts
 from reliability.breaker.circuit import CircuitBreaker
 from reliability.breaker.config import CFG_ARGS
 from reliability.guard import Action, Call, Ending, Fallback, Guard, Park, Unresolved, require
+from reliability.lease import Holding, Lease
 from reliability.scripts import Fragment, Part
 
 if TYPE_CHECKING:
     from reliability.admission import Verdict
-    from reliability.lease import Holding
     from reliability.runtime import Runtime
 
 log = structlog.get_logger("reliability.breaker")
 CFG = tuple(f"cfg{i}" for i in range(CFG_ARGS))
+
+# KEYS trials   ARGV now, owner, seconds: a running half-open trial keeps its slot (the
+# lease keeper renews it from the worker's main process, reliability.lease).
+RENEW_TRIAL = scripts.compose(
+    body="""
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[2])
+  return 1
+end
+return 0
+"""
+)
 
 
 class BreakerVerdict(StrEnum):
@@ -125,5 +138,6 @@ class Breaker(Guard):
     def hold(self, call: Call, holding: Holding) -> None:
         breaker = breaker_of(call)
         if breaker is not None:
-            holding.trial_key = breaker.keys[2]
-            holding.trial_seconds = breaker.config.trial_lease_seconds
+            seconds = breaker.config.trial_lease_seconds
+            holding.leases.append(Lease(RENEW_TRIAL, [breaker.keys[2]],
+                                        ["", holding.owner, seconds], seconds))

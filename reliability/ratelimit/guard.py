@@ -11,17 +11,35 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from reliability import scripts
 from reliability.guard import Action, Call, Ending, Guard, Park, Unresolved, require
+from reliability.lease import Holding, Lease
 from reliability.ratelimit.limit import RateLimit, limit_keys
 from reliability.scripts import Fragment, Part
 from reliability.store import Store
 
 if TYPE_CHECKING:
     from reliability.admission import Verdict
-    from reliability.lease import Holding
     from reliability.runtime import Runtime
 
 log = structlog.get_logger("reliability.ratelimit")
+
+# KEYS places   ARGV now, owner, seconds: the concurrency places a holder took (owner,
+# owner#2, ...: see ratelimit.lua rl_commit) stay taken while it runs (renewed by the
+# lease keeper from the worker's main process, reliability.lease).
+RENEW_PLACES = scripts.compose(
+    body="""
+local n = 0
+local member = ARGV[2]
+while redis.call('ZSCORE', KEYS[1], member) do
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), member)
+  n = n + 1
+  member = ARGV[2] .. '#' .. (n + 1)
+end
+if n > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(ARGV[3]) + 1) * 1000)) end
+return n
+"""
+)
 
 
 class LimitVerdict(StrEnum):
@@ -179,7 +197,8 @@ class RateLimits(Guard):
         return Part(release_fragment(len(places)), places, [call.d.owner]) if places else None
 
     def hold(self, call: Call, holding: Holding) -> None:
-        holding.places.extend(concurrency_places(call))
+        holding.leases.extend(Lease(RENEW_PLACES, [key], ["", holding.owner, seconds], seconds)
+                              for key, seconds in concurrency_places(call))
 
 
 def limits_of(call: Call) -> list[RateLimit]:
