@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from reliability.bucket import AsyncTokenBucket, LocalTokenBucket
 from reliability.errors import ConfigurationError
+from reliability.ratelimit.bucket import AsyncTokenBucket, LocalTokenBucket
 
 
 class FakeClock:

@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from config import Settings
 from reliability import delivery
-from reliability.alerts import BreakerEvents, default_hooks
+from reliability.breaker.alerts import BreakerEvents, default_hooks
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
 from reliability.endings import running_deliveries

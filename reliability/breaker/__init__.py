@@ -7,7 +7,7 @@ count- or time-based sliding window once ``minimum_requests`` calls were seen; a
 fleet-wide (trial slots are leases, so a trial whose worker dies frees its slot);
 ``success_threshold`` trial successes close it, any trial failure re-opens it. Which
 errors count is configurable (client errors do not trip it) and store outages never
-count. Every transition is appended once to a stream that :mod:`reliability.alerts`
+count. Every transition is appended once to a stream that :mod:`reliability.breaker.alerts`
 delivers once, fleet-wide, to logs and hooks.
 
 Inside tasks the breaker is part of the admission script (no extra round trip); outside

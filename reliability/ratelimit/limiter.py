@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 
 from reliability import metrics, scripts
-from reliability.bucket import LocalTokenBucket
 from reliability.errors import BackendUnavailable
+from reliability.ratelimit.bucket import LocalTokenBucket
 from reliability.ratelimit.limit import COUNT_FIELDS, RateLimit, limit_keys
 from reliability.store import Store
 
@@ -37,7 +37,7 @@ return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
 class RateLimiter:
     """One limit (at one scope value) for code outside tasks.
 
-    ``local_fallback``: a :class:`~reliability.bucket.LocalTokenBucket` used while the
+    ``local_fallback``: a :class:`~reliability.ratelimit.bucket.LocalTokenBucket` used while the
     store is unreachable — inexact (it sees only this process), logged and counted each
     time; without one, an unreachable store raises :class:`BackendUnavailable`.
     """

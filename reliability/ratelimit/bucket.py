@@ -21,7 +21,7 @@ import structlog
 
 from reliability.errors import ConfigurationError
 
-log = structlog.get_logger("reliability.bucket")
+log = structlog.get_logger("reliability.ratelimit.bucket")
 
 Clock = Callable[[], float]
 

@@ -24,7 +24,7 @@ from reliability.errors import BackendUnavailable
 from reliability.metrics import PREFIX
 from reliability.store import Store
 
-log = structlog.get_logger("reliability.alerts")
+log = structlog.get_logger("reliability.breaker.alerts")
 
 Hook = Callable[[str, str, dict[str, Any]], None]
 EVENT_NAMES = {"open": "circuit_breaker_opened", "half_open": "circuit_breaker_half_open",
