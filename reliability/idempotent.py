@@ -22,6 +22,7 @@ from reliability.idempotency_store import (
     IdempotencyStore,
     Lease,
 )
+from reliability.runtime import get_runtime
 from reliability.store import Store
 
 R = TypeVar("R")
@@ -143,8 +144,6 @@ def resolve_store(store: Store | Callable[[], Store] | None) -> Store:
         return store
     if callable(store):
         return store()
-    from reliability.runtime import get_runtime
-
     return get_runtime().store
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from celery.app.amqp import AMQP
 
 from reliability.errors import ConfigurationError
+from reliability.runtime import get_runtime
 from reliability.security import ELLIPSIS, Masker
 from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs
 
@@ -37,8 +38,6 @@ _FALLBACK = Masker()
 
 def current_masker() -> Masker:
     """The worker runtime's masker; patterns only where no runtime is installed."""
-    from reliability.runtime import get_runtime
-
     try:
         return get_runtime().masker
     except ConfigurationError:
