@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config import Environment, load_settings
+from config import Environment, Settings, load_settings
 from reliability.ratelimit import RateLimit, RateLimiter
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
@@ -49,6 +49,35 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def service_programs(
+    settings: Settings, concurrency: int | None, with_beat: bool, with_sandbox: bool
+) -> list[Program]:
+    """What ``reliable run`` supervises: the sandbox provider (development, when the
+    providers point at it), a worker and beat. The sandbox and beat stop only after the
+    worker exited: tasks finishing in its grace still call the sandbox."""
+    programs: list[Program] = []
+    if (
+        with_sandbox
+        and settings.environment is Environment.DEVELOPMENT
+        and settings.providers.payment_base_url == SANDBOX_DEFAULT
+    ):
+        programs.append(
+            Program("sandbox", _python("worker.sandbox", "--port", "8099"), stops_last=True)
+        )
+    worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
+    if concurrency:
+        worker += ["-c", str(concurrency)]
+    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
+    if with_beat:
+        programs.append(
+            Program(
+                "beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"),
+                stops_last=True,
+            )
+        )
+    return programs
+
+
 def run(
     concurrency: int | None,
     with_beat: bool,
@@ -59,21 +88,7 @@ def run(
 ) -> int:
     settings = load_settings()
     env = dict(os.environ)
-    programs: list[Program] = []
-    if (
-        with_sandbox
-        and settings.environment is Environment.DEVELOPMENT
-        and settings.providers.payment_base_url == SANDBOX_DEFAULT
-    ):
-        programs.append(Program("sandbox", _python("worker.sandbox", "--port", "8099")))
-    worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
-    if concurrency:
-        worker += ["-c", str(concurrency)]
-    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
-    if with_beat:
-        programs.append(
-            Program("beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"))
-        )
+    programs = service_programs(settings, concurrency, with_beat, with_sandbox)
     supervisor = Supervisor(
         programs,
         env,
