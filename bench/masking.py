@@ -91,9 +91,7 @@ WORST_CASES: dict[str, Callable[[int], str]] = {
     # characters (the slowest: a Python step per pair).
     "32 key characters + '=' (no word)": lambda n: (("a" * 32 + "=") * (n // 33 + 1))[:n],
     "'token=x ' pairs (all masked)": lambda n: ("token=x " * (n // 8 + 1))[:n],
-    "'\"secret\": \"' + 4000 chars": lambda n: (
-        ('"secret": "' + "v" * 4000) * (n // 4011 + 1)
-    )[:n],
+    '\'"secret": "\' + 4000 chars': lambda n: (('"secret": "' + "v" * 4000) * (n // 4011 + 1))[:n],
 }
 
 

@@ -135,16 +135,25 @@ def test_every_error_is_one_line_on_stderr_with_a_non_zero_exit(
 
 def test_a_limit_set_the_limit_itself_refuses_is_a_usage_error(cli_env: Environment) -> None:
     costly = '{"costly": {"kind": "gcra", "rate": 5, "burst": 4, "cost": 2}}'
-    done = reliable(cli_env.env(RELIABLE_RATE_LIMITS=costly), "limits", "set", "costly",
-                    "--burst", "1")
+    done = reliable(
+        cli_env.env(RELIABLE_RATE_LIMITS=costly), "limits", "set", "costly", "--burst", "1"
+    )
     assert_one_line_error(
-        done, 2, r"^reliable: error: rate limit costly: cost 2 exceeds what the limit ever "
-        r"admits at once \(1\); such a call could never conform$")
+        done,
+        2,
+        r"^reliable: error: rate limit costly: cost 2 exceeds what the limit ever "
+        r"admits at once \(1\); such a call could never conform$",
+    )
 
 
 def test_a_closed_stdout_ends_a_command_quietly(cli_env: Environment) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "dlq", "list"], cwd=ROOT,
-                            env=cli_env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "dlq", "list"],
+        cwd=ROOT,
+        env=cli_env.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # `| head -0`: the reader is gone before the first line
     stderr = proc.stderr.read().decode()

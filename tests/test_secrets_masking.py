@@ -128,15 +128,19 @@ def test_a_card_among_other_digit_groups_is_found() -> None:
         ("login failed password=hunter2 user=bob", "login failed password=*** user=bob"),
         ("DB_PASSWORD = hunter2;next", "DB_PASSWORD = ***;next"),
         ("x-api-key: abc123, retry", "x-api-key: ***, retry"),
-        ("APIKEY=k1 SECRET=s1 Credential=c1 private_key=p1 CVC: 123", "APIKEY=*** SECRET=*** "
-         "Credential=*** private_key=*** CVC: ***"),
+        (
+            "APIKEY=k1 SECRET=s1 Credential=c1 private_key=p1 CVC: 123",
+            "APIKEY=*** SECRET=*** Credential=*** private_key=*** CVC: ***",
+        ),
         ('password="two words" next', 'password="***" next'),
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic ***"),
         ("Authorization: Bearer eyJhbGciOi.J9.abc", "Authorization: Bearer ***"),
         # Celery's dumps of a body and of headers (reprs) and JSON.
         ("{'password': 'PW secret', 'amount': 5}", "{'password': '***', 'amount': 5}"),
-        ('{"api_key": "k 1", "token_count": 5, "token": null}',
-         '{"api_key": "***", "token_count": 5, "token": null}'),
+        (
+            '{"api_key": "k 1", "token_count": 5, "token": null}',
+            '{"api_key": "***", "token_count": 5, "token": null}',
+        ),
         ("password=token=abc next", "password=*** next"),
         ("password=***", "password=***"),
     ],
@@ -154,8 +158,13 @@ def test_key_value_masking_keeps_rendered_json_valid_and_other_pairs_readable() 
         "token_count": 3,
         "level": "info",
     }
-    for kept in ("amount=1999 currency=EUR", "https://h/x:8080", "token:", "'secret': ''",
-                 "Bearer tokens expire"):
+    for kept in (
+        "amount=1999 currency=EUR",
+        "https://h/x:8080",
+        "token:",
+        "'secret': ''",
+        "Bearer tokens expire",
+    ):
         assert mask_patterns(kept) == kept
 
 
@@ -400,8 +409,18 @@ def test_key_tokens_keep_short_safe_values_and_hash_the_rest() -> None:
     assert key_token("order-42_a.b") == "order-42_a.b"
     assert key_token("4111111111111112") == "4111111111111112"  # fails Luhn: not a card
     # Safe characters, but what the masker would hide: a card, a prefixed API key.
-    for unsafe in ("https://u:pw@h", "a" * 65, "x:y", "*", "a b", "", "4012888888881881",
-                   "4012-8888-8888-1881", "sk_live_abcdefgh1234", "ghp_" + "a" * 36):
+    for unsafe in (
+        "https://u:pw@h",
+        "a" * 65,
+        "x:y",
+        "*",
+        "a b",
+        "",
+        "4012888888881881",
+        "4012-8888-8888-1881",
+        "sk_live_abcdefgh1234",
+        "ghp_" + "a" * 36,
+    ):
         token = key_token(unsafe)
         assert token == "sha256=" + hashlib.sha256(unsafe.encode()).hexdigest()
 

@@ -82,7 +82,8 @@ def service_programs(
     if with_beat:
         programs.append(
             Program(
-                "beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"),
+                "beat",
+                _python("celery", "-A", "worker.app", "beat", "-l", "INFO"),
                 stops_last=True,
             )
         )

@@ -147,4 +147,3 @@ def _stdout_closed() -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     return EXIT_BROKEN_PIPE
-

@@ -215,17 +215,24 @@ class Supervisor:
         current level; their grace counts from now)."""
         if self._last_stopped_at >= self._level or self._level >= 3:
             return
-        if any(c.proc is not None and c.proc.poll() is None and not c.program.stops_last
-               for c in self.children):
+        if any(
+            c.proc is not None and c.proc.poll() is None and not c.program.stops_last
+            for c in self.children
+        ):
             return
         self._last_stopped_at = self._level
-        last = [c for c in self.children if c.program.stops_last
-                and c.proc is not None and c.proc.poll() is None]
+        last = [
+            c
+            for c in self.children
+            if c.program.stops_last and c.proc is not None and c.proc.poll() is None
+        ]
         if not last:
             return
         if self._level == 1 and len(last) < len(self.children):
-            self.say(f"stopping {', '.join(c.program.name for c in last)} "
-                     f"(the other processes have exited)")
+            self.say(
+                f"stopping {', '.join(c.program.name for c in last)} "
+                f"(the other processes have exited)"
+            )
         self._deadline = time.monotonic() + self.grace_seconds
         for child in last:
             self._signal(child, self._stop_signal(child))
