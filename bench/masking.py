@@ -86,6 +86,12 @@ WORST_CASES: dict[str, Callable[[int], str]] = {
     "four-digit groups (slowest)": lambda n: four_digit_groups(n),
     "'&token...' parameters": lambda n: (("&" + "token" * 6) * (n // 31 + 1))[:n],
     "'Bearer x' repeated": lambda n: ("Bearer x " * (n // 9 + 1))[:n],
+    # key=value pairs, found from the separator: a separator after 32 key characters
+    # with no sensitive word (each read back in full), or a pair to mask every 8
+    # characters (the slowest: a Python step per pair).
+    "32 key characters + '=' (no word)": lambda n: (("a" * 32 + "=") * (n // 33 + 1))[:n],
+    "'token=x ' pairs (all masked)": lambda n: ("token=x " * (n // 8 + 1))[:n],
+    '\'"secret": "\' + 4000 chars': lambda n: (('"secret": "' + "v" * 4000) * (n // 4011 + 1))[:n],
 }
 
 

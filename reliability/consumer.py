@@ -24,7 +24,8 @@ from reliability import metrics, transport
 from reliability.deadletter import envelope, short
 from reliability.delivery import PRODUCER_HEADERS
 from reliability.dlq import DeadLetter, FailureClass
-from reliability.poison import Poison, check_size, raw_excerpt
+from reliability.errors import PoisonMessage
+from reliability.poison import Poison, check_size, raw_excerpt, usable_task_id
 from reliability.reprs import sensitive_of
 from reliability.runtime import Runtime, runtime_of
 
@@ -54,29 +55,36 @@ def envelope_for(rt: Runtime, message: Any, reason: str, error: BaseException | 
                  decode: bool = True, task: Any = None) -> DeadLetter:
     """A DLQ envelope for a message that never reached a task (``decode=False``: the body
     is kept raw, e.g. for a message too large to decode; ``task``: the registered task of
-    that name, if any, whose sensitive arguments are masked whole)."""
+    that name, if any, whose sensitive arguments are masked whole).
+
+    A body kept raw is masked by pattern and configured secret only: the values of the
+    task's ``sensitive_args`` cannot be located in bytes that do not decode, so for a task
+    that declares any, no raw byte is kept (its size is)."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     body = _decoded_json(message) if decode else None
+    spec = getattr(task, "spec", None)
+    sensitive = sensitive_of(spec)
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
-    raw = None
+    raw = raw_size = None
     if (isinstance(body, list) and len(body) >= 2 and isinstance(body[0], list | tuple | None)
             and isinstance(body[1], dict | None)):
         args, kwargs = list(body[0] or []), dict(body[1] or {})
     else:
-        raw = raw_excerpt(_body_bytes(message), rt.masker.raw)
+        raw_bytes = _body_bytes(message)
+        raw_size = len(raw_bytes)
+        raw = None if sensitive else raw_excerpt(raw_bytes, rt.masker.raw)
     producer = {k: headers[k] for k in PRODUCER_HEADERS if headers.get(k) is not None}
     info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
-    spec = getattr(task, "spec", None)
     return envelope(
         rt.masker, task_name=str(headers.get("task") or "<unknown>"),
         task_id=str(headers.get("id") or ""), failure_class=str(FailureClass.POISON),
-        reason=reason, error=error, args=args, kwargs=kwargs, sensitive=sensitive_of(spec),
+        reason=reason, error=error, args=args, kwargs=kwargs, sensitive=sensitive,
         parameters=list(spec.signature.parameters) if spec is not None else [],
         headers=producer, correlation_id=short(producer.get("correlation_id")),
         tenant_id=short(producer.get("tenant_id")),
         routing={"exchange": info.get("exchange"), "routing_key": info.get("routing_key")},
-        raw_body=raw)
+        raw_body=raw, raw_size=raw_size)
 
 
 def _write(rt: Runtime, entry: DeadLetter, hand_back: Callable[[Any], object]) -> bool:
@@ -97,8 +105,12 @@ DEAD_LETTERED = "_reliable_dead_lettered"
 
 
 def dead_letter_message(rt: Runtime, message: Any, reason: str, error: BaseException | None, *,
-                        decode: bool = True, task: Any = None) -> bool:
-    """Write the DLQ entry; False (and the message requeued) if the store is away."""
+                        decode: bool = True, task: Any = None, backend: Any = None) -> bool:
+    """Write the DLQ entry; False (and the message requeued) if the store is away.
+
+    ``backend``: Celery's result backend, to store a FAILURE result for the message's
+    task id once the entry is written (a producer's ``AsyncResult.get()`` then raises
+    instead of waiting for its timeout)."""
     if getattr(message, DEAD_LETTERED, False):
         return True
 
@@ -106,10 +118,28 @@ def dead_letter_message(rt: Runtime, message: Any, reason: str, error: BaseExcep
         if not message.acknowledged:
             message.reject(requeue=True)
 
-    if _write(rt, envelope_for(rt, message, reason, error, decode=decode, task=task), requeue):
-        setattr(message, DEAD_LETTERED, True)
-        return True
-    return False
+    entry = envelope_for(rt, message, reason, error, decode=decode, task=task)
+    if not _write(rt, entry, requeue):
+        return False
+    setattr(message, DEAD_LETTERED, True)
+    if backend is not None:
+        store_poison_result(backend, message, entry.reason)
+    return True
+
+
+def store_poison_result(backend: Any, message: Any, reason: str) -> None:
+    """A FAILURE result (:class:`PoisonMessage` with the entry's masked reason) for a
+    dead-lettered message that names a usable task id and wants its result; a backend
+    error is logged and ignored (the DLQ entry is the record that counts)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task_id = headers.get("id")
+    if not usable_task_id(task_id) or headers.get("ignore_result") is True:
+        return
+    try:
+        backend.mark_as_failure(task_id, PoisonMessage(reason), call_errbacks=False)
+    except Exception as exc:
+        log.warning("poison_result_not_stored", task_id=task_id,
+                    error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def dead_letter_raw(rt: Runtime, item: bytes, queue: str, poison: Poison) -> bool:
@@ -117,7 +147,7 @@ def dead_letter_raw(rt: Runtime, item: bytes, queue: str, poison: Poison) -> boo
     entry = envelope(
         rt.masker, task_name="<unknown>", task_id="", failure_class=str(FailureClass.POISON),
         reason=f"{poison.kind}: {poison.reason}", routing={"exchange": "", "routing_key": queue},
-        raw_body=raw_excerpt(item, rt.masker.raw))
+        raw_body=raw_excerpt(item, rt.masker.raw), raw_size=len(item))
     entry.exception_type, entry.exception_message = type(poison).__name__, poison.kind
     return _write(rt, entry, lambda _exc: None)
 
@@ -177,7 +207,8 @@ class ReliableConsumer(Consumer):
                 check_size(len(_body_bytes(message)), max_bytes)
             except Poison as poison:
                 reason = f"{poison.kind}: {poison.reason}"
-                if dead_letter_message(self.runtime, message, reason, poison, decode=False):
+                if dead_letter_message(self.runtime, message, reason, poison, decode=False,
+                                       backend=self.app.backend):
                     message.ack()
                 return None
             try:
@@ -191,7 +222,8 @@ class ReliableConsumer(Consumer):
                           exc_info=True)
                 reason = f"malformed task message: {type(exc).__name__}: {exc}"[:500]
                 task = self._task_of(message)
-                if (dead_letter_message(self.runtime, message, reason, exc, task=task)
+                if (dead_letter_message(self.runtime, message, reason, exc, task=task,
+                                        backend=self.app.backend)
                         and not message.acknowledged):
                     message.ack()
                 return None
@@ -233,15 +265,17 @@ class ReliableConsumer(Consumer):
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
-        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
+        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message),
+                               backend=self.app.backend):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
-        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message)):
+        if dead_letter_message(self.runtime, message, reason, exc, task=self._task_of(message),
+                               backend=self.app.backend):
             super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         reason = "message of unknown format (no task header)"
-        if dead_letter_message(self.runtime, message, reason, None):
+        if dead_letter_message(self.runtime, message, reason, None, backend=self.app.backend):
             super().on_unknown_message(body, message)

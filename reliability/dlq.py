@@ -93,6 +93,9 @@ class DeadLetter:
     parent_id: str | None = None
     root_id: str | None = None
     raw_body: str | None = None  # for messages that could not be decoded (base64, capped)
+    # Bytes of such a body, kept or not: a task declaring sensitive_args keeps none (its
+    # secrets cannot be found, so masked, in bytes that do not decode).
+    raw_size: int | None = None
     # Arguments kept masked (sensitive, or holding a secret): their values are gone, so
     # the entry cannot be redriven; the producer sends such work again.
     masked_args: list[str] = field(default_factory=list)

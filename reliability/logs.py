@@ -11,12 +11,62 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
+from celery.worker.consumer import consumer as celery_consumer
 from structlog.typing import EventDict, WrappedLogger
 
 from reliability.security import Masker
+
+# What replaces the message body and headers Celery's consumer prints when it drops a
+# message (they hold the arguments, and the producer's argsrepr/kwargsrepr, in clear).
+BODY_NOT_LOGGED = "[message body not logged]"
+# Longest first line kept of such a log line.
+DUMP_LINE_CHARS = 300
+
+
+def _first_line(event: str) -> str:
+    return event.split("\n", 1)[0][:DUMP_LINE_CHARS]
+
+
+def _decode_error(event_dict: EventDict) -> str:
+    """The line of an undecodable body, from the exception Celery logs with it: its first
+    line formats the exception with ``%r``, and a ``UnicodeDecodeError``'s repr holds the
+    whole body."""
+    info = event_dict.get("exc_info")
+    exc = info[1] if isinstance(info, tuple) and len(info) == 3 else info
+    if isinstance(exc, BaseException):
+        return f"Can't decode message body: {type(exc).__name__}: {exc}"[:DUMP_LINE_CHARS]
+    return "Can't decode message body."
+
+
+# Celery's templates that dump a dropped message -> its first sentence, from the rendered
+# line (``structlog`` has already formatted and dropped the record's args).
+# The templates are module constants the stubs leave out.
+_consumer: Any = celery_consumer
+_DUMPS: dict[str, Callable[[str, EventDict], str]] = {
+    _consumer.UNKNOWN_TASK_ERROR: lambda event, _ed: _first_line(event),
+    _consumer.INVALID_TASK_ERROR: lambda event, _ed: _first_line(event),
+    _consumer.UNKNOWN_FORMAT: lambda event, _ed: _first_line(event).rstrip(),
+    _consumer.MESSAGE_DECODE_ERROR: lambda _event, ed: _decode_error(ed),
+}
+
+
+def cut_message_dumps(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Celery's consumer logs the whole body and headers of a message it drops (unknown
+    task, invalid message, undecodable body, unknown format): a ``password`` argument or
+    a task's ``sensitive_args`` value in clear. Keep the first sentence and replace the
+    dump with :data:`BODY_NOT_LOGGED`; the DLQ entry keeps the message, masked."""
+    record = event_dict.get("_record")
+    template = getattr(record, "msg", None)
+    if isinstance(template, str):
+        first = _DUMPS.get(template)
+        event = event_dict.get("event")
+        if first is not None and isinstance(event, str):
+            event_dict["event"] = f"{first(event, event_dict)} {BODY_NOT_LOGGED}"
+    return event_dict
 
 
 def drop_quiet_tracebacks(_logger: WrappedLogger, method: str, event_dict: EventDict
@@ -58,6 +108,7 @@ def configure_logging(level: str = "INFO", json_output: bool = True,
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[
+            cut_message_dumps,
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             drop_quiet_tracebacks,
             structlog.processors.format_exc_info,

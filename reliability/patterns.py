@@ -5,6 +5,12 @@
 * URL passwords: ``scheme://user:password@host`` -> ``scheme://user:***@host``;
 * sensitive query parameters: ``?api_key=...``, ``&token=...`` (names as
   :data:`SENSITIVE_KEY`) -> ``?api_key=***``;
+* ``key=value`` and ``key: value`` pairs in free text whose key is sensitive (as
+  :data:`SENSITIVE_KEY`: ``password=hunter2``, ``DB_PASSWORD = x``, ``api-key: x``,
+  ``Authorization: Basic x``) -> ``password=***``; a quoted key with a quoted value
+  (``'password': 'x'``, ``"token": "x"``, in reprs and JSON) -> ``'password': '***'``.
+  A quoted key with an unquoted value (a JSON number, ``null``) is left alone, so a
+  rendered JSON log line stays valid JSON;
 * bearer tokens: ``Bearer <token>`` -> ``Bearer ***``;
 * API keys recognisable by their prefix: ``sk_live_``/``sk_test_``/``rk_live_``/``rk_test_``
   (Stripe), ``whsec_``, GitHub ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``/``github_pat_``,
@@ -48,6 +54,67 @@ _QUERY = re.compile(
     r"([?&])([A-Za-z0-9_.\-]{0,32}?(?i:pass|secret|token|api[_-]?key|authorization|credential"
     r"|private[_-]?key|cvv|cvc)[A-Za-z0-9_.\-]{0,32})=[^&\s\"'<>#]++"
 )
+# key=value / key: value where the key holds a sensitive word (SENSITIVE_KEY's words; a
+# key containing the word is sensitive, as for dict keys). Found from the separator, which
+# leads: the key is read backwards by matching the *reversed* text (a separator, an
+# optional quote, then at most 32 key characters before the reversed word — bounded), so
+# the scan is a C-speed search for ':' or '='; each hit's value is then read forwards.
+# The reversed words start with one character class, each alternative then checked by a
+# lookbehind on that character (no alternation tried at non-candidate characters). A
+# separator followed by '/' (``https://``) is a URL's, not a pair's.
+_REVERSED_WORDS = (
+    r"[stnylvcSTNYLVC](?:(?<=[sS])(?i:sap)|(?<=[tT])(?i:erces)|(?<=[nN])(?i:ekot|oitazirohtua)"
+    r"|(?<=[yY])(?i:ek[_-]?ipa|ek[_-]?etavirp)|(?<=[lL])(?i:aitnederc)|(?<=[vV])(?i:vc)"
+    r"|(?<=[cC])(?i:vc))"
+)
+_SENSITIVE_KEY_BEFORE = re.compile(
+    r"[:=](?<!/[:=])[ \t]{0,4}+(?P<quote>[\"']\\?)?[A-Za-z0-9_\-]{0,32}?" + _REVERSED_WORDS
+)
+# The value after a quoted key (repr/JSON): a quoted value only, up to its closing quote
+# (a number or null after a quoted key is left alone, so rendered JSON stays valid).
+_QUOTED_VALUE = r"(?:[^\\\"'\n]|\\[^\"'\n]){1,4096}+"
+_VALUE_AFTER_QUOTED_KEY = re.compile(r"[ \t]{0,4}+\\?[\"'](" + _QUOTED_VALUE + ")")
+# The value after a bare key: quoted, or a run of non-space, non-delimiter characters;
+# an auth scheme (``Authorization: Basic x``) is kept.
+_VALUE_AFTER_BARE_KEY = re.compile(
+    r"[ \t]{0,4}+(?:(?i:bearer|basic|token|digest)[ \t]{1,4}+)?"
+    r"(?:\\?[\"'](" + _QUOTED_VALUE + r")|([^\s\"'\\,;&<>]{1,4096}+))"
+)
+
+
+def _mask_key_values(text: str) -> str:
+    """``text`` with the value of every sensitive ``key=value`` / ``key: value`` masked."""
+    if "=" not in text and ":" not in text:
+        return text
+    reverse = text[::-1]
+    last = len(text) - 1
+    spans: list[tuple[int, int]] = []
+    covered = -1
+    # Reversed matches come last-separator first: walk them in the text's order.
+    for hit in reversed(list(_SENSITIVE_KEY_BEFORE.finditer(reverse))):
+        separator = last - hit.start()
+        if separator < covered:
+            continue  # inside the value masked just before ("password=token=x")
+        reader = _VALUE_AFTER_QUOTED_KEY if hit.group("quote") else _VALUE_AFTER_BARE_KEY
+        value = reader.match(text, separator + 1)
+        if value is None:
+            continue
+        group = 1 if value.group(1) is not None else 2
+        start, end = value.span(group)
+        spans.append((start, end))
+        covered = end
+    if not spans:
+        return text
+    out: list[str] = []
+    position = 0
+    for start, end in spans:
+        out.append(text[position:start])
+        out.append(MASK)
+        position = end
+    out.append(text[position:])
+    return "".join(out)
+
+
 # Bearer tokens: led by the literal "earer" (then checked for its B), at least 8
 # token characters so prose ("Bearer tokens expire") stays readable.
 _TOKEN_CHARS = r"[A-Za-z0-9\-._~+/]{8,}+=*+"
@@ -170,6 +237,7 @@ def _sub(
 _STEPS: tuple[_Step, ...] = (
     ("://", _sub(_URL, r"://\1:" + MASK + "@")),
     ("=", _sub(_QUERY, r"\1\2=" + MASK)),
+    ("", _mask_key_values),
     ("earer", _sub(_BEARER, r"earer\1" + MASK)),
     ("EARER", _sub(_BEARER_UPPER, r"EARER\1" + MASK)),
     *((literal, _sub(pattern, replacement)) for literal, pattern, replacement in _PREFIXED_KEYS),

@@ -56,6 +56,8 @@ def check_size(size: int, max_bytes: int) -> None:
 def check_item(item: bytes | str, max_bytes: int) -> dict[str, Any]:
     """The kombu envelope held by a raw Redis queue item, or :class:`Poison`."""
     raw = item.encode("utf-8", "surrogateescape") if isinstance(item, str) else item
+    if not raw:
+        raise Poison("empty", "an empty item (no message at all)")
     check_size(len(raw), max_bytes)
     try:
         text = raw.decode("utf-8")
@@ -116,19 +118,36 @@ def raw_excerpt(item: bytes | str, mask: Callable[[bytes], bytes] | None = None)
 
 # Producer headers longer than this are refused (the message is dead-lettered as poison).
 MAX_HEADER_CHARS = 1024
+# Celery's task ids are UUIDs; a longer id is refused (it lands in key names and results).
+MAX_TASK_ID_CHARS = 255
+# The body's third element as Celery writes it: each key, and whether it holds a list of
+# signatures (callbacks, errbacks, chain) or one signature (chord). Any other key would
+# overwrite a field of the request (``id``, ``delivery_info``...) in the pool child.
+EMBED_KEYS = {"callbacks": list, "errbacks": list, "chain": list, "chord": dict}
 
 
-def malformed(headers: dict[str, Any], args: Any, kwargs: Any) -> str | None:
+def usable_task_id(value: Any) -> bool:
+    """A task id the worker can key a result or a DLQ entry by: 1-255 characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_TASK_ID_CHARS
+
+
+def malformed(headers: dict[str, Any], args: Any, kwargs: Any, embed: Any = None) -> str | None:
     """What is wrong with a task message's shape, or None. Checked by the worker's parent
     before the message reaches a pool child, so garbage is dead-lettered as poison instead
-    of failing inside Celery (or the pool's time-limit thread)."""
-    task_id = headers.get("id")
-    if not isinstance(task_id, str) or not task_id or len(task_id) > 255:
-        return "the task id is not a string of 1-255 characters"
+    of failing inside Celery (or the pool's time-limit thread).
+
+    ``embed`` is the body's third element (Celery's callbacks, errbacks, chain, chord):
+    Celery merges it into the request with ``**embed`` and runs what it names after the
+    body, so a wrong shape would lose the message or fail it after its effect."""
+    if not usable_task_id(headers.get("id")):
+        return f"the task id is not a string of 1-{MAX_TASK_ID_CHARS} characters"
     if not isinstance(args, list | tuple):
         return f"args is a {type(args).__name__}, not a list"
     if not isinstance(kwargs, dict):
         return f"kwargs is a {type(kwargs).__name__}, not an object"
+    problem = _embed_problem(embed)
+    if problem:
+        return problem
     for name in PRODUCER_HEADERS:
         value = headers.get(name)
         if value is None:
@@ -171,3 +190,37 @@ def dead_letter(raw: bytes, queue: str, poison: Poison) -> bool:
     except Exception:
         log.exception("poison_sink_failed", queue=queue, kind=poison.kind)
         return False
+
+def _embed_problem(embed: Any) -> str | None:
+    """What is wrong with the body's embed (None or an object of :data:`EMBED_KEYS`)."""
+    if embed is None:
+        return None
+    if not isinstance(embed, dict):
+        kind = type(embed).__name__
+        return f"the body's third element (callbacks, chain, ...) is a {kind}, not an object"
+    for key, value in embed.items():
+        shape = EMBED_KEYS.get(key) if isinstance(key, str) else None
+        if shape is None:
+            return f"the body's third element has an unknown key {str(key)[:40]!r}"
+        if value is None:
+            continue
+        if shape is dict:
+            if not _signature(value):
+                return f"{key!r} is not a task signature (an object with a 'task' name)"
+        elif not isinstance(value, list) or not all(_signature(item) for item in value):
+            return f"{key!r} is not a list of task signatures (objects with a 'task' name)"
+    return None
+
+
+def _signature(value: Any) -> bool:
+    """A Celery signature as JSON: an object with a task name, and its args, kwargs and
+    options (if given) of the types Celery reads. Nested signatures (a group's tasks)
+    are Celery's to read when it applies them."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("task"), str)
+        and bool(value["task"])
+        and isinstance(value.get("args", ()), list | tuple | None)
+        and isinstance(value.get("kwargs", {}), dict | None)
+        and isinstance(value.get("options", {}), dict | None)
+    )

@@ -57,6 +57,7 @@ class ReliableRequest(Request):
     _task: Any
     _app: Any
     _eventer: Any
+    _payload: Any
     _already_revoked: bool
     _already_cancelled: bool
 
@@ -71,7 +72,9 @@ class ReliableRequest(Request):
         source = message.headers if headers is None else headers
         correlation_id = (source or {}).get(CORRELATION_ID)
         super().__init__(message, *args, **kwargs)
-        problem = malformed(self._request_dict, self._args, self._kwargs)
+        # Celery keeps the decoded body (args, kwargs, embed) as its `_payload`; the embed
+        # (callbacks, errbacks, chain, chord) is merged into the pool child's request.
+        problem = malformed(self._request_dict, self._args, self._kwargs, self._payload[2])
         if problem:
             # Celery's consumer dead-letters it as poison (ReliableConsumer.on_invalid_task).
             raise InvalidTaskError(f"malformed task message: {problem}")

@@ -64,10 +64,13 @@ def key_token(value: str) -> str:
     """``value`` as a Redis key part: verbatim when short and safe, else :func:`hashed_token`.
 
     Producer headers (``idempotency_key``, ``tenant_id``) and ids land in key names;
-    only a short ``[A-Za-z0-9_.-]`` value is kept readable, never one that could hold a
-    secret, a separator or a glob.
+    only a short ``[A-Za-z0-9_.-]`` value that the pattern masker leaves alone is kept
+    readable — never one that could hold a separator or a glob, nor a card number or an
+    API key (``4012888888881881``, ``sk_live_...``) used as an idempotency key.
     """
-    return value if _SAFE_KEY_PART.fullmatch(value) else hashed_token(value)
+    if _SAFE_KEY_PART.fullmatch(value) and mask_patterns(value) == value:
+        return value
+    return hashed_token(value)
 
 
 class Masker:

@@ -200,7 +200,11 @@ class Channel(kombu_redis.Channel):
 
     def _reply(self, command: str, **options: Any) -> Any:
         """The blocking pop's reply; ``Empty`` when it timed out, None when the channel
-        is closing and the connection is gone (a close must not fail: celery#9250)."""
+        is closing and the connection is gone (a close must not fail: celery#9250).
+
+        A timeout is a nil reply; an empty item (``LPUSH q ""``) is ``b""``, already moved
+        into the processing list: it is delivered (and dead-lettered as poison there),
+        never read as a timeout, or it would stay in that list forever."""
         try:
             reply = self.client.parse_response(self.client.connection, command, **options)
         except self.connection_errors:
@@ -209,7 +213,7 @@ class Channel(kombu_redis.Channel):
             if self._closing:
                 return None
             raise
-        if not reply:
+        if reply is None:
             raise Empty()
         return reply
 
@@ -233,7 +237,7 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
                 item = client.rpop(self._q_for_pri(queue, pri))
-                if item:
+                if item is not None:  # b"" is an empty item (poison), not an empty queue
                     try:
                         return check_item(item, self.max_message_bytes)
                     except Poison as poison:

@@ -67,15 +67,29 @@ ERRORS = [
     (["limits", "reset", "nope"], 1, r"no rate limit named 'nope'"),
     (
         ["limits", "set", "payment-gateway", "--max-requests", "3"],
-        1,
+        2,
         r"rate limit payment-gateway is gcra: set --rate and/or --burst$",
     ),
-    (["limits", "set", "payment-gateway"], 1, r"is gcra: set --rate and/or --burst$"),
-    (["limits", "set", "payment-gateway", "--rate", "0"], 1, r"must be positive"),
+    (["limits", "set", "payment-gateway"], 2, r"is gcra: set --rate and/or --burst$"),
+    (
+        ["limits", "set", "payment-gateway", "--rate", "0"],
+        2,
+        r"^reliable limits: error: argument --rate: a number above 0 expected, got '0'",
+    ),
+    (
+        ["limits", "set", "payment-gateway", "--rate", "-5"],
+        2,
+        r"^reliable limits: error: argument --rate: a number above 0 expected, got '-5'",
+    ),
+    (
+        ["limits", "set", "payment-gateway", "--burst", "0"],
+        2,
+        r"argument --burst: a whole number of at least 1 expected, got '0'",
+    ),
     (
         ["limits", "set", "payment-gateway", "--rate", "fast"],
         2,
-        r"^reliable limits: error: argument --rate: invalid float value: 'fast'",
+        r"^reliable limits: error: argument --rate: a number above 0 expected, got 'fast'",
     ),
     (
         ["limits", "reset", "payment-gateway", "--scope", "acme"],
@@ -93,7 +107,14 @@ ERRORS = [
     (["breakers", "reset"], 2, r"breakers reset needs a breaker name"),
     (["frobnicate"], 2, r"^reliable: error: argument command: invalid choice: 'frobnicate'"),
     ([], 2, r"^reliable: error: the following arguments are required: command"),
-    (["ledger", "-n", "many"], 2, r"argument -n/--count: invalid int value: 'many'"),
+    (["ledger", "-n", "many"], 2, r"argument -n/--count: a whole number of at least 1 expected"),
+    (["ledger", "-n", "-3"], 2, r"argument -n/--count: a whole number of at least 1 expected"),
+    (["ledger", "-n", "0"], 2, r"argument -n/--count: a whole number of at least 1 expected"),
+    (["run", "-c", "0"], 2, r"argument -c/--concurrency: a whole number of at least 1"),
+    (["dlq", "list", "--limit", "-1"], 2, r"argument --limit: a whole number of at least 1"),
+    (["dlq", "list", "--offset", "-1"], 2, r"argument --offset: a whole number of at least 0"),
+    (["dlq", "list", "--since-minutes", "-5"], 2, r"argument --since-minutes: a number above 0"),
+    (["dlq", "purge", "--since-minutes", "nan"], 2, r"argument --since-minutes: a number above"),
     (["ledger", "--since", "1h"], 2, r"unrecognized arguments: --since 1h"),
     (["dlq", "show", "0123abcd"], 1, r"^reliable dlq: error: no DLQ entry 0123abcd$"),
     (["dlq", "retry", "0123abcd"], 1, r"^reliable dlq: error: no DLQ entry 0123abcd$"),
@@ -110,6 +131,34 @@ def test_every_error_is_one_line_on_stderr_with_a_non_zero_exit(
     cli_env: Environment, args: list[str], code: int, pattern: str
 ) -> None:
     assert_one_line_error(reliable(cli_env.env(), *args), code, pattern)
+
+
+def test_a_limit_set_the_limit_itself_refuses_is_a_usage_error(cli_env: Environment) -> None:
+    costly = '{"costly": {"kind": "gcra", "rate": 5, "burst": 4, "cost": 2}}'
+    done = reliable(
+        cli_env.env(RELIABLE_RATE_LIMITS=costly), "limits", "set", "costly", "--burst", "1"
+    )
+    assert_one_line_error(
+        done,
+        2,
+        r"^reliable: error: rate limit costly: cost 2 exceeds what the limit ever "
+        r"admits at once \(1\); such a call could never conform$",
+    )
+
+
+def test_a_closed_stdout_ends_a_command_quietly(cli_env: Environment) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "dlq", "list"],
+        cwd=ROOT,
+        env=cli_env.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert stderr == ""
 
 
 @pytest.mark.parametrize(

@@ -251,6 +251,7 @@ def deeply_nested() -> bytes:
 @pytest.mark.parametrize(
     "item, kind",
     [
+        (b"", "empty"),
         (b"not json", "not_json"),
         (b"\xff\xfe\x00garbage", "not_utf8"),
         (b"[1, 2]", "bad_envelope"),
@@ -265,6 +266,7 @@ def deeply_nested() -> bytes:
         (b"x" * (MAX_BYTES + 1), "too_large"),
     ],
     ids=[
+        "empty",
         "text",
         "binary",
         "json-list",

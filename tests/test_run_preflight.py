@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from celery import Celery
 
 from reliability import ReliableTask
@@ -18,7 +20,7 @@ from reliability.ratelimit import RateLimit
 from reliability.runtime import Runtime
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, task_modules
-from worker.preflight import EX_CONFIG, unresolved_names
+from worker.preflight import EX_CONFIG, missing_task_modules, unresolved_names
 
 # Loaded by the workers below through RELIABLE_WORKER__TASK_MODULES.
 if os.environ.get("PREFLIGHT_TASKS") == "breaker":
@@ -86,6 +88,37 @@ def test_a_worker_whose_task_names_an_undefined_rate_limit_exits_with_one_line(
         "configuration error: task exports.typo names rate limit 'analytics-exprt', which "
         "RELIABLE_RATE_LIMITS does not define (known: analytics-export, "
         "notification-per-user, payment-gateway, test-limit)"
+    ]
+
+
+@pytest.mark.parametrize("program", ["worker", "beat"])
+def test_a_task_module_that_does_not_exist_stops_worker_and_beat_with_one_line(
+    redis_url: str, tmp_path: Path, program: str
+) -> None:
+    env = Environment(redis_url=redis_url).env(
+        PYTHONWARNINGS="ignore",
+        RELIABLE_WORKER__TASK_MODULES='["tasks.payments", "nonexistent.module"]',
+    )
+    extra = ["-s", str(tmp_path / "schedule")] if program == "beat" else ["-P", "solo"]
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", program, *extra, "-l", "INFO"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert done.stderr.splitlines() == [
+        "configuration error: RELIABLE_WORKER__TASK_MODULES names module "
+        "'nonexistent.module', which cannot be imported (No module named 'nonexistent')"
+    ]
+
+
+def test_missing_task_modules_names_each_one_and_passes_existing_ones() -> None:
+    assert missing_task_modules(["tasks.payments", "worker.beat"]) == []
+    assert missing_task_modules(["tasks.nope", "tasks.payments.sub"]) == [
+        "RELIABLE_WORKER__TASK_MODULES names module 'tasks.nope', which cannot be imported "
+        "(No module named 'tasks.nope')",
+        "RELIABLE_WORKER__TASK_MODULES names module 'tasks.payments.sub', which cannot be "
+        "imported (__path__ attribute not found on 'tasks.payments' while trying to find "
+        "'tasks.payments.sub')",
     ]
 
 

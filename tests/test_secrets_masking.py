@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -122,6 +123,52 @@ def test_a_card_among_other_digit_groups_is_found() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("login failed password=hunter2 user=bob", "login failed password=*** user=bob"),
+        ("DB_PASSWORD = hunter2;next", "DB_PASSWORD = ***;next"),
+        ("x-api-key: abc123, retry", "x-api-key: ***, retry"),
+        (
+            "APIKEY=k1 SECRET=s1 Credential=c1 private_key=p1 CVC: 123",
+            "APIKEY=*** SECRET=*** Credential=*** private_key=*** CVC: ***",
+        ),
+        ('password="two words" next', 'password="***" next'),
+        ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic ***"),
+        ("Authorization: Bearer eyJhbGciOi.J9.abc", "Authorization: Bearer ***"),
+        # Celery's dumps of a body and of headers (reprs) and JSON.
+        ("{'password': 'PW secret', 'amount': 5}", "{'password': '***', 'amount': 5}"),
+        (
+            '{"api_key": "k 1", "token_count": 5, "token": null}',
+            '{"api_key": "***", "token_count": 5, "token": null}',
+        ),
+        ("password=token=abc next", "password=*** next"),
+        ("password=***", "password=***"),
+    ],
+)
+def test_sensitive_key_value_pairs_in_free_text_are_masked(text: str, masked: str) -> None:
+    assert mask_patterns(text) == masked
+
+
+def test_key_value_masking_keeps_rendered_json_valid_and_other_pairs_readable() -> None:
+    body = json.dumps({"password": "abc xyz", "user": "bob"})
+    line = json.dumps({"event": f"body: {body} token=T1", "token_count": 3, "level": "info"})
+    masked = mask_patterns(line)
+    assert json.loads(masked) == {
+        "event": 'body: {"password": "***", "user": "bob"} token=***',
+        "token_count": 3,
+        "level": "info",
+    }
+    for kept in (
+        "amount=1999 currency=EUR",
+        "https://h/x:8080",
+        "token:",
+        "'secret': ''",
+        "Bearer tokens expire",
+    ):
+        assert mask_patterns(kept) == kept
+
+
+@pytest.mark.parametrize(
     "kept",
     [
         "order 4111111111111112",  # fails Luhn: an order id, not a card
@@ -151,6 +198,8 @@ ADVERSARIAL_2MB: dict[str, str] = {
     "query parameters": "&tokentokentokentokentokentoken" * 64_000,
     "bearer words": "Bearer x " * 222_223,
     "key prefixes": "sk_live_" * 250_000,
+    "key characters before '='": ("a" * 32 + "=") * 60_607,
+    "sensitive pairs": "token=xxx " * 200_000,
 }
 
 
@@ -358,7 +407,20 @@ def test_sensitive_args_must_name_parameters(app: Celery) -> None:
 
 def test_key_tokens_keep_short_safe_values_and_hash_the_rest() -> None:
     assert key_token("order-42_a.b") == "order-42_a.b"
-    for unsafe in ("https://u:pw@h", "a" * 65, "x:y", "*", "a b", ""):
+    assert key_token("4111111111111112") == "4111111111111112"  # fails Luhn: not a card
+    # Safe characters, but what the masker would hide: a card, a prefixed API key.
+    for unsafe in (
+        "https://u:pw@h",
+        "a" * 65,
+        "x:y",
+        "*",
+        "a b",
+        "",
+        "4012888888881881",
+        "4012-8888-8888-1881",
+        "sk_live_abcdefgh1234",
+        "ghp_" + "a" * 36,
+    ):
         token = key_token(unsafe)
         assert token == "sha256=" + hashlib.sha256(unsafe.encode()).hexdigest()
 

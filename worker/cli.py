@@ -23,11 +23,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config import Environment, load_settings
+from config import Environment, Settings, load_settings
+from reliability.errors import ConfigurationError
 from reliability.ratelimit import RateLimit, RateLimiter
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
-from worker.console import EXIT_INTERRUPTED, EXIT_USAGE, CommandError, OneLineParser, iso, operate
+from worker.console import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandError,
+    OneLineParser,
+    UsageError,
+    iso,
+    operate,
+    positive_float,
+    positive_int,
+)
 from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
@@ -49,6 +60,36 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def service_programs(
+    settings: Settings, concurrency: int | None, with_beat: bool, with_sandbox: bool
+) -> list[Program]:
+    """What ``reliable run`` supervises: the sandbox provider (development, when the
+    providers point at it), a worker and beat. The sandbox and beat stop only after the
+    worker exited: tasks finishing in its grace still call the sandbox."""
+    programs: list[Program] = []
+    if (
+        with_sandbox
+        and settings.environment is Environment.DEVELOPMENT
+        and settings.providers.payment_base_url == SANDBOX_DEFAULT
+    ):
+        programs.append(
+            Program("sandbox", _python("worker.sandbox", "--port", "8099"), stops_last=True)
+        )
+    worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
+    if concurrency:
+        worker += ["-c", str(concurrency)]
+    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
+    if with_beat:
+        programs.append(
+            Program(
+                "beat",
+                _python("celery", "-A", "worker.app", "beat", "-l", "INFO"),
+                stops_last=True,
+            )
+        )
+    return programs
+
+
 def run(
     concurrency: int | None,
     with_beat: bool,
@@ -59,21 +100,7 @@ def run(
 ) -> int:
     settings = load_settings()
     env = dict(os.environ)
-    programs: list[Program] = []
-    if (
-        with_sandbox
-        and settings.environment is Environment.DEVELOPMENT
-        and settings.providers.payment_base_url == SANDBOX_DEFAULT
-    ):
-        programs.append(Program("sandbox", _python("worker.sandbox", "--port", "8099")))
-    worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
-    if concurrency:
-        worker += ["-c", str(concurrency)]
-    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
-    if with_beat:
-        programs.append(
-            Program("beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"))
-        )
+    programs = service_programs(settings, concurrency, with_beat, with_sandbox)
     supervisor = Supervisor(
         programs,
         env,
@@ -196,10 +223,13 @@ def limits(
         wrong = sorted(set(values) - set(allowed))
         if wrong or not values:
             options = " and/or ".join(f"--{o.replace('_', '-')}" for o in allowed)
-            raise CommandError(f"rate limit {name} is {limit.kind}: set {options}")
+            raise UsageError(f"rate limit {name} is {limit.kind}: set {options}")
         limiter = RateLimiter(store, limit)
         # Validated as the limit would be (a non-positive rate, a burst below the cost).
-        wanted = dataclasses.replace(limiter.current(), **values)
+        try:
+            wanted = dataclasses.replace(limiter.current(), **values)
+        except ConfigurationError as exc:
+            raise UsageError(str(exc)) from None
         given = set(values)
 
         def pick(name: str) -> Any:
@@ -235,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="worker + beat (+ embedded redis and sandbox), supervised")
-    p_run.add_argument("-c", "--concurrency", type=int)
+    p_run.add_argument("-c", "--concurrency", type=positive_int)
     p_run.add_argument("--no-beat", action="store_true")
     p_run.add_argument("--no-sandbox", action="store_true")
     p_run.add_argument(
@@ -255,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
         "dlq", help="the dead-letter queue CLI (see reliable dlq --help)", add_help=False
     )
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
-    p_ledger.add_argument("-n", "--count", type=int, default=50)
+    p_ledger.add_argument("-n", "--count", type=positive_int, default=50)
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
@@ -265,11 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     p_rl.add_argument("name", nargs="?")
     p_rl.add_argument("--scope", help="the tenant/user/... value of a scoped limit to reset")
     for option, kind in (
-        ("rate", float),
-        ("burst", int),
-        ("max-requests", int),
-        ("window-seconds", float),
-        ("limit", int),
+        ("rate", positive_float),
+        ("burst", positive_int),
+        ("max-requests", positive_int),
+        ("window-seconds", positive_float),
+        ("limit", positive_int),
     ):
         p_rl.add_argument(f"--{option}", type=kind)
     return parser

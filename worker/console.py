@@ -1,7 +1,10 @@
 """What every ``reliable`` operator command shares.
 
 * Errors are one line on stderr and a non-zero exit, never a traceback: bad arguments
-  exit 2 (:class:`OneLineParser`), everything else 1 (:func:`operate`).
+  exit 2 (:class:`OneLineParser`, the number types below, :class:`UsageError`),
+  everything else 1 (:func:`operate`).
+* A closed stdout (``reliable dlq list | head -1``) ends the command quietly, with the
+  status of a program killed by SIGPIPE (141), as ``head``'s other writers do.
 * Times are ISO-8601 UTC (:func:`iso`).
 * Log lines go to stderr, warnings and above only (masked, as everywhere).
 * With no Redis URL configured a command uses the running embedded Redis, or starts one
@@ -11,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,11 +32,44 @@ from worker.embedded import EmbeddedRedisError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 CLI_LOG_LEVEL = "WARNING"
 
 
 class CommandError(Exception):
     """An operator-facing failure: printed as one line, exit 1."""
+
+
+class UsageError(CommandError):
+    """Arguments argparse accepted but the command cannot use: one line, exit 2."""
+
+
+def _number(kind: type[int] | type[float], text: str, minimum: float, what: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} expected, got {text!r}") from None
+    if value < minimum or value != value:  # NaN compares false
+        raise argparse.ArgumentTypeError(f"{what} expected, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count, a limit)."""
+    return int(_number(int, text, 1, "a whole number of at least 1"))
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (an offset)."""
+    return int(_number(int, text, 0, "a whole number of at least 0"))
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a rate, seconds, minutes)."""
+    value = _number(float, text, 0, "a number above 0")
+    if value <= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a number above 0 expected, got {text!r}")
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -79,7 +117,14 @@ def operate(prog: str, action: Callable[[Any], int]) -> int:
         # only when something is wrong.
         configure_logging(CLI_LOG_LEVEL, service.settings.log.json_output, masker)
         with serving(embedded_data_dir(service.settings)):
-            return action(service)
+            code = action(service)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
+    except BrokenPipeError:
+        return _stdout_closed()
+    except UsageError as exc:
+        fail(prog, str(exc))
+        return EXIT_USAGE
     except CommandError as exc:
         return fail(prog, str(exc))
     except (BackendUnavailable, redis.exceptions.RedisError, ConnectionError) as exc:
@@ -91,3 +136,14 @@ def operate(prog: str, action: Callable[[Any], int]) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away: say nothing (stderr is not the problem, but there
+    is nothing to tell), and point stdout at /dev/null so the interpreter's last flush
+    does not fail again."""
+    with contextlib.suppress(OSError, ValueError):  # stdout may be gone or not a file
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE

@@ -17,7 +17,15 @@ from dataclasses import asdict
 from typing import Any
 
 from reliability.dlq import DeadLetter, FailureClass, Filter
-from worker.console import CommandError, OneLineParser, iso, operate
+from worker.console import (
+    CommandError,
+    OneLineParser,
+    iso,
+    non_negative_int,
+    operate,
+    positive_float,
+    positive_int,
+)
 
 PROG = "reliable dlq"
 TIME_FIELDS = ("first_failure_at", "last_failure_at")
@@ -43,12 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     def filtered(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--class", dest="failure_class", choices=[c.value for c in FailureClass])
         p.add_argument("--task", help="task name, e.g. payments.charge")
-        p.add_argument("--since-minutes", type=float)
+        p.add_argument("--since-minutes", type=positive_float)
         return p
 
     p_list = filtered(sub.add_parser("list", help="entries, newest first"))
-    p_list.add_argument("--offset", type=int, default=0)
-    p_list.add_argument("--limit", type=int, default=20)
+    p_list.add_argument("--offset", type=non_negative_int, default=0)
+    p_list.add_argument("--limit", type=positive_int, default=20)
     p_list.add_argument("--json", action="store_true")
     p_show = sub.add_parser("show", help="one entry, in full")
     p_show.add_argument("id")

@@ -1,5 +1,10 @@
 """Start-up checks: broken configuration refuses to start; missing secrets are warned of.
 
+Every module ``RELIABLE_WORKER__TASK_MODULES`` lists must exist: a worker or beat checks
+them (:func:`refuse_missing_task_modules`, on Celery's ``import_modules`` signal, which
+fires just before Celery imports them) and a missing one stops it with one line on
+stderr and exit status :data:`EX_CONFIG`, instead of a traceback.
+
 A task declares its breaker and rate limits by name (``breaker="payment"``,
 ``rate_limits=("payment-gateway",)``); the names are resolved against the settings
 (``RELIABLE_BREAKERS``, ``RELIABLE_RATE_LIMITS`` and their built-in defaults) when the
@@ -13,8 +18,9 @@ raises :class:`SystemExit`, which propagates.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -57,6 +63,36 @@ def unresolved_names(tasks: Mapping[str, Any], runtime: Runtime) -> list[str]:
 def refuse_broken_configuration(tasks: Mapping[str, Any], runtime: Runtime) -> None:
     """Exit with one line on stderr if any task names an undefined breaker or limit."""
     problems = unresolved_names(tasks, runtime)
+    if problems:
+        sys.stderr.write(f"configuration error: {'; '.join(problems)}\n")
+        sys.stderr.flush()
+        raise SystemExit(EX_CONFIG)
+
+
+# The setting that lists the task modules a worker imports.
+TASK_MODULES_SETTING = "RELIABLE_WORKER__TASK_MODULES"
+
+
+def missing_task_modules(modules: Iterable[str]) -> list[str]:
+    """One sentence per listed module that cannot be found (without importing it; only
+    the packages above it are imported, as its import would)."""
+    problems: list[str] = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+            why = f"No module named {name!r}"
+        except ModuleNotFoundError as exc:
+            found, why = False, str(exc)
+        if not found:
+            problems.append(
+                f"{TASK_MODULES_SETTING} names module {name!r}, which cannot be imported ({why})"
+            )
+    return problems
+
+
+def refuse_missing_task_modules(modules: Iterable[str]) -> None:
+    """Exit with one line on stderr if a listed task module does not exist."""
+    problems = missing_task_modules(modules)
     if problems:
         sys.stderr.write(f"configuration error: {'; '.join(problems)}\n")
         sys.stderr.flush()

@@ -106,6 +106,13 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         if heartbeat is not None:
             heartbeat.stop(deregister=True)
 
+    def check_task_modules(**_: Any) -> None:
+        # Fires just before Celery imports the task modules (worker and beat): a missing
+        # one is one line and exit 78, not a traceback. SystemExit passes Celery's
+        # signal dispatch, which would swallow an Exception.
+        preflight.refuse_missing_task_modules(settings.worker.task_modules)
+
+    signals.import_modules.connect(check_task_modules, weak=False)
     signals.setup_logging.connect(setup_logging, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.beat_init.connect(own_embedded_redis, weak=False)

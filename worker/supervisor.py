@@ -13,7 +13,10 @@ Ctrl-C reaches only the supervisor, which forwards it deliberately:
   Celery cancels running tasks after its soft-shutdown grace and hands their messages
   back —, the others SIGKILL); a third SIGKILLs every process group it started. A
   shutdown step the children have not finished within ``grace_seconds`` escalates by
-  itself, so stopping always ends, and nothing it started outlives it.
+  itself, so stopping always ends, and nothing it started outlives it;
+* programs marked ``stops_last`` (beat, the sandbox provider the tasks call) are stopped
+  only once every other program (the workers) has exited: a task finishing in the
+  worker's grace can still call the sandbox instead of failing and being retried.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Program:
     name: str
     argv: list[str]
     cold_signal: int = signal.SIGKILL  # Celery workers: SIGQUIT (cold shutdown)
+    stops_last: bool = False  # stopped only after the other programs exited
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Supervisor:
         self._seen = 0  # stop signals acted on
         self._level = 0  # 0 running, 1 warm shutdown, 2 cold shutdown, 3 killed
         self._deadline: float | None = None  # when the shutdown escalates by itself
+        self._last_stopped_at = 0  # the shutdown level at which stops_last children were
         self._code = 0
 
     def run(self) -> int:
@@ -127,6 +132,7 @@ class Supervisor:
             self._seen += 1
             self._escalate("on request")
         if self.stopping:
+            self._stop_last()
             if self._deadline is not None and time.monotonic() > self._deadline:
                 self._escalate(f"(still running after {self.grace_seconds:.0f} s)")
             return
@@ -189,16 +195,47 @@ class Supervisor:
         if self._level == 1:
             if why:
                 self.say(f"warm shutdown {why} (Ctrl-C again for a cold shutdown)")
-            for child in running:
-                self._signal(child, signal.SIGTERM)
         elif self._level == 2:
             self.say(f"cold shutdown {why} (Ctrl-C again to kill)")
-            for child in running:
-                self._signal(child, child.program.cold_signal)
         else:
             self.say(f"killing every process {why}")
             self._deadline = None
             self._signal_groups(signal.SIGKILL)
+            return
+        for child in running:
+            if not child.program.stops_last:
+                self._signal(child, self._stop_signal(child))
+        self._stop_last()
+
+    def _stop_signal(self, child: _Child) -> int:
+        return signal.SIGTERM if self._level == 1 else child.program.cold_signal
+
+    def _stop_last(self) -> None:
+        """Once the other programs have exited, stop the ``stops_last`` ones (at the
+        current level; their grace counts from now)."""
+        if self._last_stopped_at >= self._level or self._level >= 3:
+            return
+        if any(
+            c.proc is not None and c.proc.poll() is None and not c.program.stops_last
+            for c in self.children
+        ):
+            return
+        self._last_stopped_at = self._level
+        last = [
+            c
+            for c in self.children
+            if c.program.stops_last and c.proc is not None and c.proc.poll() is None
+        ]
+        if not last:
+            return
+        if self._level == 1 and len(last) < len(self.children):
+            self.say(
+                f"stopping {', '.join(c.program.name for c in last)} "
+                f"(the other processes have exited)"
+            )
+        self._deadline = time.monotonic() + self.grace_seconds
+        for child in last:
+            self._signal(child, self._stop_signal(child))
 
     def _signal(self, child: _Child, sig: int) -> None:
         if child.proc is not None:
