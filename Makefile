@@ -18,8 +18,10 @@ run: install  ## worker + beat (+ sandbox provider) on an embedded Redis unless 
 test: install  ## the whole test suite (real Redis if one answers, else an embedded one)
 	$(BIN)/python -m pytest
 
-lint: install
+lint: install  ## ruff, ruff format --check, mypy --strict (reliability/, config/)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 typecheck: install  ## mypy --strict on reliability/ and config/ ([tool.mypy] in pyproject.toml)
 	$(BIN)/mypy

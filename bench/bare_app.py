@@ -24,10 +24,16 @@ from worker.celeryconfig import FUSED_BACKEND, celery_config
 # worker.app settings the baseline deliberately leaves out: they are the guards (the
 # reliable consumer, the atomic-pop broker transport), loading of the service's tasks,
 # logging set-up and beat.
-NOT_SHARED = frozenset({
-    "worker_consumer", "broker_transport", "include", "worker_hijack_root_logger",
-    "beat_schedule", "beat_schedule_filename",
-})
+NOT_SHARED = frozenset(
+    {
+        "worker_consumer",
+        "broker_transport",
+        "include",
+        "worker_hijack_root_logger",
+        "beat_schedule",
+        "beat_schedule_filename",
+    }
+)
 
 
 def bare_config(settings: Settings) -> dict[str, Any]:
@@ -62,9 +68,11 @@ def differences() -> list[str]:
     """Settings where this app and ``worker.app`` disagree (imports ``worker.app``)."""
     from worker.app import app as reliable
 
-    return [f"{key}: bare={value!r} reliable={reliable.conf[key]!r}"
-            for key, value in bare_config(settings).items()
-            if reliable.conf[key] != value and key != "result_backend"]
+    return [
+        f"{key}: bare={value!r} reliable={reliable.conf[key]!r}"
+        for key, value in bare_config(settings).items()
+        if reliable.conf[key] != value and key != "result_backend"
+    ]
 
 
 if __name__ == "__main__":

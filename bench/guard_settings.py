@@ -38,26 +38,33 @@ BREAKERS: dict[str, dict[str, Any]] = {
         "recovery_timeout_seconds": 30.0,
         "half_open_max_calls": 2,
         "success_threshold": 2,
-    },
+    }
 }
 
 
-def rate_limits(utilisation_rate: float = UTILISATION_RATE,
-                utilisation_burst: int = UTILISATION_BURST) -> dict[str, dict[str, Any]]:
+def rate_limits(
+    utilisation_rate: float = UTILISATION_RATE, utilisation_burst: int = UTILISATION_BURST
+) -> dict[str, dict[str, Any]]:
     """The bench's named limits (``RELIABLE_RATE_LIMITS``)."""
     return {
         LIMIT: {"kind": "gcra", "rate": LIMIT_RATE, "burst": LIMIT_BURST, "per": "global"},
-        UTILISATION_LIMIT: {"kind": "gcra", "rate": utilisation_rate,
-                            "burst": utilisation_burst, "per": "global"},
+        UTILISATION_LIMIT: {
+            "kind": "gcra",
+            "rate": utilisation_rate,
+            "burst": utilisation_burst,
+            "per": "global",
+        },
     }
 
 
-def worker_settings_env(utilisation_rate: float = UTILISATION_RATE,
-                        utilisation_burst: int = UTILISATION_BURST) -> dict[str, str]:
+def worker_settings_env(
+    utilisation_rate: float = UTILISATION_RATE, utilisation_burst: int = UTILISATION_BURST
+) -> dict[str, str]:
     """The two settings variables, for a worker's environment."""
-    return {"RELIABLE_BREAKERS": json.dumps(BREAKERS),
-            "RELIABLE_RATE_LIMITS": json.dumps(rate_limits(utilisation_rate,
-                                                           utilisation_burst))}
+    return {
+        "RELIABLE_BREAKERS": json.dumps(BREAKERS),
+        "RELIABLE_RATE_LIMITS": json.dumps(rate_limits(utilisation_rate, utilisation_burst)),
+    }
 
 
 def admitted_key(prefix: str) -> str:
@@ -66,7 +73,9 @@ def admitted_key(prefix: str) -> str:
 
 
 # KEYS admitted list   ARGV now ('' = Redis TIME): one round trip, stamped on Redis time.
-STAMP = scripts.compose(body="""
+STAMP = scripts.compose(
+    body="""
 redis.call('RPUSH', KEYS[1], string.format('%.6f', now))
 return 1
-""")
+"""
+)

@@ -40,8 +40,11 @@ PERCENTILES = (50, 90, 99, 99.9)
 TARGET_P99_RATIO = 1.5
 # The judged series, and references that show where the time goes: the same admission
 # with fewer guards, and an EVALSHA of a script that only reads the clock (the prelude).
-GUARDS = {"idempotency": ("idempotency",), "idempotency+breaker": ("idempotency", "breaker"),
-          "idempotency+breaker+limits": ("idempotency", "breaker", "limits")}
+GUARDS = {
+    "idempotency": ("idempotency",),
+    "idempotency+breaker": ("idempotency", "breaker"),
+    "idempotency+breaker+limits": ("idempotency", "breaker", "limits"),
+}
 JUDGED = "admission(idempotency+breaker+limits)"
 NOOP_SCRIPT = scripts.compose(body="return 1")
 
@@ -66,12 +69,15 @@ class Latency:
 
     @property
     def p99_ratio(self) -> float:
-        return (self.percentiles(self.samples[JUDGED])["p99"]
-                / self.percentiles(self.samples["SET"])["p99"])
+        return (
+            self.percentiles(self.samples[JUDGED])["p99"]
+            / self.percentiles(self.samples["SET"])["p99"]
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "iterations": self.iterations, "warmup": self.warmup,
+            "iterations": self.iterations,
+            "warmup": self.warmup,
             "admission_script": {"sha": self.script_sha, "series": JUDGED},
             "verdicts": self.verdicts,
             "admission_us": self.percentiles(self.samples[JUDGED]),
@@ -85,15 +91,23 @@ class Latency:
 
 def _runtime(redis_url: str, prefix: str) -> Runtime:
     """The runtime a bench worker builds (testing environment, the bench's guards)."""
-    settings = Settings(environment="testing", redis={"url": redis_url, "key_prefix": prefix},
-                        breakers=guard_settings.BREAKERS,
-                        rate_limits=guard_settings.rate_limits())
-    return Runtime(Store(redis_url, prefix), runtime_config(settings),
-                   breakers=breaker_configs(settings), rate_limits=rate_limits(settings))
+    settings = Settings(
+        environment="testing",
+        redis={"url": redis_url, "key_prefix": prefix},
+        breakers=guard_settings.BREAKERS,
+        rate_limits=guard_settings.rate_limits(),
+    )
+    return Runtime(
+        Store(redis_url, prefix),
+        runtime_config(settings),
+        breakers=breaker_configs(settings),
+        rate_limits=rate_limits(settings),
+    )
 
 
-def _admission_call(rt: Runtime, n: int, guards: tuple[str, ...]
-                    ) -> tuple[str, list[str], list[Any]]:
+def _admission_call(
+    rt: Runtime, n: int, guards: tuple[str, ...]
+) -> tuple[str, list[str], list[Any]]:
     """Script, KEYS and ARGV of delivery ``n`` of a task declaring ``guards``, built as
     ``Pipeline._admit`` builds them (in its order: idempotency, breaker, limits)."""
     keys, cfg, tag = rt.store.keys, rt.config, guard_settings.BREAKER
@@ -106,18 +120,33 @@ def _admission_call(rt: Runtime, n: int, guards: tuple[str, ...]
     breaker = rt.breakers.get(guard_settings.BREAKER)
     breaker_keys, breaker_args = breaker.keys, [breaker.name, *breaker.config.args(), owner]
     limit_keys, limit_args = ratelimit.admission_args(
-        rt.store, TASK, [limit], owner, None, lambda: arguments)
+        rt.store, TASK, [limit], owner, None, lambda: arguments
+    )
     every = {
-        "idempotency": Part(idempotency.FRAGMENT, [keys.idem(tag, key), keys.leases],
-                            [idempotency.fingerprint(arguments), owner, cfg.lease_seconds,
-                             int(cfg.result_ttl_seconds), str(n)]),
+        "idempotency": Part(
+            idempotency.FRAGMENT,
+            [keys.idem(tag, key), keys.leases],
+            [
+                idempotency.fingerprint(arguments),
+                owner,
+                cfg.lease_seconds,
+                int(cfg.result_ttl_seconds),
+                str(n),
+            ],
+        ),
         "breaker": Part(ADMISSION, breaker_keys, breaker_args),
         "limits": Part(ratelimit.fragment(1), limit_keys, limit_args),
     }
     parts = [every[g] for g in guards]
     script, all_keys, all_args = admission.layout(
-        parts, ledger=keys.ledger, ledger_max=cfg.ledger_max_len, task_id=task_id, name=TASK,
-        attempt=1, dlv_ttl_ms=int(cfg.delivery_ttl_seconds * 1000))
+        parts,
+        ledger=keys.ledger,
+        ledger_max=cfg.ledger_max_len,
+        task_id=task_id,
+        name=TASK,
+        attempt=1,
+        dlv_ttl_ms=int(cfg.delivery_ttl_seconds * 1000),
+    )
     return script.source, all_keys, all_args
 
 
@@ -141,7 +170,7 @@ def measure_latency(redis_url: str, iterations: int, warmup: int) -> Latency:
             t0 = clock()
             store.run(NOOP_SCRIPT, [], [""], "noop")
             return (clock() - t0) / 1000
-        lua, keys, args = _admission_call(rt, n, GUARDS[name[len("admission("):-1]])
+        lua, keys, args = _admission_call(rt, n, GUARDS[name[len("admission(") : -1]])
         t0 = clock()
         reply = store.run(lua, keys, args, "admission")
         elapsed = (clock() - t0) / 1000

@@ -26,8 +26,9 @@ def _client() -> redis.Redis:
     pid = os.getpid()
     if pid not in _clients:
         _clients.clear()
-        _clients[pid] = redis.Redis.from_url(os.environ["RELIABLE_REDIS__URL"],
-                                             decode_responses=True)
+        _clients[pid] = redis.Redis.from_url(
+            os.environ["RELIABLE_REDIS__URL"], decode_responses=True
+        )
     return _clients[pid]
 
 

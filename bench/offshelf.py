@@ -40,8 +40,10 @@ class TransientError(Exception):
 
 def once_config(redis_url: str) -> dict[str, Any]:
     """``app.conf.ONCE`` (celery-once's Redis backend)."""
-    return {"backend": "celery_once.backends.Redis",
-            "settings": {"url": redis_url, "default_timeout": ONCE_TIMEOUT_SECONDS}}
+    return {
+        "backend": "celery_once.backends.Redis",
+        "settings": {"url": redis_url, "default_timeout": ONCE_TIMEOUT_SECONDS},
+    }
 
 
 def lock_prefix(batch: str) -> str:
@@ -64,14 +66,18 @@ class Guards:
 
         # pybreaker's docs: a plain StrictRedis client, without decode_responses.
         storage = pybreaker.CircuitRedisStorage(
-            pybreaker.STATE_CLOSED, redis.Redis.from_url(redis_url),
-            namespace=f"{prefix}:offshelf")
-        breaker = pybreaker.CircuitBreaker(fail_max=FAIL_MAX, reset_timeout=RESET_TIMEOUT_SECONDS,
-                                           state_storage=storage, name="bench-offshelf")
-        limit_storage = limits.storage.storage_from_string(redis_url,
-                                                           key_prefix=f"{prefix}:limits")
-        return cls(breaker, limits.strategies.MovingWindowRateLimiter(limit_storage),
-                   limits.parse(LIMIT))
+            pybreaker.STATE_CLOSED, redis.Redis.from_url(redis_url), namespace=f"{prefix}:offshelf"
+        )
+        breaker = pybreaker.CircuitBreaker(
+            fail_max=FAIL_MAX,
+            reset_timeout=RESET_TIMEOUT_SECONDS,
+            state_storage=storage,
+            name="bench-offshelf",
+        )
+        limit_storage = limits.storage.storage_from_string(redis_url, key_prefix=f"{prefix}:limits")
+        return cls(
+            breaker, limits.strategies.MovingWindowRateLimiter(limit_storage), limits.parse(LIMIT)
+        )
 
 
 _guards: dict[int, Guards] = {}
@@ -90,9 +96,12 @@ def guards(redis_url: str, prefix: str) -> Guards:
 def _retrying() -> Any:
     import tenacity
 
-    return tenacity.retry(stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
-                          wait=tenacity.wait_exponential(multiplier=0.2, max=30),
-                          retry=tenacity.retry_if_exception_type(TransientError), reraise=True)
+    return tenacity.retry(
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=30),
+        retry=tenacity.retry_if_exception_type(TransientError),
+        reraise=True,
+    )
 
 
 def _call(i: int) -> None:

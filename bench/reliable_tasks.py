@@ -23,24 +23,34 @@ def reliable_noop(i: int) -> None:
     return None
 
 
-@app.task(base=ReliableTask, name="bench.guarded_noop", idempotent=True,
-          retry_policy=RetryPolicy(max_attempts=5), breaker=guard_settings.BREAKER,
-          rate_limits=(guard_settings.LIMIT,))
+@app.task(
+    base=ReliableTask,
+    name="bench.guarded_noop",
+    idempotent=True,
+    retry_policy=RetryPolicy(max_attempts=5),
+    breaker=guard_settings.BREAKER,
+    rate_limits=(guard_settings.LIMIT,),
+)
 def guarded_noop(i: int) -> None:
     """The no-op under all guards: one admission script checks idempotency, the breaker
     and the limit; one completion script records the result and settles the breaker."""
     return None
 
 
-@app.task(base=ReliableTask, name="bench.limited_noop",
-          rate_limits=(guard_settings.UTILISATION_LIMIT,))
+@app.task(
+    base=ReliableTask, name="bench.limited_noop", rate_limits=(guard_settings.UTILISATION_LIMIT,)
+)
 def limited_noop(i: int) -> None:
     """Admitted by the global limit: stamps its admission (the admission script's Redis
     time, which the limit governs) for the utilisation."""
     store = get_runtime().store
     d = current()
-    store.run(guard_settings.STAMP, [guard_settings.admitted_key(store.keys.prefix)],
-              [d.admitted_at if d is not None and d.admitted_at else ""], "bench stamp")
+    store.run(
+        guard_settings.STAMP,
+        [guard_settings.admitted_key(store.keys.prefix)],
+        [d.admitted_at if d is not None and d.admitted_at else ""],
+        "bench stamp",
+    )
 
 
 @app.task(base=ReliableTask, name="bench.reliable_sleep", idempotency_key_args=("key",))

@@ -29,13 +29,7 @@ from pathlib import Path
 import redis
 
 from bench import guard_settings, marks
-from tests.support.fleet import (
-    Environment,
-    WorkerProcess,
-    delete_prefix,
-    task_modules,
-    wait_until,
-)
+from tests.support.fleet import Environment, WorkerProcess, delete_prefix, task_modules, wait_until
 
 TASK = "bench.reliable_sleep"
 LEASE_TTL_SECONDS = 60

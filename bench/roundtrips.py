@@ -182,8 +182,9 @@ def read(directory: Path) -> Counts:
     ends = [t for d in dumps for t in d["ends"]]
     if not starts or not ends:
         raise RuntimeError(f"no task ran in the measured worker (dumps in {directory})")
-    counts = Counts(tasks=len(ends), first_start=min(starts), last_end=max(ends),
-                    processes=len(dumps))
+    counts = Counts(
+        tasks=len(ends), first_start=min(starts), last_end=max(ends), processes=len(dumps)
+    )
     ordered = sorted(starts)
     skip = int(len(ordered) * (1 - STEADY_SHARE) / 2)
     steady_from, steady_to = ordered[skip], ordered[len(ordered) - 1 - skip]
@@ -220,15 +221,29 @@ def script_names() -> dict[str, str]:
     from reliability.delivery import REDELIVERY
 
     sources: dict[str, str] = {}
-    for module in (scripts, idempotency, maintenance, deferral, ledger, reaper, breaker,
-                   ratelimit, guard_settings):
+    for module in (
+        scripts,
+        idempotency,
+        maintenance,
+        deferral,
+        ledger,
+        reaper,
+        breaker,
+        ratelimit,
+        guard_settings,
+    ):
         for attr, value in vars(module).items():
             if isinstance(value, str) and "redis.call" in value:
                 sources[f"{module.__name__.rsplit('.', 1)[-1]}.{attr}"] = value
     # In the pipeline's order: delivery, defer, idempotency, breaker, limits.
-    fragments = {"delivery": REDELIVERY, "defer": DEFER,
-                 "idempotency": idempotency.FRAGMENT, "breaker": breaker_guard.ADMISSION,
-                 "limits": ratelimit.fragment(1), "limits x2": ratelimit.fragment(2)}
+    fragments = {
+        "delivery": REDELIVERY,
+        "defer": DEFER,
+        "idempotency": idempotency.FRAGMENT,
+        "breaker": breaker_guard.ADMISSION,
+        "limits": ratelimit.fragment(1),
+        "limits x2": ratelimit.fragment(2),
+    }
     for n in range(1, len(fragments) + 1):
         for combo in itertools.combinations(fragments, n):
             if "limits" in combo and "limits x2" in combo:
@@ -245,8 +260,11 @@ def _limits_scripts() -> dict[str, str]:
         from importlib import resources
 
         folder = resources.files("limits").joinpath("resources/redis/lua_scripts")
-        return {f"limits.{f.name.removesuffix('.lua')}": f.read_text()
-                for f in folder.iterdir() if f.name.endswith(".lua")}
+        return {
+            f"limits.{f.name.removesuffix('.lua')}": f.read_text()
+            for f in folder.iterdir()
+            if f.name.endswith(".lua")
+        }
     except (ImportError, OSError):
         return {}
 

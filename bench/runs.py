@@ -77,8 +77,7 @@ class ThroughputRun:
     def sync_round_trips(self) -> Counter[str]:
         """Steady-state round trips without Celery's event publishes (buffered, flushed by
         the event loop, never waited on by a task)."""
-        return Counter({k: v for k, v in self.steady_round_trips.items()
-                        if k not in EVENT_KINDS})
+        return Counter({k: v for k, v in self.steady_round_trips.items() if k not in EVENT_KINDS})
 
     @property
     def client_commands(self) -> Counter[str]:
@@ -99,26 +98,34 @@ class ThroughputRun:
 
     def cpu_per_task(self) -> dict[str, float]:
         us = 1e6 / self.tasks
-        return {"wall": round(self.seconds * us, 1), "redis": round(self.redis_cpu * us, 1),
-                "worker_main": round(self.worker_main_cpu * us, 1),
-                "worker_children": round(self.worker_children_cpu * us, 1)}
+        return {
+            "wall": round(self.seconds * us, 1),
+            "redis": round(self.redis_cpu * us, 1),
+            "worker_main": round(self.worker_main_cpu * us, 1),
+            "worker_children": round(self.worker_children_cpu * us, 1),
+        }
 
     def as_dict(self, names: dict[str, str]) -> dict[str, Any]:
-        def per_task(counter: Counter[str], rename: bool, tasks: int | None = None
-                     ) -> dict[str, float]:
-            items = ((roundtrips.readable(k, names) if rename else k, v)
-                     for k, v in counter.most_common())
+        def per_task(
+            counter: Counter[str], rename: bool, tasks: int | None = None
+        ) -> dict[str, float]:
+            items = (
+                (roundtrips.readable(k, names) if rename else k, v)
+                for k, v in counter.most_common()
+            )
             return {k: round(v / (tasks or self.tasks), 4) for k, v in items}
 
         return {
-            "stack": self.stack, "pool": self.pool, "repetition": self.repetition,
-            "tasks": self.tasks, "seconds": round(self.seconds, 4),
+            "stack": self.stack,
+            "pool": self.pool,
+            "repetition": self.repetition,
+            "tasks": self.tasks,
+            "seconds": round(self.seconds, 4),
             "tasks_per_second": round(self.rate, 1),
             "round_trips_per_task": round(self.rt_per_task(self.steady_round_trips), 3),
             "sync_round_trips_per_task": round(self.rt_per_task(self.sync_round_trips), 3),
             "steady_state_tasks": self.steady_tasks,
-            "background_round_trips_per_task":
-                round(self.per_task(self.background_round_trips), 3),
+            "background_round_trips_per_task": round(self.per_task(self.background_round_trips), 3),
             "commands_per_task": round(self.per_task(self.commands), 3),
             "client_commands_per_task": round(self.per_task(self.client_commands), 3),
             "processes": self.processes,
@@ -133,39 +140,67 @@ class ThroughputRun:
         }
 
 
-def measure_throughput(stack: Stack, pool: str, concurrency: int, tasks: int, repetition: int,
-                       redis_url: str, workdir: Path, log_level: str) -> ThroughputRun:
+def measure_throughput(
+    stack: Stack,
+    pool: str,
+    concurrency: int,
+    tasks: int,
+    repetition: int,
+    redis_url: str,
+    workdir: Path,
+    log_level: str,
+) -> ThroughputRun:
     environment = Environment(redis_url=redis_url)
     count_dir = workdir / f"{environment.name}-roundtrips"
     count_dir.mkdir()
-    worker = BenchWorker(environment, stack, pool=pool, concurrency=concurrency,
-                         log_dir=workdir, log_level=log_level, **worker_env(count_dir))
+    worker = BenchWorker(
+        environment,
+        stack,
+        pool=pool,
+        concurrency=concurrency,
+        log_dir=workdir,
+        log_level=log_level,
+        **worker_env(count_dir),
+    )
     try:
         with roundtrips.counting() as producer_round_trips:
             publish(environment, stack, tasks)
-        sampler = CommandSampler(redis_url, environment,
-                                 lambda: worker.proc.pid if worker.proc else None)
+        sampler = CommandSampler(
+            redis_url, environment, lambda: worker.proc.pid if worker.proc else None
+        )
         sampler.start()
         try:
             worker.start(wait=False)
-            wait_until(lambda: _drained(sampler, worker),
-                       timeout=DRAIN_TIMEOUT_SECONDS + tasks * DRAIN_SECONDS_PER_TASK,
-                       interval=0.02, message=f"{stack.name}/{pool} to drain {tasks} tasks")
+            wait_until(
+                lambda: _drained(sampler, worker),
+                timeout=DRAIN_TIMEOUT_SECONDS + tasks * DRAIN_SECONDS_PER_TASK,
+                interval=0.02,
+                message=f"{stack.name}/{pool} to drain {tasks} tasks",
+            )
             worker.stop()
         finally:
             sampler.finish()
         counts = roundtrips.read(count_dir)
         if counts.tasks != tasks:
-            raise RuntimeError(f"{stack.name}/{pool}: {counts.tasks} of {tasks} tasks ran;"
-                               f" worker log {worker.log_path}")
+            raise RuntimeError(
+                f"{stack.name}/{pool}: {counts.tasks} of {tasks} tasks ran;"
+                f" worker log {worker.log_path}"
+            )
         activity = sampler.between(counts.first_start, counts.last_end)
         run = ThroughputRun(
-            stack=stack.name, pool=pool, repetition=repetition, tasks=tasks,
-            seconds=counts.seconds, round_trips=counts.task_path,
-            steady_round_trips=counts.steady, steady_tasks=counts.steady_tasks,
-            background_round_trips=counts.background, commands=activity.commands,
+            stack=stack.name,
+            pool=pool,
+            repetition=repetition,
+            tasks=tasks,
+            seconds=counts.seconds,
+            round_trips=counts.task_path,
+            steady_round_trips=counts.steady,
+            steady_tasks=counts.steady_tasks,
+            background_round_trips=counts.background,
+            commands=activity.commands,
             command_usec=activity.command_usec,
-            processes=counts.processes, redis_cpu=activity.redis_cpu,
+            processes=counts.processes,
+            redis_cpu=activity.redis_cpu,
             worker_main_cpu=activity.worker_main_cpu,
             worker_children_cpu=activity.worker_children_cpu,
             producer_round_trips=producer_round_trips,
@@ -211,12 +246,16 @@ class Revival:
         def r(v: float | None) -> float | None:
             return None if v is None else round(v, 4)
 
-        return {"stack": self.stack, "repetition": self.repetition,
-                "kill_to_noticed_seconds": r(self.noticed),
-                "noticed_to_restart_seconds": r(self.noticed_to_restart),
-                "kill_to_restart_seconds": r(self.restarted),
-                "kill_to_finish_seconds": r(self.finished),
-                "killed_pid": self.killed_pid, "revived_pid": self.revived_pid}
+        return {
+            "stack": self.stack,
+            "repetition": self.repetition,
+            "kill_to_noticed_seconds": r(self.noticed),
+            "noticed_to_restart_seconds": r(self.noticed_to_restart),
+            "kill_to_restart_seconds": r(self.restarted),
+            "kill_to_finish_seconds": r(self.finished),
+            "killed_pid": self.killed_pid,
+            "revived_pid": self.revived_pid,
+        }
 
 
 class RevivalRig:
@@ -228,9 +267,16 @@ class RevivalRig:
         self.redis_url = redis_url
         self.loss_file = workdir / f"{self.environment.name}-child-loss.txt"
         # INFO: readiness is read from the worker's " ready." log line.
-        self.worker = BenchWorker(self.environment, stack, pool="prefork",
-                                  concurrency=concurrency, log_dir=workdir, log_level="INFO",
-                                  BENCH_CHILD_LOSS_FILE=str(self.loss_file), **worker_env())
+        self.worker = BenchWorker(
+            self.environment,
+            stack,
+            pool="prefork",
+            concurrency=concurrency,
+            log_dir=workdir,
+            log_level="INFO",
+            BENCH_CHILD_LOSS_FILE=str(self.loss_file),
+            **worker_env(),
+        )
         self.client = redis.Redis.from_url(redis_url, decode_responses=True)
         self.concurrency = concurrency
 
@@ -251,29 +297,40 @@ class RevivalRig:
 
     def _wait_for_pool(self, exclude: int | None) -> None:
         def full() -> bool:
-            alive = [c for c in self.worker.children()
-                     if c.pid != exclude and c.is_running() and c.status() != "zombie"]
+            alive = [
+                c
+                for c in self.worker.children()
+                if c.pid != exclude and c.is_running() and c.status() != "zombie"
+            ]
             return len(alive) >= self.concurrency
 
         wait_until(full, timeout=30, interval=0.05, message=f"{self.stack.name} pool refilled")
 
-    def revive_once(self, repetition: int, sleep_seconds: float, pause: float = 0.0,
-                    timeout: float = 60.0) -> Revival:
+    def revive_once(
+        self, repetition: int, sleep_seconds: float, pause: float = 0.0, timeout: float = 60.0
+    ) -> Revival:
         """Pause, send one task, SIGKILL its child once it started, time the revival."""
         key = f"rev-{repetition}-{uuid.uuid4().hex[:8]}"
         time.sleep(pause)
         prefix = self.environment.prefix
         send(self.environment, self.stack.sleep, [[key, sleep_seconds]])
-        started = wait_until(lambda: marks.read(self.client, prefix, key), timeout=30,
-                             interval=0.005, message=f"{self.stack.name} revival task start")
+        started = wait_until(
+            lambda: marks.read(self.client, prefix, key),
+            timeout=30,
+            interval=0.005,
+            message=f"{self.stack.name} revival task start",
+        )
         killed = int(started[0]["pid"])
         killed_at = time.time()
         os.kill(killed, signal.SIGKILL)
         revival = Revival(self.stack.name, repetition, killed)
         try:
-            wait_until(lambda: [m for m in marks.read(self.client, prefix, key)
-                                if m["event"] == "finish"],
-                       timeout=timeout, interval=0.005, message=f"{self.stack.name} revived")
+            wait_until(
+                lambda: [m for m in marks.read(self.client, prefix, key) if m["event"] == "finish"],
+                timeout=timeout,
+                interval=0.005,
+                message=f"{self.stack.name} revived",
+            )
         except AssertionError:
             return revival
         found = marks.read(self.client, prefix, key)

@@ -42,8 +42,13 @@ class Sample:
 class CommandSampler(threading.Thread):
     """Background sampler of one run's Redis activity; stop it with :meth:`finish`."""
 
-    def __init__(self, url: str, environment: Environment, worker_pid: Callable[[], int | None],
-                 interval: float = SAMPLE_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        environment: Environment,
+        worker_pid: Callable[[], int | None],
+        interval: float = SAMPLE_INTERVAL_SECONDS,
+    ) -> None:
         super().__init__(name="bench-sampler", daemon=True)
         self.client = redis.Redis.from_url(url)
         self.queue_key = f"{environment.broker_prefix}{environment.queue}"
@@ -71,8 +76,9 @@ class CommandSampler(threading.Thread):
         calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
         usec = {name.removeprefix("cmdstat_"): int(v["usec"]) for name, v in stats.items()}
         redis_cpu = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-        return Sample(before, after, calls, usec, int(queued), int(unacked), redis_cpu,
-                      self._worker_cpu())
+        return Sample(
+            before, after, calls, usec, int(queued), int(unacked), redis_cpu, self._worker_cpu()
+        )
 
     def _worker_cpu(self) -> dict[int, float]:
         """CPU seconds (user + system) of the worker's main process and pool children."""
@@ -108,8 +114,10 @@ class CommandSampler(threading.Thread):
         interval of idle worker activity on each side. The bench's commands are removed.
         """
         first = max((i for i, s in enumerate(self.samples) if s.after <= start), default=0)
-        last = min((i for i, s in enumerate(self.samples) if s.before >= end),
-                   default=len(self.samples) - 1)
+        last = min(
+            (i for i, s in enumerate(self.samples) if s.before >= end),
+            default=len(self.samples) - 1,
+        )
         a, b = self.samples[first], self.samples[last]
         delta: Counter[str] = Counter()
         for name, calls in b.calls.items():
@@ -123,8 +131,9 @@ class CommandSampler(threading.Thread):
         cpu = {"main": 0.0, "children": 0.0}
         for pid, seconds in b.worker_cpu.items():
             cpu["main" if pid == main else "children"] += seconds - a.worker_cpu.get(pid, 0.0)
-        return Activity(delta, usec, b.redis_cpu - a.redis_cpu, cpu["main"], cpu["children"],
-                        b.before - a.after)
+        return Activity(
+            delta, usec, b.redis_cpu - a.redis_cpu, cpu["main"], cpu["children"], b.before - a.after
+        )
 
 
 @dataclass

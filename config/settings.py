@@ -59,16 +59,14 @@ class BrokerSettings(BaseModel):
 # A dotted Python module name ("tasks.payments").
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
 # The business tasks a worker loads unless told otherwise (RELIABLE_WORKER__TASK_MODULES).
-BUSINESS_TASK_MODULES = ("tasks.payments", "tasks.notifications", "tasks.webhooks",
-                         "tasks.exports")
+BUSINESS_TASK_MODULES = ("tasks.payments", "tasks.notifications", "tasks.webhooks", "tasks.exports")
 
 
 class WorkerSettings(BaseModel):
     concurrency: int = Field(2, ge=1)
     # The modules of tasks the worker imports (a JSON list in env); a module not listed is
     # never imported. The service's own maintenance jobs are always loaded.
-    task_modules: list[ModuleName] = Field(
-        default_factory=lambda: list(BUSINESS_TASK_MODULES))
+    task_modules: list[ModuleName] = Field(default_factory=lambda: list(BUSINESS_TASK_MODULES))
     prefetch_multiplier: int = Field(1, ge=1)
     soft_shutdown_timeout_seconds: float = Field(30.0, ge=0)
     default_soft_time_limit_seconds: float | None = Field(300.0, gt=0)
@@ -87,9 +85,7 @@ class IdempotencySettings(BaseModel):
 
 
 class RetrySettings(BaseModel):
-    strategy: Literal["exponential", "linear", "fixed", "fibonacci", "decorrelated"] = (
-        "exponential"
-    )
+    strategy: Literal["exponential", "linear", "fixed", "fibonacci", "decorrelated"] = "exponential"
     base_delay_seconds: float = Field(1.0, ge=0)
     max_delay_seconds: float = Field(300.0, ge=0)
     max_attempts: int = Field(5, ge=1)
@@ -290,10 +286,7 @@ ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
         "idempotency": {"lease_ttl_seconds": 10.0, "result_ttl_seconds": 7200},
     },
     # Conservative: JSON logs, full jitter, long leases; an explicit Redis URL is required.
-    "production": {
-        "log": {"json_output": True, "level": "INFO"},
-        "retry": {"jitter": "full"},
-    },
+    "production": {"log": {"json_output": True, "level": "INFO"}, "retry": {"jitter": "full"}},
 }
 
 
@@ -345,7 +338,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 def _describe_source(exc: SourceError) -> str:
     bad = getattr(exc.__cause__, "doc", None)
-    names = sorted(k for k, v in os.environ.items()
-                   if bad is not None and v == bad and k.upper().startswith(ENV_PREFIX))
+    names = sorted(
+        k
+        for k, v in os.environ.items()
+        if bad is not None and v == bad and k.upper().startswith(ENV_PREFIX)
+    )
     variable = ", ".join(names) or "settings"
-    return f"{variable}: {exc}; list and object values must be JSON, e.g. '[\"a\", \"b\"]'"
+    return f'{variable}: {exc}; list and object values must be JSON, e.g. \'["a", "b"]\''

@@ -43,7 +43,7 @@ def urls() -> tuple[str, str]:
         socket = Path(os.environ.get("RELIABLE_REDIS__DATA_DIR", ".data")).resolve()
         url = f"unix://{socket / 'redis.sock'}"
     if url.startswith("unix://"):
-        path = url[len("unix://"):]
+        path = url[len("unix://") :]
         return url, f"redis+socket://{path}"
     return url, url
 
@@ -58,22 +58,27 @@ def main() -> int:
     run = uuid.uuid4().hex[:6]
     http.post("/reset")
     http.post("/faults", json={"error_rate": 0.2, "seed": 7})  # a flaky provider
-    print(f"demo run {run}: {CHARGES} charges sent twice, {NOTIFICATIONS} notifications, "
-          "1 poison message; provider fails 20% of calls")
+    print(
+        f"demo run {run}: {CHARGES} charges sent twice, {NOTIFICATIONS} notifications, "
+        "1 poison message; provider fails 20% of calls"
+    )
 
     sent = []
     for i in range(CHARGES):
         kwargs = {"payment_id": f"{run}-pay-{i}", "amount": 500 + i, "currency": "EUR"}
         for copy in ("first", "duplicate"):
-            result = app.send_task("payments.charge", kwargs=kwargs,
-                                   headers={"correlation_id": f"{run}-order-{i}"})
+            result = app.send_task(
+                "payments.charge", kwargs=kwargs, headers={"correlation_id": f"{run}-order-{i}"}
+            )
             sent.append((f"charge {i} ({copy})", result))
     for i in range(NOTIFICATIONS):
-        result = app.send_task("notifications.send",
-                               args=[f"user-{i}", "email", f"Your order {i} shipped"])
+        result = app.send_task(
+            "notifications.send", args=[f"user-{i}", "email", f"Your order {i} shipped"]
+        )
         sent.append((f"notification {i}", result))
-    poison = app.send_task("payments.charge",
-                           kwargs={"payment_id": f"{run}-bad", "amount": -1, "currency": "eur"})
+    poison = app.send_task(
+        "payments.charge", kwargs={"payment_id": f"{run}-bad", "amount": -1, "currency": "eur"}
+    )
     sent.append(("poison charge", poison))
 
     ids = {result.id for _, result in sent}
@@ -99,12 +104,16 @@ def main() -> int:
     dead = [d for d in dead if d.get("task_id") in ids]
 
     print("\nwhat the service did")
-    print(f"  provider calls to /charges : {len(charges)} "
-          f"({sum(e['outcome'] == 'effect' for e in charges)} effects, "
-          f"{sum(e['outcome'] == 'error' for e in charges)} injected failures)")
-    print(f"  distinct payments charged  : "
-          f"{len({e['idempotency_key'] for e in charges if e['outcome'] == 'effect'})}"
-          f" of {CHARGES}")
+    print(
+        f"  provider calls to /charges : {len(charges)} "
+        f"({sum(e['outcome'] == 'effect' for e in charges)} effects, "
+        f"{sum(e['outcome'] == 'error' for e in charges)} injected failures)"
+    )
+    print(
+        f"  distinct payments charged  : "
+        f"{len({e['idempotency_key'] for e in charges if e['outcome'] == 'effect'})}"
+        f" of {CHARGES}"
+    )
     print(f"  succeeded                  : {final['succeeded']}")
     print(f"  skipped duplicates         : {final['skipped']}")
     print(f"  retries scheduled          : {retries}")
@@ -117,16 +126,21 @@ def main() -> int:
     per_payment = Counter(e["idempotency_key"] for e in charges if e["outcome"] == "effect")
     problems = []
     if len(per_payment) != CHARGES or set(per_payment.values()) != {1}:
-        problems.append(f"{len(per_payment)} of {CHARGES} payments charged, "
-                        f"{sum(per_payment.values())} effects")
+        problems.append(
+            f"{len(per_payment)} of {CHARGES} payments charged, {sum(per_payment.values())} effects"
+        )
     # Per payment: one copy succeeded, the other was skipped (notifications repeat across
     # runs, so theirs may be skipped too: they are not counted here).
     charge_finals = Counter(
         next((o for o in outcomes.get(result.id, []) if o in SETTLED), "pending")
-        for label, result in sent if label.startswith("charge "))
+        for label, result in sent
+        if label.startswith("charge ")
+    )
     if charge_finals != Counter({"succeeded": CHARGES, "skipped": CHARGES}):
-        problems.append(f"charge copies: {dict(charge_finals)}, expected {CHARGES} succeeded"
-                        f" and {CHARGES} skipped")
+        problems.append(
+            f"charge copies: {dict(charge_finals)}, expected {CHARGES} succeeded"
+            f" and {CHARGES} skipped"
+        )
     others = Counter(d["failure_class"] for d in dead if d["task_id"] != poison.id)
     if others:
         problems.append(f"DLQ entries besides the poison one: {dict(others)}")
@@ -137,8 +151,10 @@ def main() -> int:
     if problems:
         print("\nunexpected: " + "; ".join(problems))
         return 1
-    print("\nas expected: every payment charged once, every duplicate skipped, failures "
-          "retried,\nand only the poison message dead-lettered")
+    print(
+        "\nas expected: every payment charged once, every duplicate skipped, failures "
+        "retried,\nand only the poison message dead-lettered"
+    )
     return 0
 
 

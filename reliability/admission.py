@@ -73,22 +73,39 @@ def assemble(fragments: tuple[Fragment, ...]) -> str:
     return script_for(fragments).source
 
 
-def layout(parts: Sequence[Part], *, ledger: str, ledger_max: int, task_id: str, name: str,
-           attempt: int, dlv_ttl_ms: int, now: Any = "") -> tuple[Script, list[str], list[Any]]:
+def layout(
+    parts: Sequence[Part],
+    *,
+    ledger: str,
+    ledger_max: int,
+    task_id: str,
+    name: str,
+    attempt: int,
+    dlv_ttl_ms: int,
+    now: Any = "",
+) -> tuple[Script, list[str], list[Any]]:
     """The script, KEYS and ARGV of one admission."""
     script_ = script_for(tuple(p.fragment for p in parts))
     keys, args = script_.layout(
         {"ledger": ledger},
-        {"ledger_max": ledger_max, "task_id": task_id, "name": name, "attempt": attempt,
-         "dlv_ttl_ms": dlv_ttl_ms},
-        parts, now=now)
+        {
+            "ledger_max": ledger_max,
+            "task_id": task_id,
+            "name": name,
+            "attempt": attempt,
+            "dlv_ttl_ms": dlv_ttl_ms,
+        },
+        parts,
+        now=now,
+    )
     return script_, keys, args
 
 
 def parse(reply: Sequence[Any]) -> Verdict:
     decision = str(reply[0])
     if decision == "run":
-        return Verdict("run", fence=int(reply[1]), now=float(reply[2]),
-                       extra=[str(x) for x in reply[3:]])
+        return Verdict(
+            "run", fence=int(reply[1]), now=float(reply[2]), extra=[str(x) for x in reply[3:]]
+        )
     detail = "" if len(reply) < 2 or reply[1] is None else str(reply[1])
     return Verdict(decision, detail, extra=[str(x) for x in reply[2:]])

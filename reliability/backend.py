@@ -51,23 +51,34 @@ class ReliableRedisBackend(RedisBackend):
         meta.update(call)
         return meta
 
-    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
-                      request: Any = None, **kwargs: Any) -> Any:
+    def _store_result(
+        self,
+        task_id: Any,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         # The pipeline left the completion on the task's request context (completion.py).
         completion = completions.take(request) if state == states.SUCCESS else None
         if completion is None:
             return super()._store_result(  # type: ignore[misc]
-                task_id, result, state, traceback=traceback,
-                                         request=request, **kwargs)
-        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
-                                     request=request)
+                task_id, result, state, traceback=traceback, request=request, **kwargs
+            )
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
         meta["task_id"] = str(task_id)
         try:
             value = self.encode(meta)
         except Exception:
             completion.write(self.runtime)  # the body succeeded: record it regardless
             raise
-        completion.write(self.runtime, completions.COMPLETE_AND_STORE,
-                         keys={"meta": self.get_key_for_task(task_id)},
-                         args={"meta_value": value, "meta_expires": int(self.expires or 0)})
+        completion.write(
+            self.runtime,
+            completions.COMPLETE_AND_STORE,
+            keys={"meta": self.get_key_for_task(task_id)},
+            args={"meta_value": value, "meta_expires": int(self.expires or 0)},
+        )
         return result

@@ -15,14 +15,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from reliability import metrics
+from reliability.delivery import delivery_key, delivery_ttl_ms
+from reliability.idempotency import idem_key, result_ttl
 from reliability.ledger import Outcome
 from reliability.runtime import Runtime
 from reliability.scripts import FRAGMENTS, Part, Script, script
+
+if TYPE_CHECKING:
+    from reliability.guard import Call
 
 log = structlog.get_logger("reliability.pipeline")
 
@@ -30,8 +35,18 @@ log = structlog.get_logger("reliability.pipeline")
 PENDING = "reliable_completion"
 
 _KEYS = ("idem", "leases", "dlv", "ledger", "budget")
-_ARGS = ("owner", "fence", "result", "result_ttl", "dlv_ttl_ms", "ledger_max", "task_id",
-         "name", "attempt", "budget_window")
+_ARGS = (
+    "owner",
+    "fence",
+    "result",
+    "result_ttl",
+    "dlv_ttl_ms",
+    "ledger_max",
+    "task_id",
+    "name",
+    "attempt",
+    "budget_window",
+)
 _BODY = f"""
 {FRAGMENTS}
 local outcome = 'succeeded'
@@ -53,7 +68,8 @@ COMPLETE_AND_STORE = script(
     *_LIBRARIES,
     keys=(*_KEYS, "meta"),
     args=(*_ARGS, "meta_value", "meta_expires"),
-    body=_BODY + """
+    body=_BODY
+    + """
 if outcome == 'succeeded' then
   local current = redis.call('GET', @meta)
   local ok, meta = pcall(cjson.decode, current or '{}')
@@ -91,18 +107,67 @@ class Completion:
     # Runs a store operation, handing the message back if the store stays away.
     store: Callable[[str, Callable[[], Any]], Any] = field(default=lambda _op, fn: fn())
 
-    def write(self, rt: Runtime, base: Script = COMPLETE, keys: Mapping[str, str] | None = None,
-              args: Mapping[str, Any] | None = None) -> str:
+    @classmethod
+    def of(
+        cls,
+        call: Call,
+        result: Any,
+        parts: Sequence[Part],
+        store: Callable[[str, Callable[[], Any]], Any],
+    ) -> Completion:
+        """The completion of a delivery whose body returned ``result``."""
+        d, rt = call.d, call.rt
+        keys = rt.store.keys
+        return cls(
+            task_name=d.name,
+            idempotency_key=d.idempotency_key,
+            keys={
+                "idem": idem_key(call) if d.idempotency_key else "",
+                "leases": keys.leases,
+                "dlv": delivery_key(call),
+                "ledger": keys.ledger,
+                "budget": keys.budget(call.spec.tag),
+            },
+            args={
+                "owner": d.owner,
+                "fence": str(d.fence),
+                "result": result_json(result),
+                "result_ttl": result_ttl(call),
+                "dlv_ttl_ms": delivery_ttl_ms(call),
+                "ledger_max": rt.config.ledger_max_len,
+                "task_id": d.task_id,
+                "name": d.name,
+                "attempt": d.attempt,
+                "budget_window": rt.config.budget_window_seconds,
+            },
+            parts=parts,
+            store=store,
+        )
+
+    def write(
+        self,
+        rt: Runtime,
+        base: Script = COMPLETE,
+        keys: Mapping[str, str] | None = None,
+        args: Mapping[str, Any] | None = None,
+    ) -> str:
         """Run the completion script (plus what ``base`` fuses into it); the outcome."""
         script_ = base.extended(tuple(p.fragment for p in self.parts))
-        key_list, arg_list = script_.layout({**self.keys, **(keys or {})},
-                                            {**self.args, **(args or {})}, self.parts)
-        outcome = str(self.store("completion", lambda: rt.store.run(
-            script_.source, key_list, arg_list, "completion")))
+        key_list, arg_list = script_.layout(
+            {**self.keys, **(keys or {})}, {**self.args, **(args or {})}, self.parts
+        )
+        outcome = str(
+            self.store(
+                "completion", lambda: rt.store.run(script_.source, key_list, arg_list, "completion")
+            )
+        )
         metrics.OUTCOMES.labels(self.task_name, outcome).inc()
         if outcome == Outcome.SUPERSEDED:
-            log.warning("idempotency_fence_superseded", idempotency_key=self.idempotency_key,
-                        fence=self.args.get("fence"))
+            log.warning(
+                "idempotency_fence_superseded",
+                idempotency_key=self.idempotency_key,
+                fence=self.args.get("fence"),
+            )
         return outcome
 
 

@@ -13,14 +13,19 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reliability.dlq import DeadLetter
+from reliability.dlq import DeadLetter, FailureClass
+from reliability.errors import DeadlineExceeded, IdempotencyConflict, PoisonMessage
 from reliability.security import Masker
 from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs, changed_arguments
 
+if TYPE_CHECKING:
+    from reliability.guard import Call
+
 # Header values longer than this are cut in an envelope (hostile producers send anything).
 HEADER_CHARS = 200
+
 
 def short(value: Any, limit: int = HEADER_CHARS) -> str | None:
     """A header value as text for an envelope, cut to ``limit`` characters."""
@@ -68,7 +73,49 @@ def envelope(
         exception_message=masker.text(str(error)[:2000]) if error else None,
         traceback=masker.text("".join(traceback.format_exception(error))) if error else None,
         headers=masker.data({k: short(v) for k, v in (headers or {}).items()}),
-        masked_args=changed_arguments(list(parameters), list(args), kwargs, shown_args,
-                                      shown_kwargs),
+        masked_args=changed_arguments(
+            list(parameters), list(args), kwargs, shown_args, shown_kwargs
+        ),
         **fields,
+    )
+
+
+def classify(exc: BaseException, retryable: bool) -> FailureClass:
+    if isinstance(exc, IdempotencyConflict):
+        return FailureClass.CONFLICT
+    if isinstance(exc, PoisonMessage):
+        return FailureClass.POISON
+    if isinstance(exc, DeadlineExceeded):
+        return FailureClass.EXPIRED
+    return FailureClass.TRANSIENT if retryable else FailureClass.PERMANENT
+
+
+def for_call(
+    call: Call, failure: FailureClass, *, exc: BaseException | None = None, reason: str = ""
+) -> DeadLetter:
+    """The envelope of a delivery the pipeline dead-letters: its call, ids and routing."""
+    d = call.d
+    return envelope(
+        call.rt.masker,
+        task_name=d.name,
+        task_id=d.task_id,
+        failure_class=str(failure),
+        reason=reason,
+        error=exc,
+        args=d.args,
+        kwargs=d.kwargs,
+        sensitive=call.spec.sensitive,
+        parameters=list(call.spec.signature.parameters),
+        headers=d.producer_headers(),
+        idempotency_key=d.idempotency_key,
+        correlation_id=d.correlation_id,
+        tenant_id=d.tenant_id,
+        attempts=d.attempt,
+        first_failure_at=d.first_attempt_at or time.time(),
+        redrive_count=d.redrive_count,
+        routing=d.routing,
+        expires=d.expires,
+        time_limits=list(d.time_limits) if d.time_limits else None,
+        parent_id=d.parent_id,
+        root_id=d.root_id,
     )

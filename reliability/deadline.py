@@ -42,9 +42,9 @@ def remaining_seconds(deadline: datetime | None, now: float | None = None) -> fl
     return deadline.timestamp() - (time.time() if now is None else now)
 
 
-def soft_limit(soft: float | None, deadline: datetime | None, now: float | None = None) -> (
-    float | None
-):
+def soft_limit(
+    soft: float | None, deadline: datetime | None, now: float | None = None
+) -> float | None:
     """``min(soft time limit, time left)``, never below a small positive floor."""
     left = remaining_seconds(deadline, now)
     if left is None:

@@ -61,8 +61,14 @@ class ParkedMessage:
         return cls(**json.loads(text))
 
     @classmethod
-    def of(cls, delivery: Delivery, *, retries: int, reason: str,
-           extra_headers: dict[str, Any] | None = None) -> ParkedMessage:
+    def of(
+        cls,
+        delivery: Delivery,
+        *,
+        retries: int,
+        reason: str,
+        extra_headers: dict[str, Any] | None = None,
+    ) -> ParkedMessage:
         headers = delivery.producer_headers()
         headers.update(extra_headers or {})
         return cls(
@@ -83,16 +89,16 @@ class ParkedMessage:
 
 # KEYS parked, parked_msgs   ARGV now, limit, claim_s
 CLAIM_PARKED = scripts.compose(
-    "deferral",
-    body="return parked_claim(KEYS[1], KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))",
+    "deferral", body="return parked_claim(KEYS[1], KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))"
 )
 
 
 class Mover:
     """Republishes parked messages when due. Safe to run anywhere; meant for one leader."""
 
-    def __init__(self, store: Store, app: Publisher, *, claim_seconds: float = 30.0,
-                 batch_size: int = 100) -> None:
+    def __init__(
+        self, store: Store, app: Publisher, *, claim_seconds: float = 30.0, batch_size: int = 100
+    ) -> None:
         self.store = store
         self.app = app
         self.claim_seconds = claim_seconds
@@ -165,11 +171,30 @@ def _confirm(client: Any, keys: Any, park_id: str) -> None:
 # budget, which may refuse it) or a later look (mode "defer": no attempt spent). The
 # guards' settle tails of a retried call run first.
 PARK = script(
-    "idempotency", "delivery", "deferral", "ledger", "budget",
+    "idempotency",
+    "delivery",
+    "deferral",
+    "ledger",
+    "budget",
     keys=("idem", "leases", "dlv", "ledger", "budget", "parked", "parked_msgs", "defer"),
-    args=("owner", "fence", "mode", "budget_window", "budget_ratio", "budget_floor",
-          "park_id", "delay", "envelope", "dlv_ttl_ms", "ledger_max", "task_id", "name",
-          "attempt", "outcome", "detail"),
+    args=(
+        "owner",
+        "fence",
+        "mode",
+        "budget_window",
+        "budget_ratio",
+        "budget_floor",
+        "park_id",
+        "delay",
+        "envelope",
+        "dlv_ttl_ms",
+        "ledger_max",
+        "task_id",
+        "name",
+        "attempt",
+        "outcome",
+        "detail",
+    ),
     body=f"""
 {FRAGMENTS}
 if $mode == 'retry' and @budget ~= '' then
@@ -226,12 +251,16 @@ class Deferral(Guard):
         d = call.d
         if not d.defer_id:
             return None
-        return Part(DEFER, [call.rt.store.keys.defer(call.spec.tag, d.defer_id)],
-                    [d.publish_id or ""])
+        return Part(
+            DEFER, [call.rt.store.keys.defer(call.spec.tag, d.defer_id)], [d.publish_id or ""]
+        )
 
     def refused(self, call: Call, verdict: Verdict) -> Action:
         if verdict.decision == DeferralVerdict.FORGED:
             return DeadLetter(
-                "poison", "internal headers (rel_defer) name no parked message: forged, or "
-                "parked longer ago than the delivery records are kept", PoisonMessage)
+                "poison",
+                "internal headers (rel_defer) name no parked message: forged, or "
+                "parked longer ago than the delivery records are kept",
+                PoisonMessage,
+            )
         return duplicate(call, verdict)

@@ -48,8 +48,7 @@ REQUEST_CORRELATION_ID = "rel_correlation_id"
 # repeat when kombu restores a message, so they cannot tell two deliveries apart.
 REQUEST_OWNER = "rel_owner"
 
-INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT,
-                    RESERVED)
+INTERNAL_HEADERS = (DEFER_ID, PUBLISH_ID, FIRST_ATTEMPT_AT, PREVIOUS_DELAY, REDRIVE_COUNT, RESERVED)
 PRODUCER_HEADERS = (IDEMPOTENCY_KEY, CORRELATION_ID, DEADLINE, TENANT_ID)
 
 
@@ -143,8 +142,12 @@ class Delivery:
             # request keeps the producer's header under REQUEST_CORRELATION_ID.
             # Missing: the root task's id, so every delivery, retry and child of this work
             # shares one correlation id.
-            correlation_id=(_text(get(REQUEST_CORRELATION_ID)) or _text(get("root_id"))
-                            or _text(get("id")) or uuid.uuid4().hex),
+            correlation_id=(
+                _text(get(REQUEST_CORRELATION_ID))
+                or _text(get("root_id"))
+                or _text(get("id"))
+                or uuid.uuid4().hex
+            ),
             idempotency_header=_text(get(IDEMPOTENCY_KEY)),
             deadline=parse_deadline(deadline_header),
             deadline_header=deadline_header,
@@ -184,6 +187,15 @@ class Delivery:
         if self.redrive_count:
             headers[REDRIVE_COUNT] = self.redrive_count
         return headers
+
+    def carried_headers(self) -> dict[str, Any]:
+        """Headers a parked copy carries on: the first attempt's time and the last delay."""
+        carried: dict[str, Any] = {}
+        if self.first_attempt_at is not None:
+            carried[FIRST_ATTEMPT_AT] = self.first_attempt_at
+        if self.previous_delay is not None:
+            carried[PREVIOUS_DELAY] = self.previous_delay
+        return carried
 
 
 _current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
@@ -248,6 +260,11 @@ def delivery_key(call: Call) -> str:
     return call.rt.store.keys.delivery(call.spec.tag, d.task_id, d.retries, d.publish_id or "0")
 
 
+def delivery_ttl_ms(call: Call) -> int:
+    """How long a delivery record is kept once its delivery ended (milliseconds)."""
+    return int(call.rt.config.delivery_ttl_seconds * 1000)
+
+
 class Redelivery(Guard):
     """Caps redeliveries of a message (a crash loop ends as poison) and skips a redelivered
     copy whose delivery already settled. Takes part only in redeliveries."""
@@ -263,8 +280,10 @@ class Redelivery(Guard):
     def refused(self, call: Call, verdict: Verdict) -> Action:
         if verdict.decision == RedeliveryVerdict.DUPLICATE:
             return duplicate(call, verdict)
-        reason = (f"redelivered {verdict.detail} times"
-                  f" (max redeliveries {call.rt.config.max_redeliveries})")
+        reason = (
+            f"redelivered {verdict.detail} times"
+            f" (max redeliveries {call.rt.config.max_redeliveries})"
+        )
         return DeadLetter("poison", reason, PoisonMessage)
 
 

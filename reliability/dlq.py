@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import redis
 
 from reliability.delivery import CORRELATION_ID, PRODUCER_HEADERS, REDRIVE_COUNT
-from reliability.errors import ReliabilityError
+from reliability.errors import RedriveRefused
 from reliability.republish import Copy, Publisher, republish
 from reliability.scripts import FRAGMENTS, script
 from reliability.store import Store
@@ -43,10 +43,26 @@ class FailureClass(StrEnum):
 # ARGV owner (or ''), fence, budget window, entry id, envelope, max entries, dlv ttl (ms),
 #      ledger max, task id, name, attempt, failure class
 DEAD_LETTER = script(
-    "idempotency", "delivery", "dlq", "ledger", "budget",
+    "idempotency",
+    "delivery",
+    "dlq",
+    "ledger",
+    "budget",
     keys=("idem", "leases", "dlv", "ledger", "budget", "dlq", "dlq_index"),
-    args=("owner", "fence", "budget_window", "entry_id", "envelope", "max_entries",
-          "dlv_ttl_ms", "ledger_max", "task_id", "name", "attempt", "failure_class"),
+    args=(
+        "owner",
+        "fence",
+        "budget_window",
+        "entry_id",
+        "envelope",
+        "max_entries",
+        "dlv_ttl_ms",
+        "ledger_max",
+        "task_id",
+        "name",
+        "attempt",
+        "failure_class",
+    ),
     body=f"""
 {FRAGMENTS}
 if @idem ~= '' and $owner ~= '' then idem_release(@idem, @leases, $owner, $fence) end
@@ -57,10 +73,6 @@ ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $fa
 return evicted
 """,
 )
-
-
-class RedriveRefused(ReliabilityError):
-    """The entry was redriven as often as the policy allows (or no longer exists)."""
 
 
 @dataclass
@@ -145,12 +157,26 @@ class DeadLetterQueue:
         """Write an entry for work that never reached a task; returns evictions."""
         keys = self.store.keys
         key_list, arg_list = DEAD_LETTER.layout(
-            {"leases": keys.leases, "ledger": keys.ledger, "dlq": keys.dlq,
-             "dlq_index": keys.dlq_index},
-            {"fence": "", "budget_window": 1, "entry_id": entry.id, "envelope": entry.to_json(),
-             "max_entries": self.max_entries, "dlv_ttl_ms": 1, "ledger_max": ledger.max_len,
-             "task_id": entry.task_id, "name": entry.task_name, "attempt": attempt,
-             "failure_class": entry.failure_class})
+            {
+                "leases": keys.leases,
+                "ledger": keys.ledger,
+                "dlq": keys.dlq,
+                "dlq_index": keys.dlq_index,
+            },
+            {
+                "fence": "",
+                "budget_window": 1,
+                "entry_id": entry.id,
+                "envelope": entry.to_json(),
+                "max_entries": self.max_entries,
+                "dlv_ttl_ms": 1,
+                "ledger_max": ledger.max_len,
+                "task_id": entry.task_id,
+                "name": entry.task_name,
+                "attempt": attempt,
+                "failure_class": entry.failure_class,
+            },
+        )
         return int(self.store.run(DEAD_LETTER.source, key_list, arg_list, "dead_letter"))
 
     def count(self) -> int:
@@ -187,8 +213,9 @@ class DeadLetterQueue:
         """The JSON envelopes of ``ids`` (None where one was removed meanwhile)."""
         return lambda c: list(c.hmget(self.store.keys.dlq, ids))
 
-    def page(self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
-             ) -> list[DeadLetter]:
+    def page(
+        self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
+    ) -> list[DeadLetter]:
         """Matching entries ``offset`` to ``offset + limit``, newest first."""
         out: list[DeadLetter] = []
         for index, entry in enumerate(self.iter(where)):

@@ -37,8 +37,10 @@ class SideEffectWrapper:
     def key(self, effect_type: str, entity_id: str) -> str:
         # seed 004's effect:{type}:{entity_id}; an unsafe id is hashed (never raw input in
         # a key name).
-        return (f"{self.ids.store.keys.prefix}:effect:{key_token(str(effect_type))}:"
-                f"{key_token(entity_id)}")
+        return (
+            f"{self.ids.store.keys.prefix}:effect:{key_token(str(effect_type))}:"
+            f"{key_token(entity_id)}"
+        )
 
     def run(
         self,
@@ -61,6 +63,7 @@ class SideEffectWrapper:
         fp = fingerprint({"args": list(args), "kwargs": kwargs})
         ttl = ttl_seconds or self.ttl_seconds
         if is_async_callable(fn):
+
             async def body(_lease: Lease) -> Any:
                 return await fn(*args, **kwargs)
 

@@ -68,14 +68,21 @@ def hard_time_limit(request: Any, timeout: float) -> Outcome:
     call = call_of(request)
     PARENT.release(call)
     outcome, delay = PARENT.failure(
-        call, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True)
-    log.warning("task_hard_time_limit", task_id=request.id, task_name=request.name,
-                settled_as=str(outcome), retry_in=delay)
+        call, TimeLimitExceeded(f"hard time limit ({timeout}s) exceeded"), ran=True
+    )
+    log.warning(
+        "task_hard_time_limit",
+        task_id=request.id,
+        task_name=request.name,
+        settled_as=str(outcome),
+        retry_in=delay,
+    )
     return outcome
 
 
-def requeued(request: Any, reason: str, detail: str,
-             event: str = "task_child_lost_requeued") -> None:
+def requeued(
+    request: Any, reason: str, detail: str, event: str = "task_child_lost_requeued"
+) -> None:
     """The child died (or was killed at shutdown): free its lease and guards at once, so
     the redelivered copy need not wait, and record ``requeued``."""
     try:
@@ -87,8 +94,9 @@ def requeued(request: Any, reason: str, detail: str,
         # The lease lapses by itself within its TTL; the message is requeued anyway.
         log.error("lease_release_failed_child_lost", task_id=request.id, error=str(error))
         return
-    log.warning(event, task_id=request.id, task_name=request.name, lease_released=released,
-                error=detail)
+    log.warning(
+        event, task_id=request.id, task_name=request.name, lease_released=released, error=detail
+    )
 
 
 def revoked(request: Any, reason: str, terminated: bool, expired: bool) -> None:
@@ -98,12 +106,20 @@ def revoked(request: Any, reason: str, terminated: bool, expired: bool) -> None:
         PARENT.release(call)
     if expired:
         PARENT.dead_letter(
-            call, FailureClass.EXPIRED,
-            exc=DeadlineExceeded(f"message expired before it ran ({reason})"), ran=False)
+            call,
+            FailureClass.EXPIRED,
+            exc=DeadlineExceeded(f"message expired before it ran ({reason})"),
+            ran=False,
+        )
         return
     PARENT.record(call, Outcome.REVOKED, reason)
-    log.warning("task_revoked", task_id=request.id, task_name=request.name, reason=reason,
-                terminated=terminated)
+    log.warning(
+        "task_revoked",
+        task_id=request.id,
+        task_name=request.name,
+        reason=reason,
+        terminated=terminated,
+    )
 
 
 def running_deliveries() -> Iterable[Running]:
@@ -115,6 +131,9 @@ def running_deliveries() -> Iterable[Running]:
             continue
         owner = request.request_dict.get(REQUEST_OWNER) or request.id
         started = request.time_start
-        yield Running(str(owner), request.worker_pid,
-                      None if not started else mono - (wall - started),
-                      functools.partial(holding_of, request))
+        yield Running(
+            str(owner),
+            request.worker_pid,
+            None if not started else mono - (wall - started),
+            functools.partial(holding_of, request),
+        )

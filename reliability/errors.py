@@ -7,6 +7,8 @@ plus :class:`BackendUnavailable`, the one wrapper for state-store failures.
 
 from __future__ import annotations
 
+import contextlib
+
 
 class ReliabilityError(Exception):
     """Base class of everything raised by this library."""
@@ -46,3 +48,22 @@ class BackendUnavailable(ReliabilityError):
 
 class ConfigurationError(ReliabilityError, TypeError):
     """A task declared an option no guard owns, or an invalid value for one."""
+
+
+class RedriveRefused(ReliabilityError):
+    """A DLQ entry was redriven as often as the policy allows (or no longer exists)."""
+
+
+# Set on an exception whose delivery already has its outcome recorded (a DLQ entry).
+_SETTLED = "_reliable_settled"
+
+
+def settled(exc: BaseException) -> BaseException:
+    """Mark an exception whose delivery already has its outcome recorded (DLQ entry)."""
+    with contextlib.suppress(AttributeError):
+        setattr(exc, _SETTLED, True)
+    return exc
+
+
+def is_settled(exc: BaseException) -> bool:
+    return bool(getattr(exc, _SETTLED, False))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("reliability.idempotency")
 
+
 def canonical(value: Any) -> str:
     """Canonical JSON: sorted keys, no spaces, so equal arguments hash equally."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -41,8 +42,9 @@ def fingerprint(arguments: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(arguments).encode()).hexdigest()
 
 
-def bind_arguments(signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
-                   ) -> dict[str, Any]:
+def bind_arguments(
+    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
     """Arguments by parameter name, so positional and keyword calls key alike."""
     try:
         bound = signature.bind(*args, **kwargs)
@@ -84,8 +86,7 @@ RELEASE = scripts.compose(
 )
 # KEYS idem, leases   ARGV now, owner, fence, lease_s
 RENEW = scripts.compose(
-    "idempotency",
-    body="return idem_renew(KEYS[1], KEYS[2], ARGV[2], ARGV[3], tonumber(ARGV[4]))",
+    "idempotency", body="return idem_renew(KEYS[1], KEYS[2], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
 )
 
 
@@ -113,7 +114,7 @@ end
 if iv then return {iv, idd} end
 """,
     commit="fence = idem_acquire(@idem, @leases, $fp, $owner, tonumber($lease_s), "
-           "tonumber($ttl_s), task_id, $dtag)",
+    "tonumber($ttl_s), task_id, $dtag)",
 )
 
 
@@ -149,11 +150,13 @@ class Idempotency(Guard):
 
     def check(self, task: str, values: Mapping[str, Any], signature: inspect.Signature) -> None:
         key_args = values.get("idempotency_key_args") or ()
-        require(not isinstance(key_args, str), task,
-                "idempotency_key_args must be a sequence of argument names")
+        require(
+            not isinstance(key_args, str),
+            task,
+            "idempotency_key_args must be a sequence of argument names",
+        )
         missing = [a for a in key_args if a not in signature.parameters]
-        require(not missing, task,
-                f"idempotency_key_args {missing} are not parameters of the task")
+        require(not missing, task, f"idempotency_key_args {missing} are not parameters of the task")
 
     def prepare(self, call: Call) -> None:
         """Key the delivery: the producer's header, else the declared arguments."""
@@ -162,21 +165,30 @@ class Idempotency(Guard):
             arguments = call.arguments()
             d.fingerprint = fingerprint(arguments)
             d.idempotency_key = derive_key(
-                d.name, arguments, d.idempotency_header,
-                call.spec.option("idempotency_key_args", ()), fp=d.fingerprint)
+                d.name,
+                arguments,
+                d.idempotency_header,
+                call.spec.option("idempotency_key_args", ()),
+                fp=d.fingerprint,
+            )
 
     def part(self, call: Call) -> Part | None:
         d = call.d
         if not d.idempotency_key:
             return None
-        return Part(FRAGMENT, [idem_key(call), call.rt.store.keys.leases],
-                    [d.fingerprint, d.owner, lease_seconds(call), result_ttl(call),
-                     d.delivery_tag])
+        return Part(
+            FRAGMENT,
+            [idem_key(call), call.rt.store.keys.leases],
+            [d.fingerprint, d.owner, lease_seconds(call), result_ttl(call), d.delivery_tag],
+        )
 
     def admitted(self, call: Call, verdict: Verdict) -> None:
         if call.d.idempotency_key:
-            log.debug("idempotency_lock_acquired", idempotency_key=call.d.idempotency_key,
-                      fence=verdict.fence)
+            log.debug(
+                "idempotency_lock_acquired",
+                idempotency_key=call.d.idempotency_key,
+                fence=verdict.fence,
+            )
 
     def refused(self, call: Call, verdict: Verdict) -> Action:
         d = call.d
@@ -186,8 +198,11 @@ class Idempotency(Guard):
             return Skip(json.loads(verdict.detail) if verdict.detail else None)
         if verdict.decision == IdempotencyVerdict.BUSY:
             delay = min(call.rt.config.recheck_seconds, max(float(verdict.detail), 0.05))
-            log.info("task_deferred_in_progress", idempotency_key=d.idempotency_key,
-                     recheck_in=round(delay, 3))
+            log.info(
+                "task_deferred_in_progress",
+                idempotency_key=d.idempotency_key,
+                recheck_in=round(delay, 3),
+            )
             return Park(delay, "in_progress", reserved=d.reserved)
         reason = f"idempotency key {d.idempotency_key} holds different arguments"
         return DeadLetter("conflict", reason, IdempotencyConflict)
@@ -195,6 +210,12 @@ class Idempotency(Guard):
     def hold(self, call: Call, holding: Holding) -> None:
         if call.d.idempotency_key:
             seconds = lease_seconds(call)
-            holding.leases.append(Lease(
-                RENEW, [idem_key(call), call.rt.store.keys.leases],
-                ["", holding.owner, "", seconds], seconds, lost="idempotency_lease_lost"))
+            holding.leases.append(
+                Lease(
+                    RENEW,
+                    [idem_key(call), call.rt.store.keys.leases],
+                    ["", holding.owner, "", seconds],
+                    seconds,
+                    lost="idempotency_lease_lost",
+                )
+            )

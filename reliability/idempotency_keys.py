@@ -76,8 +76,12 @@ def locate(
         )
     _check_binds(name, spec.signature, args, kwargs)
     arguments = bind_arguments(spec.signature, args, kwargs)
-    key = derive_key(task.name, arguments, key_args=spec.option("idempotency_key_args", ()),
-                     fp=fingerprint(arguments))
+    key = derive_key(
+        task.name,
+        arguments,
+        key_args=spec.option("idempotency_key_args", ()),
+        fp=fingerprint(arguments),
+    )
     ids = IdempotencyStore(resolve_store(None))
     return ids, ids.redis_key(key, spec.tag)
 

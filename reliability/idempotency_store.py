@@ -33,7 +33,8 @@ DEFAULT_EFFECT_TTL_SECONDS = 72 * 3600
 DEFAULT_LEASE_SECONDS = 60.0
 # What a repeated call returns under ``@idempotent(mark_duplicates=True)`` (seed 000).
 DUPLICATE_MARKER: Mapping[str, Any] = types.MappingProxyType(
-    {"skipped": True, "reason": "idempotent_duplicate"})
+    {"skipped": True, "reason": "idempotent_duplicate"}
+)
 
 
 class InProgress(ReliabilityError):
@@ -64,9 +65,8 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'until')
 if h[1] == 'done' then return 'done' end
 if h[1] == 'running' and tonumber(h[2] or '0') > now then return 'running' end
 return 'free'
-""",
+"""
 )
-
 
 
 @dataclass
@@ -94,6 +94,7 @@ class IdempotencyStore:
 
     def state(self, redis_key: str) -> dict[str, str]:
         """The raw state hash (empty when the key is unknown): check without locking."""
+
         def read(client: Any) -> dict[str, str]:
             return cast("dict[str, str]", client.hgetall(redis_key))
 
@@ -139,15 +140,21 @@ class IdempotencyStore:
             raise InProgress(redis_key, float(detail))
         raise IdempotencyConflict(f"{redis_key}: same key, different arguments ({detail})")
 
-    def complete(self, lease: Lease, result: Any, ttl_seconds: int, now: float | None = None
-                 ) -> bool:
+    def complete(
+        self, lease: Lease, result: Any, ttl_seconds: int, now: float | None = None
+    ) -> bool:
         """Record the result; False when a successor holds a newer fence (stale holder)."""
         return bool(
             self.store.run(
                 _COMPLETE,
                 [lease.key, self.store.keys.leases],
-                ["" if now is None else now, lease.owner, str(lease.fence), canonical(result),
-                 ttl_seconds],
+                [
+                    "" if now is None else now,
+                    lease.owner,
+                    str(lease.fence),
+                    canonical(result),
+                    ttl_seconds,
+                ],
                 "idempotency complete",
             )
         )
@@ -174,14 +181,24 @@ class IdempotencyStore:
 
     @overload
     def run_once(  # type: ignore[overload-overlap]
-        self, redis_key: str, fp: str, fn: Callable[[Lease], Awaitable[R]], *,
-        ttl_seconds: int = ..., lease_seconds: float = ...,
+        self,
+        redis_key: str,
+        fp: str,
+        fn: Callable[[Lease], Awaitable[R]],
+        *,
+        ttl_seconds: int = ...,
+        lease_seconds: float = ...,
     ) -> Awaitable[tuple[bool, R]]: ...
 
     @overload
     def run_once(
-        self, redis_key: str, fp: str, fn: Callable[[Lease], R], *,
-        ttl_seconds: int = ..., lease_seconds: float = ...,
+        self,
+        redis_key: str,
+        fp: str,
+        fn: Callable[[Lease], R],
+        *,
+        ttl_seconds: int = ...,
+        lease_seconds: float = ...,
     ) -> tuple[bool, R]: ...
 
     def run_once(
@@ -214,9 +231,14 @@ class IdempotencyStore:
         self.complete(lease, result, ttl_seconds)
         return True, result
 
-    async def _run_once_async(self, redis_key: str, fp: str,
-                              fn: Callable[[Lease], Awaitable[R]], ttl_seconds: int,
-                              lease_seconds: float) -> tuple[bool, R]:
+    async def _run_once_async(
+        self,
+        redis_key: str,
+        fp: str,
+        fn: Callable[[Lease], Awaitable[R]],
+        ttl_seconds: int,
+        lease_seconds: float,
+    ) -> tuple[bool, R]:
         lease, stored = self._begin(redis_key, fp, ttl_seconds, lease_seconds)
         if lease is None:
             return False, stored
@@ -228,8 +250,9 @@ class IdempotencyStore:
         self.complete(lease, result, ttl_seconds)
         return True, result
 
-    def _begin(self, redis_key: str, fp: str, ttl_seconds: int, lease_seconds: float
-               ) -> tuple[Lease | None, Any]:
+    def _begin(
+        self, redis_key: str, fp: str, ttl_seconds: int, lease_seconds: float
+    ) -> tuple[Lease | None, Any]:
         """(lease, None) to run, or (None, stored result) when the key is done."""
         decision, value = self.acquire(
             redis_key, fp, lease_seconds=lease_seconds, ttl_seconds=ttl_seconds
@@ -241,7 +264,8 @@ class IdempotencyStore:
 
     def _released_on_error(self, lease: Lease, exc: BaseException) -> None:
         self.release(lease)
-        log.info("idempotency_lock_released_on_error", idempotency_key=lease.key,
-                 error=type(exc).__name__)
-
-
+        log.info(
+            "idempotency_lock_released_on_error",
+            idempotency_key=lease.key,
+            error=type(exc).__name__,
+        )

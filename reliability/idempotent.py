@@ -27,6 +27,7 @@ from reliability.store import Store
 
 R = TypeVar("R")
 
+
 @dataclass(frozen=True)
 class IdempotentFunction:
     """An ``@idempotent`` function as :func:`check_idempotency` finds it: how its key is made."""
@@ -36,8 +37,9 @@ class IdempotentFunction:
     key_args: tuple[str, ...]
     store: Store | Callable[[], Store] | None
 
-    def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]
-               ) -> tuple[IdempotencyStore, str, str]:
+    def locate(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[IdempotencyStore, str, str]:
         """(store, Redis key, fingerprint) of a call with these arguments."""
         arguments = bind_arguments(self.signature, args, kwargs)
         fp = fingerprint(arguments)
@@ -56,8 +58,10 @@ def idempotent_function(name: str) -> IdempotentFunction | None:
     :class:`LookupError` when two functions share that short name."""
     found = _FUNCTIONS.get(name)
     if found is None and name in _FUNCTIONS:
-        raise LookupError(f"several @idempotent functions are named {name!r}: use the"
-                          " module.qualname name or @idempotent(name=...)")
+        raise LookupError(
+            f"several @idempotent functions are named {name!r}: use the"
+            " module.qualname name or @idempotent(name=...)"
+        )
     return found
 
 
@@ -100,15 +104,18 @@ def idempotent(
         missing = [a for a in key_args if a not in params]
         if missing and not open_kwargs:
             raise ConfigurationError(
-                f"@idempotent {describe(fn)}: key_args {missing} are not parameters")
-        found = IdempotentFunction(name or f"{fn.__module__}.{fn.__qualname__}", signature,
-                                   tuple(key_args), store)
+                f"@idempotent {describe(fn)}: key_args {missing} are not parameters"
+            )
+        found = IdempotentFunction(
+            name or f"{fn.__module__}.{fn.__qualname__}", signature, tuple(key_args), store
+        )
         _register(fn, found, name is not None)
 
         def answer(executed: bool, result: Any) -> Any:
             return result if executed or not mark_duplicates else dict(DUPLICATE_MARKER)
 
         if is_async_callable(fn):
+
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 ids, redis_key, fp = found.locate(args, kwargs)
@@ -116,8 +123,11 @@ def idempotent(
                 async def body(_lease: Lease) -> Any:
                     return await fn(*args, **kwargs)  # type: ignore[misc]
 
-                return answer(*await ids.run_once(
-                    redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds))
+                return answer(
+                    *await ids.run_once(
+                        redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds
+                    )
+                )
 
             return async_wrapper  # type: ignore[return-value]
 
@@ -130,8 +140,9 @@ def idempotent(
                 refuse_awaitable(result, fn, "@idempotent")
                 return result
 
-            return answer(*ids.run_once(
-                redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds))
+            return answer(
+                *ids.run_once(redis_key, fp, body, ttl_seconds=ttl, lease_seconds=lease_seconds)
+            )
 
         return wrapper
 
@@ -145,5 +156,3 @@ def resolve_store(store: Store | Callable[[], Store] | None) -> Store:
     if callable(store):
         return store()
     return get_runtime().store
-
-

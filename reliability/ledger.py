@@ -40,8 +40,14 @@ class Outcome(StrEnum):
 
 
 FINAL = frozenset(
-    {Outcome.SUCCEEDED, Outcome.SKIPPED, Outcome.DEAD_LETTERED, Outcome.REVOKED,
-     Outcome.FALLBACK, Outcome.SUPERSEDED}
+    {
+        Outcome.SUCCEEDED,
+        Outcome.SKIPPED,
+        Outcome.DEAD_LETTERED,
+        Outcome.REVOKED,
+        Outcome.FALLBACK,
+        Outcome.SUPERSEDED,
+    }
 )
 
 
@@ -72,8 +78,9 @@ class Ledger:
     def key(self) -> str:
         return self.store.keys.ledger
 
-    def record(self, task_id: str, name: str, outcome: Outcome | str, attempt: int = 1,
-               detail: str = "") -> None:
+    def record(
+        self, task_id: str, name: str, outcome: Outcome | str, attempt: int = 1, detail: str = ""
+    ) -> None:
         """One entry for an outcome decided outside the settle scripts (revoked, ...)."""
         self.store.run(
             RECORD,

@@ -12,13 +12,40 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery.worker.consumer import consumer as celery_consumer
 from structlog.typing import EventDict, WrappedLogger
 
 from reliability.security import Masker
+
+if TYPE_CHECKING:
+    from reliability.delivery import Delivery
+
+# Bound to every log line while a delivery runs (until Celery's task_postrun).
+TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenant_id")
+
+
+def bind_task_context(d: Delivery) -> None:
+    """Bind a delivery's ids to every log line until :func:`clear_task_context`, so
+    Celery's own lines about it (succeeded, retry, raised) carry them too."""
+    clear_task_context()
+    context = {
+        "task_id": d.task_id,
+        "task_name": d.name,
+        "attempt": d.attempt,
+        "correlation_id": d.correlation_id,
+    }
+    if d.tenant_id:
+        context["tenant_id"] = d.tenant_id
+    structlog.contextvars.bind_contextvars(**context)
+
+
+def clear_task_context() -> None:
+    """Unbind the log context a delivery bound (called on Celery's ``task_postrun``)."""
+    structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
+
 
 # What replaces the message body and headers Celery's consumer prints when it drops a
 # message (they hold the arguments, and the producer's argsrepr/kwargsrepr, in clear).
@@ -69,8 +96,7 @@ def cut_message_dumps(_logger: Any, _method: str, event_dict: EventDict) -> Even
     return event_dict
 
 
-def drop_quiet_tracebacks(_logger: WrappedLogger, method: str, event_dict: EventDict
-                          ) -> EventDict:
+def drop_quiet_tracebacks(_logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
     """Celery attaches a traceback to every task log record, even a deliberate ``Ignore``
     (each deferral) logged at INFO: keep tracebacks for warnings and errors only."""
     data = event_dict.get("data")
@@ -79,8 +105,9 @@ def drop_quiet_tracebacks(_logger: WrappedLogger, method: str, event_dict: Event
     return event_dict
 
 
-def configure_logging(level: str = "INFO", json_output: bool = True,
-                      masker: Masker | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", json_output: bool = True, masker: Masker | None = None
+) -> None:
     """Route structlog and stdlib logging through one JSON (or console) renderer."""
     masker = masker or Masker()
     shared: list[Any] = [

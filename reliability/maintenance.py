@@ -29,7 +29,8 @@ log = structlog.get_logger("reliability.maintenance")
 MIN_WAIT_SECONDS = 0.005
 
 # KEYS leader   ARGV now, identity, ttl_ms  -> 1 when the caller leads
-LEAD = compose(body="""
+LEAD = compose(
+    body="""
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[2] then
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -40,16 +41,24 @@ if not holder then
   return 1
 end
 return 0
-""")
+"""
+)
 
 
 class Maintenance(threading.Thread):
     """Leader-elected loop: move due parked messages, reap lapsed leases."""
 
-    def __init__(self, store: Store, mover: Mover, reaper: Reaper | None, *,
-                 interval: float = 0.2, leader_ttl: float = 3.0,
-                 reap_every: float = 0.5,
-                 sweepers: Sequence[Callable[[], int]] = ()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        mover: Mover,
+        reaper: Reaper | None,
+        *,
+        interval: float = 0.2,
+        leader_ttl: float = 3.0,
+        reap_every: float = 0.5,
+        sweepers: Sequence[Callable[[], int]] = (),
+    ) -> None:
         super().__init__(name="reliable-maintenance", daemon=True)
         self.store = store
         self.mover = mover
@@ -68,9 +77,11 @@ class Maintenance(threading.Thread):
 
     def lead(self) -> bool:
         keys = self.store.keys
-        leading = bool(self.store.run(
-            LEAD, [keys.leader], ["", self.identity, int(self.leader_ttl * 1000)], "lead"
-        ))
+        leading = bool(
+            self.store.run(
+                LEAD, [keys.leader], ["", self.identity, int(self.leader_ttl * 1000)], "lead"
+            )
+        )
         if leading != self.leading:
             log.info("maintenance_leader_changed", leading=leading, identity=self.identity)
         self.leading = leading
@@ -112,5 +123,11 @@ class Maintenance(threading.Thread):
             self._stopping.wait(wait)
         if self.leading:
             with contextlib.suppress(BackendUnavailable):
-                self.store.call("resign", lambda c: c.delete(self.store.keys.leader)
-                                if c.get(self.store.keys.leader) == self.identity else 0)
+                self.store.call(
+                    "resign",
+                    lambda c: (
+                        c.delete(self.store.keys.leader)
+                        if c.get(self.store.keys.leader) == self.identity
+                        else 0
+                    ),
+                )

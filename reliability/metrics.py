@@ -30,9 +30,7 @@ STORE_UNAVAILABLE = Counter(
     "Times the Redis state store could not be reached, by operation.",
     ["operation"],
 )
-PARKED_MOVED = Counter(
-    f"{PREFIX}_parked_moved_total", "Parked messages republished by the mover."
-)
+PARKED_MOVED = Counter(f"{PREFIX}_parked_moved_total", "Parked messages republished by the mover.")
 LEASES_REAPED = Counter(
     f"{PREFIX}_leases_reaped_total",
     "Lapsed leases whose unacked message the reaper restored to the queue.",
@@ -42,6 +40,7 @@ WORKERS_REVIVED = Counter(
     "Dead workers (heartbeat expired) whose leases were freed and messages restored.",
 )
 PARKED = Gauge(
-    f"{PREFIX}_parked_messages", "Messages parked in Redis waiting to be due.",
+    f"{PREFIX}_parked_messages",
+    "Messages parked in Redis waiting to be due.",
     multiprocess_mode="max",
 )

@@ -25,29 +25,33 @@ from typing import Any, Protocol
 import structlog
 from celery.app.task import get_actual_ignore_result  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
-from pydantic import ValidationError
 
-from reliability import admission, completion
+from reliability import admission, checks, completion
 from reliability.breaker import Breaker
-from reliability.deadline import remaining_seconds, validate_deadline
 from reliability.deferral import Deferral, ParkedMessage
-from reliability.delivery import RESERVED, Delivery, Redelivery, activate, deactivate
+from reliability.delivery import (
+    RESERVED,
+    Delivery,
+    Redelivery,
+    activate,
+    deactivate,
+    delivery_ttl_ms,
+)
 from reliability.dlq import FailureClass
-from reliability.errors import DeadlineExceeded, PoisonMessage, StaleFencingToken
+from reliability.errors import StaleFencingToken, is_settled, settled
 from reliability.guard import Action, Call, DeadLetter, Duplicate, Fallback, Guard, Park, Skip
 from reliability.idempotency import Idempotency
 from reliability.ledger import Outcome
+from reliability.logs import bind_task_context
 from reliability.ratelimit import RateLimits
 from reliability.runtime import Runtime
-from reliability.settlement import Settlement, carried_headers, is_settled, settled
+from reliability.settlement import Settlement
 from reliability.spec import TaskSpec
 
 log = structlog.get_logger("reliability.pipeline")
 
 # The guards, in the order they decide. Adding a guard is one class and one entry here.
 GUARDS: tuple[Guard, ...] = (Redelivery(), Deferral(), Idempotency(), Breaker(), RateLimits())
-
-TASK_CONTEXT_KEYS = ("task_id", "task_name", "attempt", "correlation_id", "tenant_id")
 
 
 class RetryRequested(Exception):
@@ -71,13 +75,7 @@ class Body(Protocol):
     def run(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
-def clear_task_context() -> None:
-    """Unbind the log context a delivery bound (called on Celery's ``task_postrun``)."""
-    structlog.contextvars.unbind_contextvars(*TASK_CONTEXT_KEYS)
-
-
-def call_for(spec: TaskSpec, rt: Runtime, d: Delivery,
-             guards: tuple[Guard, ...] = GUARDS) -> Call:
+def call_for(spec: TaskSpec, rt: Runtime, d: Delivery, guards: tuple[Guard, ...] = GUARDS) -> Call:
     """A delivery as the guards see it, prepared (keyed, ...) — also for the worker's
     parent, which settles the endings only it sees."""
     call = Call(spec, rt, d)
@@ -97,15 +95,8 @@ class Pipeline:
         d = Delivery.from_request(task.request, self.spec.name, args, kwargs)
         if d.first_attempt_at is None:
             d.first_attempt_at = time.time()
-        context = {"task_id": d.task_id, "task_name": d.name, "attempt": d.attempt,
-                   "correlation_id": d.correlation_id}
-        if d.tenant_id:
-            context["tenant_id"] = d.tenant_id
         token = activate(d)
-        # Bound until task_postrun (see clear_task_context), so Celery's own lines about
-        # this delivery (succeeded, retry, raised) carry the task and correlation ids too.
-        clear_task_context()
-        structlog.contextvars.bind_contextvars(**context)
+        bind_task_context(d)
         call = Call(self.spec, self.rt, d)
         try:
             return self._execute(task, call)
@@ -115,8 +106,12 @@ class Pipeline:
             if not is_settled(exc):
                 # The pipeline's own code failed, not the body: never ack it unrecorded.
                 self.settlement.dead_letter(
-                    call, FailureClass.POISON, exc=exc, ran=False,
-                    reason=f"internal error handling the delivery: {exc!r}")
+                    call,
+                    FailureClass.POISON,
+                    exc=exc,
+                    ran=False,
+                    reason=f"internal error handling the delivery: {exc!r}",
+                )
             raise
         finally:
             deactivate(token)
@@ -140,8 +135,11 @@ class Pipeline:
             result = task.run(*d.args, **d.kwargs)
         except RetryRequested as request:
             d.duration = time.monotonic() - started
-            return self._failed(call, request.exc or RuntimeError("retry requested by the task"),
-                                countdown=request.countdown)
+            return self._failed(
+                call,
+                request.exc or RuntimeError("retry requested by the task"),
+                countdown=request.countdown,
+            )
         except Retry as request:
             # Celery's own retry raised by the body: the policy's retry, parked.
             d.duration = time.monotonic() - started
@@ -160,32 +158,13 @@ class Pipeline:
     # -- local checks ---------------------------------------------------------------------
 
     def _check_locally(self, call: Call) -> None:
-        d = call.d
-        unreadable = validate_deadline(d.deadline_header)
-        if unreadable:
-            self._refuse(call, FailureClass.POISON, unreadable, PoisonMessage)
-        left = remaining_seconds(d.deadline)
-        if left is not None and left <= 0:
-            reason = f"deadline {d.deadline_header} passed {-left:.3f}s before the task started"
-            self._refuse(call, FailureClass.EXPIRED, reason, DeadlineExceeded)
-        try:
-            self.spec.signature.bind(*d.args, **d.kwargs)
-        except TypeError as exc:
-            self._refuse(call, FailureClass.POISON,
-                         f"arguments do not fit the task's signature: {exc}", PoisonMessage)
-        model = self.spec.option("args_model")
-        if model is not None:
-            try:
-                model.model_validate(call.arguments())
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
-                    for e in exc.errors(include_url=False, include_input=False))
-                self._refuse(call, FailureClass.POISON, f"invalid arguments: {problems}",
-                             PoisonMessage)
+        problem = checks.problem(call)
+        if problem is not None:
+            self._refuse(call, *problem)
 
-    def _refuse(self, call: Call, failure: FailureClass, reason: str,
-                error: type[Exception]) -> None:
+    def _refuse(
+        self, call: Call, failure: FailureClass, reason: str, error: type[Exception]
+    ) -> None:
         self.settlement.dead_letter(call, failure, reason=reason, ran=False)
         raise settled(error(reason)) from None
 
@@ -197,11 +176,17 @@ class Pipeline:
             return admission.Verdict("run")
         d, rt = call.d, call.rt
         script, keys, args = admission.layout(
-            parts, ledger=rt.store.keys.ledger, ledger_max=rt.config.ledger_max_len,
-            task_id=d.task_id, name=d.name, attempt=d.attempt,
-            dlv_ttl_ms=int(rt.config.delivery_ttl_seconds * 1000))
-        reply = self.settlement.store(call, "admission", lambda: rt.store.run(
-            script.source, keys, args, "admission"))
+            parts,
+            ledger=rt.store.keys.ledger,
+            ledger_max=rt.config.ledger_max_len,
+            task_id=d.task_id,
+            name=d.name,
+            attempt=d.attempt,
+            dlv_ttl_ms=delivery_ttl_ms(call),
+        )
+        reply = self.settlement.store(
+            call, "admission", lambda: rt.store.run(script.source, keys, args, "admission")
+        )
         return admission.parse(reply)
 
     def _owner(self, decision: str) -> Guard:
@@ -219,11 +204,18 @@ class Pipeline:
         if isinstance(action, Duplicate):
             raise Ignore()
         if isinstance(action, Park):
-            headers = {**carried_headers(call), **({RESERVED: 1} if action.reserved else {})}
-            message = ParkedMessage.of(d, retries=d.retries, reason=action.detail,
-                                       extra_headers=headers)
-            self.settlement.park(call, message, action.delay, mode="defer",
-                                 outcome=Outcome.DEFERRED, detail=action.detail)
+            headers = {**call.d.carried_headers(), **({RESERVED: 1} if action.reserved else {})}
+            message = ParkedMessage.of(
+                d, retries=d.retries, reason=action.detail, extra_headers=headers
+            )
+            self.settlement.park(
+                call,
+                message,
+                action.delay,
+                mode="defer",
+                outcome=Outcome.DEFERRED,
+                detail=action.detail,
+            )
             raise Ignore()
         if isinstance(action, DeadLetter):
             self._refuse(call, FailureClass(action.failure_class), action.reason, action.error)
@@ -241,11 +233,14 @@ class Pipeline:
 
     def _succeeded(self, task: Body, call: Call, result: Any) -> Any:
         request = task.request
-        if (getattr(task.backend, "fuses_completion", False)
-                and not get_actual_ignore_result(task, request)
-                # Callbacks and chain steps are published before the result is stored: a
-                # fused write that then fails would publish them twice on redelivery.
-                and not request.callbacks and not request.chain):
+        if (
+            getattr(task.backend, "fuses_completion", False)
+            and not get_actual_ignore_result(task, request)
+            # Callbacks and chain steps are published before the result is stored: a
+            # fused write that then fails would publish them twice on redelivery.
+            and not request.callbacks
+            and not request.chain
+        ):
             # Written together with Celery's result, in the backend's one round trip,
             # still before the ack (reliability.backend, reliability.completion).
             setattr(request, completion.PENDING, self.settlement.completion(call, result))
@@ -267,18 +262,20 @@ class Pipeline:
     def _given_up(self, call: Call, control: Ignore | Reject) -> None:
         """The body raised Celery's Ignore or Reject itself: record what becomes of it."""
         if call.d.fence and self.settlement.release(call):
-            log.info("idempotency_lock_released_on_error",
-                     idempotency_key=call.d.idempotency_key)
+            log.info("idempotency_lock_released_on_error", idempotency_key=call.d.idempotency_key)
         self.settlement.release_guards(call)
         # Reject's attributes are set in __init__; the stubs leave them out.
         if isinstance(control, Reject) and not getattr(control, "requeue", False):
             reason = getattr(control, "reason", None)
-            self.settlement.dead_letter(call, FailureClass.PERMANENT, ran=False,
-                                        reason=f"rejected by the task: {reason!r}")
+            self.settlement.dead_letter(
+                call, FailureClass.PERMANENT, ran=False, reason=f"rejected by the task: {reason!r}"
+            )
             return
-        outcome, detail = ((Outcome.REQUEUED, "rejected by the task, requeued")
-                           if isinstance(control, Reject) else
-                           (Outcome.REVOKED, "ignored by the task"))
+        outcome, detail = (
+            (Outcome.REQUEUED, "rejected by the task, requeued")
+            if isinstance(control, Reject)
+            else (Outcome.REVOKED, "ignored by the task")
+        )
         self.settlement.record(call, outcome, detail)
         log.warning("task_given_up_by_body", settled_as=str(outcome), detail=detail)
 
@@ -289,7 +286,10 @@ class Pipeline:
         """
         self.settlement.release_guards(call)
         self.settlement.record(call, Outcome.SUPERSEDED, type(exc).__name__)
-        log.warning("idempotency_fence_superseded", idempotency_key=call.d.idempotency_key,
-                    fence=call.d.fence, error=call.rt.masker.text(str(exc)))
+        log.warning(
+            "idempotency_fence_superseded",
+            idempotency_key=call.d.idempotency_key,
+            fence=call.d.fence,
+            error=call.rt.masker.text(str(exc)),
+        )
         raise Ignore()
-

@@ -163,9 +163,15 @@ def malformed(headers: dict[str, Any], args: Any, kwargs: Any, embed: Any = None
 
 
 def _limits_valid(limits: Any) -> bool:
-    return isinstance(limits, list | tuple) and len(limits) == 2 and all(
-        x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
-        for x in limits)
+    return (
+        isinstance(limits, list | tuple)
+        and len(limits) == 2
+        and all(
+            x is None or (isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < 1e9)
+            for x in limits
+        )
+    )
+
 
 # Writes a poison item to the DLQ: (raw item, queue, what is wrong) -> True once written.
 PoisonSink = Callable[[bytes, str, Poison], bool]
@@ -190,6 +196,7 @@ def dead_letter(raw: bytes, queue: str, poison: Poison) -> bool:
     except Exception:
         log.exception("poison_sink_failed", queue=queue, kind=poison.kind)
         return False
+
 
 def _embed_problem(embed: Any) -> str | None:
     """What is wrong with the body's embed (None or an object of :data:`EMBED_KEYS`)."""

@@ -50,12 +50,14 @@ for _, key in ipairs(keys) do
   end
 end
 return out
-""",
+"""
 )
 
 # KEYS leases   ARGV now, owner prefix ("<worker identity>:")
 # Release every running idempotency lease whose owner token starts with the prefix.
-FREE_LEASES = scripts.compose("idempotency", body="""
+FREE_LEASES = scripts.compose(
+    "idempotency",
+    body="""
 local n = 0
 local prefix = ARGV[2]
 for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -65,16 +67,23 @@ for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   end
 end
 return n
-""")
+""",
+)
 
 
 class Reaper:
     """Revives the work of dead workers (heartbeat) and of lapsed leases (fallback)."""
 
-    def __init__(self, store: Store, restore: Restore, batch_size: int = 100, *,
-                 restore_owned: RestoreOwned | None = None,
-                 heartbeat_ttl: float = DEFAULT_TTL_SECONDS,
-                 heartbeat_interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self,
+        store: Store,
+        restore: Restore,
+        batch_size: int = 100,
+        *,
+        restore_owned: RestoreOwned | None = None,
+        heartbeat_ttl: float = DEFAULT_TTL_SECONDS,
+        heartbeat_interval: float = DEFAULT_INTERVAL_SECONDS,
+    ) -> None:
         self.store = store
         self.restore = restore
         self.batch_size = batch_size
@@ -97,13 +106,20 @@ class Reaper:
             return []
         revived = []
         for worker in dead_workers(self.store):
-            freed = int(self.store.run(FREE_LEASES, [self.store.keys.leases],
-                                       ["", f"{worker}:"], "free dead worker's leases"))
+            freed = int(
+                self.store.run(
+                    FREE_LEASES,
+                    [self.store.keys.leases],
+                    ["", f"{worker}:"],
+                    "free dead worker's leases",
+                )
+            )
             moved = self.restore_owned(worker) if self.restore_owned is not None else 0
             self._forget(worker)
             metrics.WORKERS_REVIVED.inc()
-            log.warning("worker_dead_revived", worker=worker, leases_released=freed,
-                        messages_restored=moved)
+            log.warning(
+                "worker_dead_revived", worker=worker, leases_released=freed, messages_restored=moved
+            )
             revived.append(worker)
         return revived
 

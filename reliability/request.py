@@ -32,12 +32,7 @@ from celery.worker.state import task_ready
 from reliability import endings
 from reliability.consumer import hand_back
 from reliability.deadline import parse_deadline, soft_limit
-from reliability.delivery import (
-    CORRELATION_ID,
-    DEADLINE,
-    REQUEST_CORRELATION_ID,
-    REQUEST_OWNER,
-)
+from reliability.delivery import CORRELATION_ID, DEADLINE, REQUEST_CORRELATION_ID, REQUEST_OWNER
 from reliability.heartbeat import identity
 from reliability.ledger import Outcome
 from reliability.poison import malformed
@@ -160,8 +155,9 @@ class ReliableRequest(Request):
     def _settle_hard_timeout(request: ReliableRequest, timeout: float) -> None:
         request._hard_limit_ending = endings.hard_time_limit(request, timeout)
 
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
-                   return_ok: bool = False) -> None:
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         if self._abandoned and isinstance(exc, Terminated | WorkerLostError):
             self._hand_back()
@@ -205,8 +201,12 @@ class ReliableRequest(Request):
             task_ready(self, successful=True)
             self.acknowledge()
             return
-        endings.requeued(self, "WorkerShutdown", "killed at worker shutdown",
-                              event="task_handed_back_at_shutdown")
+        endings.requeued(
+            self,
+            "WorkerShutdown",
+            "killed at worker shutdown",
+            event="task_handed_back_at_shutdown",
+        )
         task_ready(self)
         self.reject(requeue=True)
 
@@ -227,15 +227,15 @@ class ReliableRequest(Request):
         except Exception as exc:
             log.warning("task_cancel_unannounced", task_id=self.id, error=str(exc))
 
-    def _announce_revoked(self, reason: str, terminated: bool, signum: Any,
-                          expired: bool) -> None:
+    def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
         if not endings.settle(self, endings.revoked, reason, terminated, expired):
             task_ready(self)
             self._already_revoked = True
             self.reject(requeue=True)
             return
         super()._announce_revoked(  # type: ignore[misc]
-            reason, terminated, signum, expired)
+            reason, terminated, signum, expired
+        )
 
     # -- what Celery shows of the arguments ---------------------------------------------
     # Celery reads `_argsrepr`/`_kwargsrepr` for the task-received event (Flower), the
@@ -279,7 +279,8 @@ class ReliableRequest(Request):
         if fields and self._eventer and self._eventer.enabled:
             masker = current_masker().including(
                 self._task.sensitive.values(self._args, self._kwargs)
-                if hasattr(self._task, "sensitive") else ())
-            fields = {k: masker.text(v) if isinstance(v, str) else v
-                      for k, v in fields.items()}
+                if hasattr(self._task, "sensitive")
+                else ()
+            )
+            fields = {k: masker.text(v) if isinstance(v, str) else v for k, v in fields.items()}
         super().send_event(type, **fields)

@@ -72,10 +72,14 @@ class RuntimeConfig:
 class Runtime:
     """Per-deployment reliability objects; per-process clients are created lazily."""
 
-    def __init__(self, store: Store, config: RuntimeConfig | None = None,
-                 masker: Masker | None = None,
-                 breakers: dict[str, BreakerConfig] | None = None,
-                 rate_limits: dict[str, RateLimit] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: RuntimeConfig | None = None,
+        masker: Masker | None = None,
+        breakers: dict[str, BreakerConfig] | None = None,
+        rate_limits: dict[str, RateLimit] | None = None,
+    ) -> None:
         self.store = store
         self._cache: TrackedCache | None = None
         self.breakers = BreakerRegistry(store, breakers, cache=self.tracked_cache)
@@ -83,8 +87,11 @@ class Runtime:
         self.config = config or RuntimeConfig()
         self.masker = masker or Masker()
         self.ledger = Ledger(store, self.config.ledger_max_len)
-        self.dlq = DeadLetterQueue(store, max_entries=self.config.dlq_max_entries,
-                                   max_redrives=self.config.dlq_max_redrives)
+        self.dlq = DeadLetterQueue(
+            store,
+            max_entries=self.config.dlq_max_entries,
+            max_redrives=self.config.dlq_max_redrives,
+        )
 
     def tracked_cache(self) -> TrackedCache:
         """The process's invalidation-coherent cache for reads outside tasks (lazy)."""
@@ -98,10 +105,12 @@ class Runtime:
             return self.rate_limits[name]
         except KeyError:
             raise ConfigurationError(
-                f"no rate limit named {name!r}; known: {sorted(self.rate_limits)}") from None
+                f"no rate limit named {name!r}; known: {sorted(self.rate_limits)}"
+            ) from None
 
-    def wait_for_store(self, operation: str, fn: Callable[[], T],
-                       seconds: float | None = None) -> T:
+    def wait_for_store(
+        self, operation: str, fn: Callable[[], T], seconds: float | None = None
+    ) -> T:
         """Call ``fn``; while the store is unreachable, retry with backoff for a while.
 
         Never a silent pass: every failed attempt is logged and counted, and after
@@ -116,16 +125,25 @@ class Runtime:
             except BackendUnavailable as exc:
                 metrics.STORE_UNAVAILABLE.labels(operation).inc()
                 left = deadline - time.monotonic()
-                log.warning("state_store_unavailable", operation=operation, error=str(exc),
-                            retry_in=round(min(delay, max(left, 0)), 3))
+                log.warning(
+                    "state_store_unavailable",
+                    operation=operation,
+                    error=str(exc),
+                    retry_in=round(min(delay, max(left, 0)), 3),
+                )
                 if left <= 0:
                     raise
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 2.0)
 
-
-    def stored(self, operation: str, fn: Callable[[], T], *, wait: float | None,
-               hand_back: Callable[[BackendUnavailable], object]) -> T | None:
+    def stored(
+        self,
+        operation: str,
+        fn: Callable[[], T],
+        *,
+        wait: float | None,
+        hand_back: Callable[[BackendUnavailable], object],
+    ) -> T | None:
         """The one policy for a store outage while a message is held: wait for the store
         (``wait`` seconds; None: the setting), and if it stays away hand the message back
         unacked (``hand_back``: requeue it the way the caller can) instead of acking it
@@ -133,8 +151,7 @@ class Runtime:
         try:
             return self.wait_for_store(operation, fn, seconds=wait)
         except BackendUnavailable as exc:
-            log.error("message_handed_back_store_unavailable", operation=operation,
-                      error=str(exc))
+            log.error("message_handed_back_store_unavailable", operation=operation, error=str(exc))
             hand_back(exc)
             return None
 

@@ -64,13 +64,18 @@ class Part:
     args: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
-        if len(self.keys) != len(self.fragment.keys) or len(self.args) != len(
-                self.fragment.args):
+        if len(self.keys) != len(self.fragment.keys) or len(self.args) != len(self.fragment.args):
             raise ValueError(f"fragment {self.fragment.name}: wrong number of keys/args")
 
 
-def _bind(code: str, keys: Mapping[str, int], args: Mapping[str, int], key_base: int,
-          arg_base: int, where: str) -> str:
+def _bind(
+    code: str,
+    keys: Mapping[str, int],
+    args: Mapping[str, int],
+    key_base: int,
+    arg_base: int,
+    where: str,
+) -> str:
     def replace(match: re.Match[str]) -> str:
         token = match.group(0)
         if token == "@@":
@@ -117,8 +122,10 @@ class Script:
             fkeys = {name: key_base + i + 1 for i, name in enumerate(fragment.keys)}
             fargs = {name: arg_base + i + 1 for i, name in enumerate(fragment.args)}
             where = f"fragment {fragment.name}"
-            codes.append(f"-- {fragment.name}\n"
-                         + _bind(fragment.code, fkeys, fargs, key_base, arg_base, where))
+            codes.append(
+                f"-- {fragment.name}\n"
+                + _bind(fragment.code, fkeys, fargs, key_base, arg_base, where)
+            )
             if fragment.commit:
                 commits.append(_bind(fragment.commit, fkeys, fargs, key_base, arg_base, where))
             libraries.extend(x for x in fragment.libraries if x not in libraries)
@@ -128,8 +135,13 @@ class Script:
         body = body.replace(FRAGMENTS, "\n".join(codes)).replace(COMMITS, "\n".join(commits))
         return compose(*dict.fromkeys(libraries), body=body)
 
-    def layout(self, keys: Mapping[str, str], args: Mapping[str, Any],
-               parts: Sequence[Part] = (), now: Any = "") -> tuple[list[str], list[Any]]:
+    def layout(
+        self,
+        keys: Mapping[str, str],
+        args: Mapping[str, Any],
+        parts: Sequence[Part] = (),
+        now: Any = "",
+    ) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV lists for one call: named values, then each part's, in the
         order of :attr:`fragments` (which ``parts`` must match)."""
         if tuple(p.fragment for p in parts) != self.fragments:
@@ -147,8 +159,9 @@ class Script:
 
 @cache
 def _extended(script: Script, fragments: tuple[Fragment, ...]) -> Script:
-    return Script(script.libraries, script.keys, script.args, script.body,
-                  script.fragments + fragments)
+    return Script(
+        script.libraries, script.keys, script.args, script.body, script.fragments + fragments
+    )
 
 
 def script(*libraries: str, keys: tuple[str, ...], args: tuple[str, ...], body: str) -> Script:

@@ -202,12 +202,7 @@ class Masker:
         return self.text(line) if isinstance(line, str) else line
 
     def _copy(
-        self,
-        value: Any,
-        key: str = "",
-        *,
-        judge_keys: bool = True,
-        mask_text: bool = True,
+        self, value: Any, key: str = "", *, judge_keys: bool = True, mask_text: bool = True
     ) -> Any:
         """Copy nested data, masking as it goes: iterative (no recursion limit on deep
         input), each container copied once (shared references stay shared)."""

@@ -14,7 +14,6 @@ the message back (Celery's ``Reject(requeue=True)``: nothing is acked unrecorded
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,47 +22,18 @@ import structlog
 from celery.exceptions import Ignore, Reject
 
 from reliability import metrics
-from reliability.completion import COMPLETE, Completion, result_json
-from reliability.deadletter import envelope
+from reliability.completion import COMPLETE, Completion
+from reliability.deadletter import classify, for_call
 from reliability.deferral import PARK, ParkedMessage
-from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, RESERVED, delivery_key
+from reliability.delivery import FIRST_ATTEMPT_AT, PREVIOUS_DELAY, delivery_key, delivery_ttl_ms
 from reliability.dlq import DEAD_LETTER, FailureClass
-from reliability.errors import (
-    BackendUnavailable,
-    DeadlineExceeded,
-    IdempotencyConflict,
-    PermanentError,
-    PoisonMessage,
-)
+from reliability.errors import BackendUnavailable, PermanentError
 from reliability.guard import Call, Ending, Guard
-from reliability.idempotency import RELEASE, idem_key, result_ttl
+from reliability.idempotency import RELEASE, idem_key
 from reliability.ledger import Outcome
-from reliability.reprs import sensitive_of
 from reliability.scripts import Part, Script
 
 log = structlog.get_logger("reliability.pipeline")
-_SETTLED = "_reliable_settled"
-
-
-def classify(exc: BaseException, retryable: bool) -> FailureClass:
-    if isinstance(exc, IdempotencyConflict):
-        return FailureClass.CONFLICT
-    if isinstance(exc, PoisonMessage):
-        return FailureClass.POISON
-    if isinstance(exc, DeadlineExceeded):
-        return FailureClass.EXPIRED
-    return FailureClass.TRANSIENT if retryable else FailureClass.PERMANENT
-
-
-def settled(exc: BaseException) -> BaseException:
-    """Mark an exception whose delivery already has its outcome recorded (DLQ entry)."""
-    with contextlib.suppress(AttributeError):
-        setattr(exc, _SETTLED, True)
-    return exc
-
-
-def is_settled(exc: BaseException) -> bool:
-    return bool(getattr(exc, _SETTLED, False))
 
 
 def _requeue(exc: BackendUnavailable) -> None:
@@ -83,13 +53,23 @@ class Settlement:
         """Run a store operation; if the store stays away, hand the message back unacked."""
         return call.rt.stored(operation, fn, wait=self.wait, hand_back=_requeue)
 
-    def run(self, call: Call, base: Script, keys: dict[str, str], args: dict[str, Any],
-            operation: str, parts: Sequence[Part] = ()) -> Any:
+    def run(
+        self,
+        call: Call,
+        base: Script,
+        keys: dict[str, str],
+        args: dict[str, Any],
+        operation: str,
+        parts: Sequence[Part] = (),
+    ) -> Any:
         """Run a settle script with the guards' tails bound after its own names."""
         script_ = base.extended(tuple(p.fragment for p in parts))
         key_list, arg_list = script_.layout(keys, args, parts)
-        return self.store(call, operation, lambda: call.rt.store.run(
-            script_.source, key_list, arg_list, operation))
+        return self.store(
+            call,
+            operation,
+            lambda: call.rt.store.run(script_.source, key_list, arg_list, operation),
+        )
 
     def tails(self, call: Call, ending: Ending) -> list[Part]:
         """Every guard's settle tail for this ending, in guard order."""
@@ -98,21 +78,9 @@ class Settlement:
     # -- success ------------------------------------------------------------------------
 
     def completion(self, call: Call, result: Any) -> Completion:
-        d, rt = call.d, call.rt
-        keys = rt.store.keys
-        return Completion(
-            task_name=d.name,
-            idempotency_key=d.idempotency_key,
-            keys={"idem": idem_key(call) if d.idempotency_key else "", "leases": keys.leases,
-                  "dlv": delivery_key(call), "ledger": keys.ledger,
-                  "budget": keys.budget(call.spec.tag)},
-            args={"owner": d.owner, "fence": str(d.fence), "result": result_json(result),
-                  "result_ttl": result_ttl(call), "dlv_ttl_ms": _dlv_ttl_ms(call),
-                  "ledger_max": rt.config.ledger_max_len, "task_id": d.task_id,
-                  "name": d.name, "attempt": d.attempt,
-                  "budget_window": rt.config.budget_window_seconds},
-            parts=self.tails(call, Ending("success", None, d.duration)),
-            store=lambda operation, fn: self.store(call, operation, fn),
+        ending = Ending("success", None, call.d.duration)
+        return Completion.of(
+            call, result, self.tails(call, ending), lambda op, fn: self.store(call, op, fn)
         )
 
     def succeeded(self, call: Call, result: Any) -> Any:
@@ -123,8 +91,9 @@ class Settlement:
 
     # -- failure ------------------------------------------------------------------------
 
-    def failure(self, call: Call, exc: BaseException, *, countdown: float | None = None,
-                ran: bool = True) -> tuple[Outcome, float | None]:
+    def failure(
+        self, call: Call, exc: BaseException, *, countdown: float | None = None, ran: bool = True
+    ) -> tuple[Outcome, float | None]:
         """Park the message for another attempt, or dead-letter it: exactly one of them.
 
         Used by the pool child after the body failed, and by the worker's parent when the
@@ -142,76 +111,136 @@ class Settlement:
             self.dead_letter(call, classify(exc, retryable), exc=exc, ran=ran)
             return Outcome.DEAD_LETTERED, None
         message = ParkedMessage.of(
-            d, retries=d.retries + 1, reason=f"retry after {type(exc).__name__}",
-            extra_headers={**carried_headers(call), FIRST_ATTEMPT_AT: first,
-                           PREVIOUS_DELAY: delay},
+            d,
+            retries=d.retries + 1,
+            reason=f"retry after {type(exc).__name__}",
+            extra_headers={**d.carried_headers(), FIRST_ATTEMPT_AT: first, PREVIOUS_DELAY: delay},
         )
         ending = Ending("failure", exc, d.duration) if ran else None
-        reply = self.park(call, message, delay, mode="retry", outcome=Outcome.RETRIED,
-                          detail=type(exc).__name__, ending=ending)
+        reply = self.park(
+            call,
+            message,
+            delay,
+            mode="retry",
+            outcome=Outcome.RETRIED,
+            detail=type(exc).__name__,
+            ending=ending,
+        )
         if reply[0] == "refused":
             self.dead_letter(call, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
             return Outcome.DEAD_LETTERED, None
         metrics.OUTCOMES.labels(d.name, Outcome.RETRIED).inc()
-        log.warning("task_retry_scheduled", delay_seconds=round(delay, 3),
-                    error_type=type(exc).__name__, error=rt.masker.text(str(exc)))
+        log.warning(
+            "task_retry_scheduled",
+            delay_seconds=round(delay, 3),
+            error_type=type(exc).__name__,
+            error=rt.masker.text(str(exc)),
+        )
         return Outcome.RETRIED, delay
 
-    def park(self, call: Call, message: ParkedMessage, delay: float, *, mode: str,
-             outcome: Outcome, detail: str, ending: Ending | None = None) -> list[Any]:
+    def park(
+        self,
+        call: Call,
+        message: ParkedMessage,
+        delay: float,
+        *,
+        mode: str,
+        outcome: Outcome,
+        detail: str,
+        ending: Ending | None = None,
+    ) -> list[Any]:
         """Park the message (a retry, or a deferral that spends no attempt)."""
         d, rt = call.d, call.rt
         keys, cfg = rt.store.keys, rt.config
         reply: list[Any] = self.run(
-            call, PARK,
+            call,
+            PARK,
             # Release only a lease this delivery holds (a deferral holds none).
-            {"idem": idem_key(call) if d.idempotency_key and d.fence else "",
-             "leases": keys.leases, "dlv": delivery_key(call), "ledger": keys.ledger,
-             "budget": keys.budget(call.spec.tag), "parked": keys.parked,
-             "parked_msgs": keys.parked_msgs,
-             "defer": keys.defer(call.spec.tag, message.id)},
-            {"owner": d.owner, "fence": str(d.fence) if d.fence else "", "mode": mode,
-             "budget_window": cfg.budget_window_seconds, "budget_ratio": cfg.budget_ratio,
-             "budget_floor": cfg.budget_min_retries_per_second, "park_id": message.id,
-             "delay": delay, "envelope": message.to_json(), "dlv_ttl_ms": _dlv_ttl_ms(call),
-             "ledger_max": cfg.ledger_max_len, "task_id": d.task_id, "name": d.name,
-             "attempt": d.attempt, "outcome": str(outcome), "detail": detail},
-            "park", self.tails(call, ending) if ending is not None else ())
+            {
+                "idem": idem_key(call) if d.idempotency_key and d.fence else "",
+                "leases": keys.leases,
+                "dlv": delivery_key(call),
+                "ledger": keys.ledger,
+                "budget": keys.budget(call.spec.tag),
+                "parked": keys.parked,
+                "parked_msgs": keys.parked_msgs,
+                "defer": keys.defer(call.spec.tag, message.id),
+            },
+            {
+                "owner": d.owner,
+                "fence": str(d.fence) if d.fence else "",
+                "mode": mode,
+                "budget_window": cfg.budget_window_seconds,
+                "budget_ratio": cfg.budget_ratio,
+                "budget_floor": cfg.budget_min_retries_per_second,
+                "park_id": message.id,
+                "delay": delay,
+                "envelope": message.to_json(),
+                "dlv_ttl_ms": delivery_ttl_ms(call),
+                "ledger_max": cfg.ledger_max_len,
+                "task_id": d.task_id,
+                "name": d.name,
+                "attempt": d.attempt,
+                "outcome": str(outcome),
+                "detail": detail,
+            },
+            "park",
+            self.tails(call, ending) if ending is not None else (),
+        )
         return reply
 
-    def dead_letter(self, call: Call, failure: FailureClass, *,
-                    exc: BaseException | None = None, reason: str = "", ran: bool) -> None:
+    def dead_letter(
+        self,
+        call: Call,
+        failure: FailureClass,
+        *,
+        exc: BaseException | None = None,
+        reason: str = "",
+        ran: bool,
+    ) -> None:
         d, rt = call.d, call.rt
         keys, cfg = rt.store.keys, rt.config
-        entry = envelope(
-            rt.masker, task_name=d.name, task_id=d.task_id, failure_class=str(failure),
-            reason=reason, error=exc, args=d.args, kwargs=d.kwargs,
-            sensitive=sensitive_of(call.spec), parameters=list(call.spec.signature.parameters),
-            headers=d.producer_headers(), idempotency_key=d.idempotency_key,
-            correlation_id=d.correlation_id, tenant_id=d.tenant_id, attempts=d.attempt,
-            first_failure_at=d.first_attempt_at or time.time(), redrive_count=d.redrive_count,
-            routing=d.routing, expires=d.expires,
-            time_limits=list(d.time_limits) if d.time_limits else None,
-            parent_id=d.parent_id, root_id=d.root_id)
+        entry = for_call(call, failure, exc=exc, reason=reason)
         holds = bool(d.idempotency_key and d.fence)
         parts = self.tails(call, Ending("failure", exc, d.duration)) if ran else ()
         evicted = self.run(
-            call, DEAD_LETTER,
-            {"idem": idem_key(call) if holds else "", "leases": keys.leases,
-             "dlv": delivery_key(call), "ledger": keys.ledger,
-             "budget": keys.budget(call.spec.tag) if ran else "", "dlq": keys.dlq,
-             "dlq_index": keys.dlq_index},
-            {"owner": d.owner if holds else "", "fence": str(d.fence),
-             "budget_window": cfg.budget_window_seconds, "entry_id": entry.id,
-             "envelope": entry.to_json(), "max_entries": cfg.dlq_max_entries,
-             "dlv_ttl_ms": _dlv_ttl_ms(call), "ledger_max": cfg.ledger_max_len,
-             "task_id": d.task_id, "name": d.name, "attempt": d.attempt,
-             "failure_class": str(failure)},
-            "dead_letter", parts)
+            call,
+            DEAD_LETTER,
+            {
+                "idem": idem_key(call) if holds else "",
+                "leases": keys.leases,
+                "dlv": delivery_key(call),
+                "ledger": keys.ledger,
+                "budget": keys.budget(call.spec.tag) if ran else "",
+                "dlq": keys.dlq,
+                "dlq_index": keys.dlq_index,
+            },
+            {
+                "owner": d.owner if holds else "",
+                "fence": str(d.fence),
+                "budget_window": cfg.budget_window_seconds,
+                "entry_id": entry.id,
+                "envelope": entry.to_json(),
+                "max_entries": cfg.dlq_max_entries,
+                "dlv_ttl_ms": delivery_ttl_ms(call),
+                "ledger_max": cfg.ledger_max_len,
+                "task_id": d.task_id,
+                "name": d.name,
+                "attempt": d.attempt,
+                "failure_class": str(failure),
+            },
+            "dead_letter",
+            parts,
+        )
         metrics.DEAD_LETTERS.labels(d.name, str(failure)).inc()
         metrics.OUTCOMES.labels(d.name, Outcome.DEAD_LETTERED).inc()
-        log.error("task_dead_lettered", failure_class=str(failure), dlq_id=entry.id,
-                  reason=entry.reason, error_type=entry.exception_type)
+        log.error(
+            "task_dead_lettered",
+            failure_class=str(failure),
+            dlq_id=entry.id,
+            reason=entry.reason,
+            error_type=entry.exception_type,
+        )
         if evicted:
             metrics.DLQ_EVICTIONS.inc(int(evicted))
             log.warning("dlq_evicted_oldest", count=int(evicted), max_entries=cfg.dlq_max_entries)
@@ -223,9 +252,18 @@ class Settlement:
         d = call.d
         if not d.idempotency_key:
             return False
-        return bool(self.store(call, "release", lambda: call.rt.store.run(
-            RELEASE, [idem_key(call), call.rt.store.keys.leases],
-            ["", d.owner, str(d.fence) if d.fence else ""], "release")))
+        return bool(
+            self.store(
+                call,
+                "release",
+                lambda: call.rt.store.run(
+                    RELEASE,
+                    [idem_key(call), call.rt.store.keys.leases],
+                    ["", d.owner, str(d.fence) if d.fence else ""],
+                    "release",
+                ),
+            )
+        )
 
     def release_guards(self, call: Call) -> None:
         """Free what the delivery holds in its guards (a breaker trial slot, concurrency
@@ -238,26 +276,13 @@ class Settlement:
     def record(self, call: Call, outcome: Outcome, detail: str) -> None:
         """A ledger record for an ending decided outside the settle scripts."""
         d = call.d
-        self.store(call, "ledger", lambda: call.rt.ledger.record(
-            d.task_id, d.name, outcome, d.attempt, detail))
+        self.store(
+            call,
+            "ledger",
+            lambda: call.rt.ledger.record(d.task_id, d.name, outcome, d.attempt, detail),
+        )
         metrics.OUTCOMES.labels(d.name, outcome).inc()
 
 
 # The guards' settle tails alone (an ending with nothing else to record).
 SETTLE_ONLY = Script((), (), (), body="--[fragments]\nreturn 1")
-
-
-def carried_headers(call: Call, keep_reservation: bool = False) -> dict[str, Any]:
-    """Headers a parked copy carries on: the first attempt's time, the last delay, and
-    (a copy deferred again, not retried: a retry is a new call) its reserved slot."""
-    d = call.d
-    carried: dict[str, Any] = {RESERVED: 1} if keep_reservation and d.reserved else {}
-    if d.first_attempt_at is not None:
-        carried[FIRST_ATTEMPT_AT] = d.first_attempt_at
-    if d.previous_delay is not None:
-        carried[PREVIOUS_DELAY] = d.previous_delay
-    return carried
-
-
-def _dlv_ttl_ms(call: Call) -> int:
-    return int(call.rt.config.delivery_ttl_seconds * 1000)

@@ -74,8 +74,14 @@ def options_of(guards: Iterable[Guard]) -> dict[str, str]:
     return found
 
 
-def build(name: str, declared: Mapping[str, Any], signature: inspect.Signature,
-          guards: Sequence[Guard], *, ignore: Iterable[str] = ()) -> TaskSpec:
+def build(
+    name: str,
+    declared: Mapping[str, Any],
+    signature: inspect.Signature,
+    guards: Sequence[Guard],
+    *,
+    ignore: Iterable[str] = (),
+) -> TaskSpec:
     """Check a task's declaration against the guards and return its spec.
 
     ``declared``: the attributes the task class defines; ``ignore``: names that are not
@@ -99,24 +105,36 @@ def build(name: str, declared: Mapping[str, Any], signature: inspect.Signature,
         guard.check(name, values, signature)
         tag = tag or guard.tag(values)
     sensitive = SensitiveArgs.of(values.get("sensitive_args") or (), signature)
-    return TaskSpec(name=name, signature=signature, options=values, tag=str(tag or name),
-                    sensitive=sensitive)
+    return TaskSpec(
+        name=name, signature=signature, options=values, tag=str(tag or name), sensitive=sensitive
+    )
 
 
-def _check_pipeline_options(name: str, values: Mapping[str, Any],
-                            signature: inspect.Signature) -> None:
+def _check_pipeline_options(
+    name: str, values: Mapping[str, Any], signature: inspect.Signature
+) -> None:
     policy = values.get("retry_policy")
-    require(policy is None or isinstance(policy, RetryPolicy), name,
-            "retry_policy must be a RetryPolicy")
+    require(
+        policy is None or isinstance(policy, RetryPolicy),
+        name,
+        "retry_policy must be a RetryPolicy",
+    )
     model = values.get("args_model")
-    require(model is None or (isinstance(model, type) and issubclass(model, BaseModel)), name,
-            "args_model must be a pydantic model class")
+    require(
+        model is None or (isinstance(model, type) and issubclass(model, BaseModel)),
+        name,
+        "args_model must be a pydantic model class",
+    )
     names = values.get("sensitive_args")
     if names is None:
         return
-    require(not isinstance(names, str) and isinstance(names, Iterable)
-            and all(isinstance(n, str) for n in names), name,
-            "sensitive_args must be a sequence of argument names, e.g. ('api_key',)")
+    require(
+        not isinstance(names, str)
+        and isinstance(names, Iterable)
+        and all(isinstance(n, str) for n in names),
+        name,
+        "sensitive_args must be a sequence of argument names, e.g. ('api_key',)",
+    )
     params = signature.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # names may be keys of **kwargs

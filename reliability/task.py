@@ -29,9 +29,20 @@ from reliability.spec import TaskSpec, build
 
 _CELERY_DECORATOR_KEYS = {"run", "_decorated", "_decorated_fun", "__wrapped__", "__header__"}
 # Execution options Celery reads from the task class without defining them on Task.
-_CELERY_EXEC_OPTIONS = {"queue", "routing_key", "exchange", "delivery_mode", "compression",
-                        "immediate", "mandatory", "pydantic", "pydantic_strict",
-                        "pydantic_context", "pydantic_dump_kwargs", "spec"}
+_CELERY_EXEC_OPTIONS = {
+    "queue",
+    "routing_key",
+    "exchange",
+    "delivery_mode",
+    "compression",
+    "immediate",
+    "mandatory",
+    "pydantic",
+    "pydantic_strict",
+    "pydantic_context",
+    "pydantic_dump_kwargs",
+    "spec",
+}
 
 
 def _signature(run: Any) -> inspect.Signature:
@@ -58,8 +69,9 @@ class ReliableTask(Task[Any, Any]):
         if cls.__dict__.get("_decorated"):
             name = str(cls.__dict__.get("name") or cls.__name__)
             ignore = set(dir(Task)) | _CELERY_DECORATOR_KEYS | _CELERY_EXEC_OPTIONS
-            cls.spec = build(name, cls.__dict__, _signature(cls.__dict__["run"]), GUARDS,
-                                  ignore=ignore)
+            cls.spec = build(
+                name, cls.__dict__, _signature(cls.__dict__["run"]), GUARDS, ignore=ignore
+            )
 
     @property
     def tag(self) -> str:
@@ -94,8 +106,9 @@ class ReliableTask(Task[Any, Any]):
         """Write the completion if the result backend did not (no result stored)."""
         self._flush_completion()
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
         """The body succeeded but Celery failed after it (storing the result, dispatching
         callbacks): the completion is still written, before the ack."""
         self._flush_completion()
@@ -105,8 +118,16 @@ class ReliableTask(Task[Any, Any]):
         if pending is not None:
             pending.write(runtime_of(self.app))
 
-    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
-              throw: bool = True, eta: Any = None, countdown: float | None = None,
-              max_retries: int | None = None, **options: Any) -> Any:
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
         """Ask for another attempt: parked in Redis by the pipeline, never a countdown."""
         raise RetryRequested(exc, countdown)

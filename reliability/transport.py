@@ -38,13 +38,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from reliability import orphans, unacked
-from reliability.broker_url import (
-    ALIAS,
-    SOCKET_FORMS,
-    TCP_FORMS,
-    TRANSPORT_PATH,
-    broker_connection,
-)
+from reliability.broker_url import ALIAS, SOCKET_FORMS, TCP_FORMS, TRANSPORT_PATH, broker_connection
 from reliability.orphans import (
     ALIVE_REFRESH_SECONDS,
     ALIVE_TTL_MS,

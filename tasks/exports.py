@@ -26,12 +26,14 @@ class ExportArgs(BaseModel):
     idempotency_ttl=3600,  # seed 000: data exports are cacheable for an hour
     lease_ttl=120.0,
     args_model=ExportArgs,
-    retry_policy=RetryPolicy(strategy="linear", base_delay=5.0, max_delay=60.0,
-                             max_attempts=3),
+    retry_policy=RetryPolicy(strategy="linear", base_delay=5.0, max_delay=60.0, max_attempts=3),
 )
-def generate(export_id: str, kind: str = "csv", filters: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-    reply = post(f"{settings.providers.export_base_url}/exports",
-                 {"export_id": export_id, "kind": kind, "filters": filters or {}},
-                 timeout=settings.providers.timeout_seconds)
+def generate(
+    export_id: str, kind: str = "csv", filters: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    reply = post(
+        f"{settings.providers.export_base_url}/exports",
+        {"export_id": export_id, "kind": kind, "filters": filters or {}},
+        timeout=settings.providers.timeout_seconds,
+    )
     return {"export_id": export_id, "file": reply.get("id"), "kind": kind}

@@ -27,8 +27,9 @@ class SendArgs(BaseModel):
     sensitive_args=("message",),
     idempotency_ttl=15 * 60,  # seed 000: 10-30 minutes for notifications
     args_model=SendArgs,
-    retry_policy=RetryPolicy(strategy="exponential", base_delay=2.0, max_delay=120.0,
-                             max_attempts=4, jitter="equal"),
+    retry_policy=RetryPolicy(
+        strategy="exponential", base_delay=2.0, max_delay=120.0, max_attempts=4, jitter="equal"
+    ),
 )
 def send(user_id: str, channel: str, message: str) -> dict[str, Any]:
     providers = settings.providers

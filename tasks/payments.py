@@ -25,8 +25,9 @@ class ChargeArgs(BaseModel):
     idempotency_key_args=("payment_id",),
     idempotency_ttl=4 * 3600,  # seed 000: 2-4 hours for payments
     args_model=ChargeArgs,
-    retry_policy=RetryPolicy(strategy="exponential", base_delay=1.0, max_delay=60.0,
-                             max_attempts=5),
+    retry_policy=RetryPolicy(
+        strategy="exponential", base_delay=1.0, max_delay=60.0, max_attempts=5
+    ),
 )
 def charge(payment_id: str, amount: int, currency: str) -> dict[str, Any]:
     providers = settings.providers

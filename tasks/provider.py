@@ -34,8 +34,9 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def post(url: str, payload: dict[str, Any], *, timeout: float = 10.0,
-         api_key: str | None = None) -> dict[str, Any]:
+def post(
+    url: str, payload: dict[str, Any], *, timeout: float = 10.0, api_key: str | None = None
+) -> dict[str, Any]:
     """POST JSON with the delivery's headers; returns the JSON reply or raises classified."""
     headers = outgoing_headers()
     if api_key:

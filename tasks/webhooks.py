@@ -24,10 +24,12 @@ class DeliverArgs(BaseModel):
     idempotency_key_args=("url", "event_id"),
     idempotency_ttl=24 * 3600,
     args_model=DeliverArgs,
-    retry_policy=RetryPolicy(strategy="decorrelated", base_delay=1.0, max_delay=300.0,
-                             max_attempts=8),
+    retry_policy=RetryPolicy(
+        strategy="decorrelated", base_delay=1.0, max_delay=300.0, max_attempts=8
+    ),
 )
 def deliver(url: str, event_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    post(url, {"event_id": event_id, "payload": payload},
-         timeout=settings.providers.timeout_seconds)
+    post(
+        url, {"event_id": event_id, "payload": payload}, timeout=settings.providers.timeout_seconds
+    )
     return {"event_id": event_id, "delivered": True}

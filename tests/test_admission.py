@@ -50,8 +50,10 @@ def test_names_bind_to_the_keys_and_arguments_after_the_fragments_before() -> No
     assert "defer_claim(KEYS[3], ARGV[8], dlv_ttl)" in script
     # Idempotency: KEYS[4..5], ARGV[9..13].
     assert "idem_check(KEYS[4], ARGV[9])" in script
-    assert ("fence = idem_acquire(KEYS[4], KEYS[5], ARGV[9], ARGV[10], tonumber(ARGV[11]),"
-            " tonumber(ARGV[12]), task_id, ARGV[13])") in script
+    assert (
+        "fence = idem_acquire(KEYS[4], KEYS[5], ARGV[9], ARGV[10], tonumber(ARGV[11]),"
+        " tonumber(ARGV[12]), task_id, ARGV[13])"
+    ) in script
     assert not re.search(r"[@$][A-Za-z_]", script.split("redis.replicate_commands()")[-1])
 
 
@@ -69,7 +71,8 @@ def test_checks_run_in_fragment_order_and_commits_only_after_every_check() -> No
     last_check = reordered.index("delivery_admit(KEYS[4]")
     assert reordered.index("fence = idem_acquire(") > last_check
     assert reordered.rstrip().endswith(
-        "return {'run', tostring(fence), string.format('%.6f', now), unpack(run_extra)}")
+        "return {'run', tostring(fence), string.format('%.6f', now), unpack(run_extra)}"
+    )
 
 
 def test_each_library_is_included_once() -> None:
@@ -83,25 +86,34 @@ def test_the_script_is_cached_per_combination() -> None:
     first = admission.script_for((DELIVERY, IDEM))
     again = admission.script_for(tuple([DELIVERY, IDEM]))
     assert again is first
-    copy = Fragment(DELIVERY.name, DELIVERY.libraries, DELIVERY.keys, DELIVERY.args,
-                    DELIVERY.code, DELIVERY.commit)
+    copy = Fragment(
+        DELIVERY.name,
+        DELIVERY.libraries,
+        DELIVERY.keys,
+        DELIVERY.args,
+        DELIVERY.code,
+        DELIVERY.commit,
+    )
     assert admission.script_for((copy, IDEM)) is first
     assert admission.script_for((IDEM, DELIVERY)) != first
 
 
 def test_the_layout_concatenates_named_values_then_parts_in_order() -> None:
-    parts = [Part(DELIVERY, ["dlv"], [5]), Part(DEFER, ["defer"], ["pub"]),
-             Part(IDEM, ["idem", "leases"], ["fp", "owner", 10, 3600, "tag"])]
+    parts = [
+        Part(DELIVERY, ["dlv"], [5]),
+        Part(DEFER, ["defer"], ["pub"]),
+        Part(IDEM, ["idem", "leases"], ["fp", "owner", 10, 3600, "tag"]),
+    ]
     script, keys, args = admission.layout(
-        parts, ledger="ledger", ledger_max=9, task_id="t", name="n", attempt=1, dlv_ttl_ms=7)
+        parts, ledger="ledger", ledger_max=9, task_id="t", name="n", attempt=1, dlv_ttl_ms=7
+    )
     assert script.fragments == (DELIVERY, DEFER, IDEM)
     assert keys == ["ledger", "dlv", "defer", "idem", "leases"]
     assert args == ["", 9, "t", "n", 1, 7, 5, "pub", "fp", "owner", 10, 3600, "tag"]
 
 
 @pytest.mark.parametrize(
-    ("keys", "args"),
-    [([], [5]), (["a", "b"], [5]), (["a"], []), (["a"], [5, 6])],
+    ("keys", "args"), [([], [5]), (["a", "b"], [5]), (["a"], []), (["a"], [5, 6])]
 )
 def test_a_part_with_the_wrong_number_of_keys_or_arguments_is_refused(
     keys: list[str], args: list[Any]
@@ -136,11 +148,19 @@ class Admission:
         self.store = store
         self.ledger = Ledger(store)
 
-    def __call__(self, parts: Sequence[Part], now: float = NOW, task_id: str = "t1",
-                 attempt: int = 1) -> Verdict:
+    def __call__(
+        self, parts: Sequence[Part], now: float = NOW, task_id: str = "t1", attempt: int = 1
+    ) -> Verdict:
         script, keys, args = admission.layout(
-            parts, ledger=self.store.keys.ledger, ledger_max=LEDGER_MAX_LEN, task_id=task_id,
-            name="test.echo", attempt=attempt, dlv_ttl_ms=DELIVERY_TTL_MS, now=now)
+            parts,
+            ledger=self.store.keys.ledger,
+            ledger_max=LEDGER_MAX_LEN,
+            task_id=task_id,
+            name="test.echo",
+            attempt=attempt,
+            dlv_ttl_ms=DELIVERY_TTL_MS,
+            now=now,
+        )
         return admission.parse(self.store.run(script.source, keys, args, "admission"))
 
     def outcomes(self) -> list[tuple[str, str]]:
@@ -156,8 +176,11 @@ class Admission:
         return Part(DEFER, [key], [publish_id])
 
     def idem(self, key: str, fp: str, owner: str) -> Part:
-        return Part(IDEM, [self.store.keys.idem("test.echo", key), self.store.keys.leases],
-                    [fp, owner, LEASE_SECONDS, RESULT_TTL_SECONDS, "dtag-" + owner])
+        return Part(
+            IDEM,
+            [self.store.keys.idem("test.echo", key), self.store.keys.leases],
+            [fp, owner, LEASE_SECONDS, RESULT_TTL_SECONDS, "dtag-" + owner],
+        )
 
 
 @pytest.fixture
@@ -170,10 +193,18 @@ def finish_delivery(store: Store, dlv_key: str) -> None:
     k = store.keys
     keys, args = COMPLETE.layout(
         {"leases": k.leases, "dlv": dlv_key, "ledger": k.ledger},
-        {"result": "null", "result_ttl": RESULT_TTL_SECONDS, "dlv_ttl_ms": DELIVERY_TTL_MS,
-         "ledger_max": LEDGER_MAX_LEN, "task_id": "t1", "name": "test.echo", "attempt": 1,
-         "budget_window": 60},
-        now=NOW)
+        {
+            "result": "null",
+            "result_ttl": RESULT_TTL_SECONDS,
+            "dlv_ttl_ms": DELIVERY_TTL_MS,
+            "ledger_max": LEDGER_MAX_LEN,
+            "task_id": "t1",
+            "name": "test.echo",
+            "attempt": 1,
+            "budget_window": 60,
+        },
+        now=NOW,
+    )
     store.run(COMPLETE.source, keys, args, "completion")
 
 
@@ -223,7 +254,8 @@ def test_a_duplicate_copy_settles_its_own_delivery_record(
     assert bare_store.client.hget(dlv_b, "fin") == "duplicate_delivery"
     # Its own redelivery is recognised as already settled.
     assert admit([admit.delivery(dlv_b), admit.defer("d1", "pub-b")]) == Verdict(
-        "duplicate", "duplicate_delivery")
+        "duplicate", "duplicate_delivery"
+    )
 
 
 def test_idempotency_takes_a_lease_then_reports_busy_and_conflict(
@@ -233,14 +265,20 @@ def test_idempotency_takes_a_lease_then_reports_busy_and_conflict(
     first = admit([admit.idem("k1", "fp", "owner-1")], task_id="t1")
     assert first == Verdict("run", fence=1, now=NOW)
     state = bare_store.client.hgetall(key)
-    assert state == {"state": "running", "fp": "fp", "owner": "owner-1", "fence": "1",
-                     "until": f"{NOW + LEASE_SECONDS:.6f}", "tid": "t1",
-                     "dtag": "dtag-owner-1"}
+    assert state == {
+        "state": "running",
+        "fp": "fp",
+        "owner": "owner-1",
+        "fence": "1",
+        "until": f"{NOW + LEASE_SECONDS:.6f}",
+        "tid": "t1",
+        "dtag": "dtag-owner-1",
+    }
     assert bare_store.client.zscore(bare_store.keys.leases, key) == NOW + LEASE_SECONDS
-    assert admit([admit.idem("k1", "fp", "owner-2")], now=NOW + 2.5) == Verdict(
-        "busy", "7.500000")
+    assert admit([admit.idem("k1", "fp", "owner-2")], now=NOW + 2.5) == Verdict("busy", "7.500000")
     assert admit([admit.idem("k1", "other-fp", "owner-2")], now=NOW + 2.5) == Verdict(
-        "conflict", "running")
+        "conflict", "running"
+    )
     # The lease lapsed: the next delivery takes over with the next fence.
     takeover = admit([admit.idem("k1", "fp", "owner-3")], now=NOW + LEASE_SECONDS)
     assert takeover.decision == "run" and takeover.fence == 2
@@ -254,17 +292,20 @@ def test_a_done_key_returns_its_result_and_records_skipped(
     key = bare_store.keys.idem("test.echo", "k1")
     verdict = admit([admit.idem("k1", "fp", "owner-1")])
     lease = Lease(key, "owner-1", verdict.fence)
-    assert IdempotencyStore(bare_store).complete(lease, {"charged": 42}, RESULT_TTL_SECONDS,
-                                                 now=NOW + 1)
+    assert IdempotencyStore(bare_store).complete(
+        lease, {"charged": 42}, RESULT_TTL_SECONDS, now=NOW + 1
+    )
     assert bare_store.client.zscore(bare_store.keys.leases, key) is None
     dlv = bare_store.keys.delivery("test.echo", "t2", 0, "")
-    skipped = admit([admit.delivery(dlv), admit.idem("k1", "fp", "owner-2")], task_id="t2",
-                    now=NOW + 2)
+    skipped = admit(
+        [admit.delivery(dlv), admit.idem("k1", "fp", "owner-2")], task_id="t2", now=NOW + 2
+    )
     assert skipped.decision == "done"
     assert json.loads(skipped.detail) == {"charged": 42}
     assert bare_store.client.hget(dlv, "fin") == "skipped"
     assert [(e["task_id"], e["outcome"], e["at"]) for e in admit.ledger.entries()] == [
-        ("t2", "skipped", f"{NOW + 2:.6f}")]
+        ("t2", "skipped", f"{NOW + 2:.6f}")
+    ]
     assert admit([admit.idem("k1", "other-fp", "owner-3")]) == Verdict("conflict", "done")
 
 
@@ -275,8 +316,7 @@ def test_a_refusal_in_a_later_fragment_commits_no_earlier_lease(
     assert admit([admit.defer("d1", "pub-a")]).runs
     refused = admit([admit.idem("k1", "fp", "owner-1"), admit.defer("d1", "pub-b")])
     assert refused == Verdict("duplicate", "pub-a")
-    assert admit([admit.idem("k1", "fp", "owner-1"), Part(REFUSE)]) == Verdict(
-        "refused", "always")
+    assert admit([admit.idem("k1", "fp", "owner-1"), Part(REFUSE)]) == Verdict("refused", "always")
     assert bare_store.client.exists(key) == 0
     assert bare_store.client.zcard(bare_store.keys.leases) == 0
     # Nothing was held, so the next delivery takes the key with the first fence.

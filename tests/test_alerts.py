@@ -23,8 +23,9 @@ from tests.support.fleet import wait_until
 from worker.sandbox import SandboxProvider
 
 START = 1_000_000.0
-QUICK = BreakerConfig(failure_threshold=2, recovery_timeout=1.0, half_open_max_calls=1,
-                      success_threshold=1)
+QUICK = BreakerConfig(
+    failure_threshold=2, recovery_timeout=1.0, half_open_max_calls=1, success_threshold=1
+)
 
 
 class Recorder:
@@ -53,8 +54,7 @@ def cycle(breaker: CircuitBreaker, at: float) -> float:
 def stream_ids(store: Store) -> dict[tuple[str, str, str, float], str]:
     """Stream entry id by (breaker, from, to, at): unique here, so hooks can be matched."""
     entries = store.client.xrange(f"{store.keys.prefix}:cb:events")
-    ids = {(f["breaker"], f["from"], f["to"], float(f["at"])): entry_id
-           for entry_id, f in entries}
+    ids = {(f["breaker"], f["from"], f["to"], float(f["at"])): entry_id for entry_id, f in entries}
     assert len(ids) == len(entries)
     return ids
 
@@ -87,8 +87,10 @@ def test_two_consumers_polling_concurrently_deliver_each_transition_exactly_once
     bare_store: Store, second_store: Store, breaker: CircuitBreaker
 ) -> None:
     seen_a, seen_b = Recorder(), Recorder()
-    consumers = [BreakerEvents(bare_store, hooks_with(seen_a), consumer="host-a"),
-                 BreakerEvents(second_store, hooks_with(seen_b), consumer="host-b")]
+    consumers = [
+        BreakerEvents(bare_store, hooks_with(seen_a), consumer="host-a"),
+        BreakerEvents(second_store, hooks_with(seen_b), consumer="host-b"),
+    ]
     stop = threading.Event()
 
     def poll(events: BreakerEvents) -> None:
@@ -103,16 +105,20 @@ def test_two_consumers_polling_concurrently_deliver_each_transition_exactly_once
     try:
         for _ in range(10):  # transitions appear while both poll
             at = cycle(breaker, at)
-        wait_until(lambda: len(seen_a.calls) + len(seen_b.calls) >= 30, timeout=10,
-                   message="30 transitions delivered")
+        wait_until(
+            lambda: len(seen_a.calls) + len(seen_b.calls) >= 30,
+            timeout=10,
+            message="30 transitions delivered",
+        )
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=5)
     ids = stream_ids(bare_store)
     assert len(ids) == 30
-    delivered = Counter(ids[(c["breaker"], c["from"], c["to"], c["at"])]
-                        for _, _, c in seen_a.calls + seen_b.calls)
+    delivered = Counter(
+        ids[(c["breaker"], c["from"], c["to"], c["at"])] for _, _, c in seen_a.calls + seen_b.calls
+    )
     assert delivered == Counter(ids.values())  # every entry once, none twice
     assert pending(bare_store) == 0
     assert [c.deliver() for c in consumers] == [0, 0]
@@ -134,12 +140,20 @@ def test_a_failing_hook_does_not_stop_the_others_and_the_entry_is_still_settled(
     cycle(breaker, START)
     with capture_logs() as logs:
         assert events.deliver() == 3
-    assert [e for e, _, _ in before.calls] == [e for e, _, _ in after.calls] == [
-        "circuit_breaker_opened", "circuit_breaker_half_open", "circuit_breaker_closed"]
+    assert (
+        [e for e, _, _ in before.calls]
+        == [e for e, _, _ in after.calls]
+        == ["circuit_breaker_opened", "circuit_breaker_half_open", "circuit_breaker_closed"]
+    )
     failures = [e for e in logs if e["event"] == "alert_hook_failed"]
     assert [(e["hook"], e["event_type"], e["error"]) for e in failures] == [
-        ("broken", name, "pager relay down") for name in (
-            "circuit_breaker_opened", "circuit_breaker_half_open", "circuit_breaker_closed")]
+        ("broken", name, "pager relay down")
+        for name in (
+            "circuit_breaker_opened",
+            "circuit_breaker_half_open",
+            "circuit_breaker_closed",
+        )
+    ]
     assert pending(bare_store) == 0
     assert events.deliver() == 0
 
@@ -159,10 +173,16 @@ def test_entries_a_dead_consumer_read_but_never_acked_are_claimed_after_the_idle
     assert live.deliver() == 0  # not idle long enough: the old leader may still ack
     assert seen.calls == []
     monkeypatch.setattr(alerts, "CLAIM_IDLE_MS", 50)
-    wait_until(lambda: live.deliver() or seen.calls, timeout=5,
-               message="the next leader claims the pending entries")
+    wait_until(
+        lambda: live.deliver() or seen.calls,
+        timeout=5,
+        message="the next leader claims the pending entries",
+    )
     assert [(c["from"], c["to"]) for _, _, c in seen.calls] == [
-        ("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert pending(bare_store) == 0
     assert live.deliver() == 0
 
@@ -184,15 +204,23 @@ def test_transitions_are_logged_and_counted_as_circuit_breaker_events(
         breaker.admit("trial", now=START + 1)
         breaker.record("trial", None, 0.01, now=START + 1)
         assert events.deliver() == 2
-    named = [(e["event"], e["log_level"]) for e in logs
-             if e["event"].startswith("circuit_breaker_")]
-    assert named == [("circuit_breaker_rejected_call", "info"),
-                     ("circuit_breaker_opened", "warning"),
-                     ("circuit_breaker_half_open", "info"),
-                     ("circuit_breaker_closed", "info")]
+    named = [
+        (e["event"], e["log_level"]) for e in logs if e["event"].startswith("circuit_breaker_")
+    ]
+    assert named == [
+        ("circuit_breaker_rejected_call", "info"),
+        ("circuit_breaker_opened", "warning"),
+        ("circuit_breaker_half_open", "info"),
+        ("circuit_breaker_closed", "info"),
+    ]
     first = next(e for e in logs if e["event"] == "circuit_breaker_opened")
     assert (first["breaker"], first["from"], first["to"], first["reason"], first["at"]) == (
-        "payments-api", "closed", "open", "2 consecutive failures", START)
+        "payments-api",
+        "closed",
+        "open",
+        "2 consecutive failures",
+        START,
+    )
     assert TRANSITIONS.labels("payments-api", "open")._value.get() == opened + 1
     assert TRANSITIONS.labels("payments-api", "closed")._value.get() == closed + 1
     assert STATE.labels("payments-api")._value.get() == 0
@@ -211,11 +239,17 @@ def test_a_webhook_hook_posts_each_transition_as_json(
     assert calls[0]["body"] == {
         "event": "circuit_breaker_opened",
         "message": "circuit breaker payments-api closed -> open",
-        "breaker": "payments-api", "from": "closed", "to": "open",
-        "reason": "2 consecutive failures", "mode": "normal", "at": START,
+        "breaker": "payments-api",
+        "from": "closed",
+        "to": "open",
+        "reason": "2 consecutive failures",
+        "mode": "normal",
+        "at": START,
     }
     assert [c["body"]["event"] for c in calls[1:]] == [
-        "circuit_breaker_half_open", "circuit_breaker_closed"]
+        "circuit_breaker_half_open",
+        "circuit_breaker_closed",
+    ]
     # A relay that answers 503 is a failed hook: logged, and the transition is not retried.
     sandbox.set_faults(outage=True)
     cycle(breaker, START + 10)

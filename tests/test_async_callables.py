@@ -23,12 +23,7 @@ from typing import Any
 
 import pytest
 
-from reliability.breaker import (
-    BreakerConfig,
-    CircuitBreaker,
-    CircuitBreakerError,
-    CircuitState,
-)
+from reliability.breaker import BreakerConfig, CircuitBreaker, CircuitBreakerError, CircuitState
 from reliability.callables import AwaitableReturned, is_async_callable
 from reliability.effects import SideEffectWrapper
 from reliability.errors import TransientError
@@ -179,9 +174,7 @@ def test_async_with_guard_records_each_awaited_block(breaker: CircuitBreaker) ->
     assert_open_after_three(breaker, downstream)
 
 
-def test_call_async_takes_a_plain_function_and_counts_its_failures(
-    breaker: CircuitBreaker,
-) -> None:
+def test_call_async_takes_a_plain_function_and_counts_its_failures(breaker: CircuitBreaker) -> None:
     downstream = Downstream(failures=THRESHOLD)
 
     async def scenario() -> None:

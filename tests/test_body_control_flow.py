@@ -35,8 +35,10 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 def _broker_copies(environment: Environment) -> int:
     client = redis.Redis.from_url(environment.redis_url)
     prefix = environment.broker_prefix
-    queued = sum(client.llen(key) for key in
-                 client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list"))
+    queued = sum(
+        client.llen(key)
+        for key in client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list")
+    )
     return int(queued) + int(client.hlen(f"{prefix}unacked"))
 
 
@@ -44,13 +46,17 @@ def test_a_body_that_rejects_or_ignores_its_message_still_leaves_an_outcome(
     environment: Environment, store: Store
 ) -> None:
     modules = task_modules("tests.support.tasks", __name__)
-    with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
-                       RELIABLE_WORKER__TASK_MODULES=modules) as worker:
+    with WorkerProcess(
+        environment, concurrency=1, REVIEW_TASKS=__name__, RELIABLE_WORKER__TASK_MODULES=modules
+    ) as worker:
         producer = environment.producer()
         rejected = producer.send_task("review.rejects", args=["r"])
         ignored = producer.send_task("review.ignores", args=["i"])
-        wait_until(lambda: worker.log_text().count("idempotency_lock_released_on_error") == 2,
-                   20, message="both bodies ran")
+        wait_until(
+            lambda: worker.log_text().count("idempotency_lock_released_on_error") == 2,
+            20,
+            message="both bodies ran",
+        )
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="both messages gone")
     rec = Ledger(store).reconcile([rejected.id, ignored.id])
     dead = [e.task_id for e in DeadLetterQueue(store).page()]

@@ -53,14 +53,24 @@ from tests.support.fleet import delete_prefix
 START = 1_000_000.0
 STEPS = (0.25, 0.5, 1.0, 2.5)
 DURATIONS = (0.1, 0.5, 1.5, 1.5)  # seconds a call took; 1.5 is slow when slow calls count
-OUTCOMES = {"success": None, "failure": TransientError("503"),
-            "ignore": PermanentError("422 client error")}
+OUTCOMES = {
+    "success": None,
+    "failure": TransientError("503"),
+    "ignore": PermanentError("422 client error"),
+}
 # Features the stateful runs must reach, besides each family's trip (checked after the
 # runs, so a model that never leaves the closed state cannot pass).
 GENERAL = {
-    "half-open by time", "closed after trials", "re-opened by a trial failure",
-    "busy: trial slots taken", "trial lease expired", "refused: open", "refused: forced open",
-    "admitted: disabled", "admitted: shadow while open", "transition in shadow mode",
+    "half-open by time",
+    "closed after trials",
+    "re-opened by a trial failure",
+    "busy: trial slots taken",
+    "trial lease expired",
+    "refused: open",
+    "refused: forced open",
+    "admitted: disabled",
+    "admitted: shadow while open",
+    "transition in shadow mode",
 }
 
 
@@ -71,29 +81,50 @@ def unique_prefix() -> str:
 # Policy families, each drawn around one way to trip; the rest varies within a family.
 FAMILIES = {
     "consecutive failures": {"failure_threshold": [2, 3], "minimum_requests": [1]},
-    "failure rate (count window)": {"failure_rate_threshold": [0.5, 0.75],
-                                    "window_size": [3, 5], "minimum_requests": [1, 3]},
-    "failure rate (time window)": {"failure_rate_threshold": [0.5, 0.75],
-                                   "window_type": ["time"], "window_size": [4.0, 8.0],
-                                   "minimum_requests": [1, 3]},
-    "slow-call rate": {"slow_call_seconds": [1.0], "slow_call_rate_threshold": [0.5, 1.0],
-                       "window_type": ["count", "time"], "window_size": [4],
-                       "minimum_requests": [1, 3]},
+    "failure rate (count window)": {
+        "failure_rate_threshold": [0.5, 0.75],
+        "window_size": [3, 5],
+        "minimum_requests": [1, 3],
+    },
+    "failure rate (time window)": {
+        "failure_rate_threshold": [0.5, 0.75],
+        "window_type": ["time"],
+        "window_size": [4.0, 8.0],
+        "minimum_requests": [1, 3],
+    },
+    "slow-call rate": {
+        "slow_call_seconds": [1.0],
+        "slow_call_rate_threshold": [0.5, 1.0],
+        "window_type": ["count", "time"],
+        "window_size": [4],
+        "minimum_requests": [1, 3],
+    },
 }
 # Every rule at once, in any combination (the first that holds names the reason).
-MIXED = {"failure_threshold": [0, 2, 3], "failure_rate_threshold": [0.0, 0.5, 0.75],
-         "window_type": ["count", "time"], "window_size": [3, 4.0],
-         "minimum_requests": [1, 3], "slow_call_seconds": [0.0, 1.0],
-         "slow_call_rate_threshold": [0.5, 1.0]}
+MIXED = {
+    "failure_threshold": [0, 2, 3],
+    "failure_rate_threshold": [0.0, 0.5, 0.75],
+    "window_type": ["count", "time"],
+    "window_size": [3, 4.0],
+    "minimum_requests": [1, 3],
+    "slow_call_seconds": [0.0, 1.0],
+    "slow_call_rate_threshold": [0.5, 1.0],
+}
 
 
 def breaker_configs(family: str) -> st.SearchStrategy[BreakerConfig]:
     """Policies of one family (its trip rule on, the others off) or mixed ones."""
     choices: dict[str, list[Any]] = {
-        "failure_threshold": [0], "failure_rate_threshold": [0.0], "window_type": ["count"],
-        "window_size": [3], "slow_call_seconds": [0.0], "slow_call_rate_threshold": [1.0],
-        "recovery_timeout": [1.0, 3.0], "half_open_max_calls": [1, 2, 3],
-        "success_threshold": [1, 2], "trial_lease_seconds": [1.5, 4.0],
+        "failure_threshold": [0],
+        "failure_rate_threshold": [0.0],
+        "window_type": ["count"],
+        "window_size": [3],
+        "slow_call_seconds": [0.0],
+        "slow_call_rate_threshold": [1.0],
+        "recovery_timeout": [1.0, 3.0],
+        "half_open_max_calls": [1, 2, 3],
+        "success_threshold": [1, 2],
+        "trial_lease_seconds": [1.5, 4.0],
         **FAMILIES.get(family, MIXED),
     }
     return st.builds(BreakerConfig, **{k: st.sampled_from(v) for k, v in choices.items()})
@@ -170,13 +201,12 @@ class BreakerModel:
         if verdict == "busy":
             self.seen.add("busy: trial slots taken")
         elif verdict == "open":
-            self.seen.add("refused: forced open" if self.mode == "forced_open"
-                          else "refused: open")
+            self.seen.add("refused: forced open" if self.mode == "forced_open" else "refused: open")
         return verdict, wait
 
     def window(self, now: float) -> tuple[int, int, int]:
         if self.cfg.window_type == "count":
-            recent = self.calls[-int(self.cfg.window_size):]
+            recent = self.calls[-int(self.cfg.window_size) :]
         else:
             recent = [c for c in self.calls if math.floor(c[0]) > now - self.cfg.window_size]
         self.calls = recent
@@ -216,8 +246,11 @@ class BreakerModel:
             if cfg.failure_rate_threshold > 0 and failures / calls >= cfg.failure_rate_threshold:
                 reason = f"failure rate {failures / calls:.2f} over {calls} calls"
                 feature = f"failure rate ({cfg.window_type} window)"
-            elif (cfg.slow_call_seconds > 0 and cfg.slow_call_rate_threshold > 0
-                  and slows / calls >= cfg.slow_call_rate_threshold):
+            elif (
+                cfg.slow_call_seconds > 0
+                and cfg.slow_call_rate_threshold > 0
+                and slows / calls >= cfg.slow_call_rate_threshold
+            ):
                 reason = f"slow-call rate {slows / calls:.2f} over {calls} calls"
                 feature = "slow-call rate"
         if reason:
@@ -361,19 +394,28 @@ class BreakerMachine(RuleBasedStateMachine):
         entries = [f for _id, f in client.xrange(e)]
         assert all(f["breaker"] == "dep" for f in entries)
         # reset() takes no `now`: its transition is stamped with Redis TIME.
-        assert [(f["from"], f["to"], f["reason"], f["mode"],
-                 "" if f["reason"] == "reset" else f["at"]) for f in entries] == m.events
+        assert [
+            (f["from"], f["to"], f["reason"], f["mode"], "" if f["reason"] == "reset" else f["at"])
+            for f in entries
+        ] == m.events
 
 
 def test_the_breaker_follows_the_reference_model(redis_url: str) -> None:
     seen: set[str] = set()
     for family in [*FAMILIES, "mixed"]:
-        machine = type("RedisBreakerMachine", (BreakerMachine,),
-                       {"redis_url": redis_url, "family": family, "seen": seen})
+        machine = type(
+            "RedisBreakerMachine",
+            (BreakerMachine,),
+            {"redis_url": redis_url, "family": family, "seen": seen},
+        )
         run_state_machine_as_test(
             machine,
-            settings=settings(max_examples=40, stateful_step_count=50, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow]),
+            settings=settings(
+                max_examples=40,
+                stateful_step_count=50,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
         )
         assert family == "mixed" or f"trip: {family}" in seen
     assert GENERAL - seen == set()
@@ -381,8 +423,13 @@ def test_the_breaker_follows_the_reference_model(redis_url: str) -> None:
 
 # -- examples ----------------------------------------------------------------------------
 
-QUICK = BreakerConfig(failure_threshold=2, recovery_timeout=5.0, half_open_max_calls=1,
-                      success_threshold=1, trial_lease_seconds=10.0)
+QUICK = BreakerConfig(
+    failure_threshold=2,
+    recovery_timeout=5.0,
+    half_open_max_calls=1,
+    success_threshold=1,
+    trial_lease_seconds=10.0,
+)
 
 
 @pytest.fixture
@@ -446,8 +493,10 @@ def test_reset_closes_an_open_breaker_forgets_its_window_and_records_the_transit
     assert breaker.snapshot(now=START)["state"] == "open"
     breaker.reset()
     assert breaker.snapshot(now=START)["state"] == "closed"
-    assert events(breaker) == [("closed", "open", "2 consecutive failures"),
-                               ("open", "closed", "reset")]
+    assert events(breaker) == [
+        ("closed", "open", "2 consecutive failures"),
+        ("open", "closed", "reset"),
+    ]
     breaker.admit("after-reset", now=START)  # admitted at once
     # The consecutive count starts over: one more failure does not trip it.
     assert fail(breaker, START) == "closed"
@@ -553,7 +602,8 @@ def test_call_async_opens_after_two_failures_and_refuses_the_third_without_calli
     breaker: CircuitBreaker, downstream: Downstream
 ) -> None:
     expect_open_after_two_failures(
-        lambda: asyncio.run(breaker.call_async(downstream.coro, 1)), downstream)
+        lambda: asyncio.run(breaker.call_async(downstream.coro, 1)), downstream
+    )
 
 
 def test_the_decorator_guards_sync_functions(

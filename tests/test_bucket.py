@@ -224,13 +224,20 @@ def test_the_local_bucket_never_grants_more_than_capacity_across_threads() -> No
     assert granted.count(True) == 100 and len(granted) == 400
 
 
-@pytest.mark.parametrize("make", [
-    lambda: LocalTokenBucket(0, 5), lambda: LocalTokenBucket(-1.0, 5),
-    lambda: LocalTokenBucket(math.nan, 5), lambda: LocalTokenBucket(math.inf, 5),
-    lambda: LocalTokenBucket("10", 5), lambda: AsyncTokenBucket(10.0, 0),
-    lambda: AsyncTokenBucket(10.0, 2.5), lambda: AsyncTokenBucket(10.0, True),
-    lambda: local_bucket()[0].set_rate(0.0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LocalTokenBucket(0, 5),
+        lambda: LocalTokenBucket(-1.0, 5),
+        lambda: LocalTokenBucket(math.nan, 5),
+        lambda: LocalTokenBucket(math.inf, 5),
+        lambda: LocalTokenBucket("10", 5),
+        lambda: AsyncTokenBucket(10.0, 0),
+        lambda: AsyncTokenBucket(10.0, 2.5),
+        lambda: AsyncTokenBucket(10.0, True),
+        lambda: local_bucket()[0].set_rate(0.0),
+    ],
+)
 def test_invalid_rates_and_capacities_are_configuration_errors(make: Callable[[], object]) -> None:
     with pytest.raises(ConfigurationError):
         make()
@@ -244,8 +251,11 @@ def test_requests_outside_one_to_capacity_tokens_are_value_errors(
     with pytest.raises(ValueError, match="must be"):
         bucket.acquire(tokens, timeout=timeout)
     with pytest.raises(ValueError, match="must be"):
-        asyncio.run(AsyncTokenBucket(10.0, 5).try_acquire(tokens) if timeout is None
-                    else AsyncTokenBucket(10.0, 5).acquire(tokens, timeout))
+        asyncio.run(
+            AsyncTokenBucket(10.0, 5).try_acquire(tokens)
+            if timeout is None
+            else AsyncTokenBucket(10.0, 5).acquire(tokens, timeout)
+        )
 
 
 def assert_within_bound(grants: list[tuple[float, int]], rate: float, capacity: int) -> None:
@@ -258,11 +268,14 @@ def assert_within_bound(grants: list[tuple[float, int]], rate: float, capacity: 
             assert total <= capacity + rate * (end - start) + 1e-6, (start, end, total)
 
 
-requests = st.lists(st.tuples(
-    st.floats(0, 3, allow_nan=False),  # arrival delay, seconds
-    st.integers(1, 8),  # tokens (clamped to capacity)
-    st.one_of(st.none(), st.just(0.0), st.floats(0, 2, allow_nan=False)),  # timeout
-), max_size=25)
+requests = st.lists(
+    st.tuples(
+        st.floats(0, 3, allow_nan=False),  # arrival delay, seconds
+        st.integers(1, 8),  # tokens (clamped to capacity)
+        st.one_of(st.none(), st.just(0.0), st.floats(0, 2, allow_nan=False)),  # timeout
+    ),
+    max_size=25,
+)
 
 
 @settings(max_examples=150, deadline=None)

@@ -37,8 +37,9 @@ def cache(redis_url: str) -> Iterator[TrackedCache]:
 
 
 def wait_for_invalidations(cache: TrackedCache, count: int) -> None:
-    wait_until(lambda: cache.stats.invalidations >= count, timeout=10,
-               message=f"{count} invalidation(s)")
+    wait_until(
+        lambda: cache.stats.invalidations >= count, timeout=10, message=f"{count} invalidation(s)"
+    )
     assert cache.stats.invalidations == count
 
 
@@ -140,8 +141,11 @@ def test_killing_the_invalidation_connection_flushes_and_tracking_is_reestablish
     assert first_id is not None and len(cache) == 1
 
     writer.client_kill_filter(_id=str(first_id))
-    wait_until(lambda: cache.invalidation_client_id not in (None, first_id), timeout=10,
-               message="a new invalidation connection")
+    wait_until(
+        lambda: cache.invalidation_client_id not in (None, first_id),
+        timeout=10,
+        message="a new invalidation connection",
+    )
     assert len(cache) == 0
     assert cache.stats.flushes == 1
 
@@ -235,11 +239,13 @@ def test_on_redis_6_2_writes_and_flushdb_invalidate_and_reads_bypass_while_untra
         assert cache.get_hash("breaker") == cache.get_hash("breaker") == {"state": "half_open"}
         assert len(cache) == 0
         admin.config_set("maxclients", 10_000)
-        wait_until(lambda: cache.invalidation_client_id is not None, timeout=10,
-                   message="tracking re-established")
+        wait_until(
+            lambda: cache.invalidation_client_id is not None,
+            timeout=10,
+            message="tracking re-established",
+        )
         assert cache.get_hash("breaker") == cache.get_hash("breaker") == {"state": "half_open"}
         admin.hset("breaker", "state", "closed")
         wait_for_invalidations(cache, 2)
         assert cache.get_hash("breaker") == {"state": "closed"}
-        assert cache.stats == CacheStats(hits=2, misses=7, invalidations=2, flushes=2,
-                                         bypasses=2)
+        assert cache.stats == CacheStats(hits=2, misses=7, invalidations=2, flushes=2, bypasses=2)

@@ -34,6 +34,7 @@ SLOW_CALL = "test.slow_call"
 
 # -- helpers ------------------------------------------------------------------------------
 
+
 def calls_by_key(calls: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for call in calls:
@@ -80,28 +81,38 @@ def running_child(worker: WorkerProcess, producer: Celery, task_id: str) -> psut
 
 
 def wait_running(store: Store, key: str, fence: int) -> None:
-    wait_until(lambda: lease(store, SLOW_CALL, key).get("state") == "running"
-               and lease(store, SLOW_CALL, key).get("fence") == str(fence),
-               timeout=30, message=f"lease on {key} held with fence {fence}")
+    wait_until(
+        lambda: (
+            lease(store, SLOW_CALL, key).get("state") == "running"
+            and lease(store, SLOW_CALL, key).get("fence") == str(fence)
+        ),
+        timeout=30,
+        message=f"lease on {key} held with fence {fence}",
+    )
 
 
 # -- 1. a pool child dies --------------------------------------------------------------------
+
 
 def test_a_pool_child_killed_mid_task_has_its_task_completed_long_before_the_lease_lapses(
     environment: Environment, sandbox: SandboxProvider, store: Store
 ) -> None:
     sandbox.set_faults(latency_seconds=0.02)
     producer = environment.producer()
-    with WorkerProcess(environment, concurrency=2,
-                       RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="600") as worker:
+    with WorkerProcess(
+        environment, concurrency=2, RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="600"
+    ) as worker:
         result = producer.send_task(SLOW_CALL, kwargs={"key": "child", "before": 2.0})
         wait_running(store, "child", fence=1)
         child = running_child(worker, producer, result.id)
         assert sandbox.effects() == []  # still sleeping before its call
         child.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_until(lambda: "succeeded" in outcomes(store, result.id), timeout=60,
-                   message="the task completed again after its child was killed")
+        wait_until(
+            lambda: "succeeded" in outcomes(store, result.id),
+            timeout=60,
+            message="the task completed again after its child was killed",
+        )
         revival = time.monotonic() - killed_at
         value = result.get(timeout=10)
         log = worker.log_text()
@@ -111,13 +122,15 @@ def test_a_pool_child_killed_mid_task_has_its_task_completed_long_before_the_lea
     assert outcomes(store, result.id) == ["requeued", "succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",)), 2, "effect")]
+        (derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",)), 2, "effect")
+    ]
     assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "child"}, key_args=("key",))
     assert lease(store, SLOW_CALL, "child")["state"] == "done"
     assert "task_child_lost_requeued" in log and '"lease_released": true' in log
 
 
 # -- 2. a whole worker dies --------------------------------------------------------------------
+
 
 def test_a_worker_killed_mid_task_is_revived_by_the_reaper_once_the_lease_lapses(
     environment: Environment, sandbox: SandboxProvider, store: Store
@@ -139,14 +152,19 @@ def test_a_worker_killed_mid_task_is_revived_by_the_reaper_once_the_lease_lapses
     # The broker's visibility timeout stays at its default (3600 s): only the reaper
     # restoring the unacked message can explain a revival within seconds.
     with WorkerProcess(environment, concurrency=1, **short_lease) as second:
-        wait_until(lambda: "succeeded" in outcomes(store, result.id), timeout=30,
-                   message="the task revived after its worker died")
+        wait_until(
+            lambda: "succeeded" in outcomes(store, result.id),
+            timeout=30,
+            message="the task revived after its worker died",
+        )
         revival = time.monotonic() - killed_at
         value = result.get(timeout=10)
         log = second.log_text()
 
-    print(f"worker killed -> completed by a new worker in {revival:.2f}s "
-          f"(lease TTL 3 s, visibility timeout 3600 s)")
+    print(
+        f"worker killed -> completed by a new worker in {revival:.2f}s "
+        f"(lease TTL 3 s, visibility timeout 3600 s)"
+    )
     assert revival < 30
     assert "RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS" not in second.env
     # The original message was restored and acked (a copy would leave it unacked).
@@ -154,15 +172,18 @@ def test_a_worker_killed_mid_task_is_revived_by_the_reaper_once_the_lease_lapses
     assert outcomes(store, result.id) == ["succeeded"]
     calls = sandbox.effects()
     assert [(c["idempotency_key"], c["fencing_token"], c["outcome"]) for c in calls] == [
-        (derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",)), 2, "effect")]
+        (derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",)), 2, "effect")
+    ]
     assert value["idempotency_key"] == derive_key(SLOW_CALL, {"key": "host"}, key_args=("key",))
     # Revived by the survivor's maintenance: the dead worker's heartbeat expired (or, if
     # the lease lapsed first, the reaper restored the message by its lapsed lease).
-    assert ('"event": "worker_dead_revived"' in log
-            or ('"event": "lease_lapsed"' in log and '"message_restored": true' in log))
+    assert '"event": "worker_dead_revived"' in log or (
+        '"event": "lease_lapsed"' in log and '"message_restored": true' in log
+    )
 
 
 # -- 3. a paused holder wakes after its successor ---------------------------------------------
+
 
 def test_a_holder_paused_past_its_lease_cannot_commit_after_its_successor(
     environment: Environment, sandbox: SandboxProvider, store: Store
@@ -170,30 +191,39 @@ def test_a_holder_paused_past_its_lease_cannot_commit_after_its_successor(
     sandbox.set_faults(latency_seconds=0.02)
     producer = environment.producer()
     key = derive_key(SLOW_CALL, {"key": "paused"}, key_args=("key",))
-    with WorkerProcess(environment, concurrency=2,
-                       RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="3") as worker:
+    with WorkerProcess(
+        environment, concurrency=2, RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="3"
+    ) as worker:
         result = producer.send_task(SLOW_CALL, kwargs={"key": "paused", "before": 2.0})
         wait_running(store, "paused", fence=1)
         holder = running_child(worker, producer, result.id)
         holder.suspend()  # SIGSTOP before its call: its lease keeper stops renewing too
         try:
-            wait_until(lambda: "succeeded" in outcomes(store, result.id), timeout=30,
-                       message="the successor completed the task")
+            wait_until(
+                lambda: "succeeded" in outcomes(store, result.id),
+                timeout=30,
+                message="the successor completed the task",
+            )
             assert holder.status() == psutil.STATUS_STOPPED
             assert lease(store, SLOW_CALL, "paused")["fence"] == "2"
             assert [(c["fencing_token"], c["outcome"]) for c in sandbox.effects()] == [
-                (2, "effect")]
+                (2, "effect")
+            ]
         finally:
             holder.resume()  # SIGCONT: it wakes up holding fence 1
-        wait_until(lambda: len(outcomes(store, result.id)) >= 2, timeout=30,
-                   message="the stale holder settled")
+        wait_until(
+            lambda: len(outcomes(store, result.id)) >= 2,
+            timeout=30,
+            message="the stale holder settled",
+        )
         value = result.get(timeout=10)
         log = worker.log_text()
 
     calls = sandbox.effects()
     print("calls for the key:", [(c["fencing_token"], c["status"], c["outcome"]) for c in calls])
-    assert [(c["idempotency_key"], c["fencing_token"], c["status"], c["outcome"])
-            for c in calls] == [(key, 2, 200, "effect"), (key, 1, 409, "stale_fence")]
+    assert [
+        (c["idempotency_key"], c["fencing_token"], c["status"], c["outcome"]) for c in calls
+    ] == [(key, 2, 200, "effect"), (key, 1, 409, "stale_fence")]
     assert outcomes(store, result.id) == ["succeeded", "superseded"]
     assert DeadLetterQueue(store).count() == 0
     state = lease(store, SLOW_CALL, "paused")
@@ -204,6 +234,7 @@ def test_a_holder_paused_past_its_lease_cannot_commit_after_its_successor(
 
 
 # -- 4. SIGKILL chaos -----------------------------------------------------------------------
+
 
 class ChildKiller(threading.Thread):
     """SIGKILLs a random pool child of the given workers every 0.3-0.5 s until stopped."""
@@ -247,12 +278,18 @@ def test_sigkill_of_pool_children_during_a_run_loses_nothing_and_charges_each_pa
             w.wait_ready()
         killer.start()
         task_ids = [
-            producer.send_task("payments.charge", kwargs={
-                "payment_id": f"chaos-{i}", "amount": 100 + i, "currency": "EUR"}).id
+            producer.send_task(
+                "payments.charge",
+                kwargs={"payment_id": f"chaos-{i}", "amount": 100 + i, "currency": "EUR"},
+            ).id
             for i in range(SIZE)
         ]
-        wait_until(lambda: ledger.reconcile(task_ids).lost == 0, timeout=60 + SIZE * 0.05,
-                   interval=0.5, message="every task settled in the ledger")
+        wait_until(
+            lambda: ledger.reconcile(task_ids).lost == 0,
+            timeout=60 + SIZE * 0.05,
+            interval=0.5,
+            message="every task settled in the ledger",
+        )
     finally:
         killer.stop()
         for w in workers:
@@ -266,17 +303,21 @@ def test_sigkill_of_pool_children_during_a_run_loses_nothing_and_charges_each_pa
     effects = calls_by_key([c for c in calls if c["outcome"] == "effect"])
     repeats = sum(len(v) - 1 for v in effects.values())
     requeued = {tid: history.get(tid, []).count("requeued") for tid in task_ids}
-    print(f"sent={SIZE} succeeded={len(succeeded)} dead_lettered={len(dead)} "
-          f"raw_effects={sum(map(len, effects.values()))} keys_with_effect={len(effects)} "
-          f"raw_repeats_after_kill={repeats} overlaps={overlapping_calls(calls)} "
-          f"lost={rec.lost} kills={killer.kills} requeued={sum(requeued.values())}")
+    print(
+        f"sent={SIZE} succeeded={len(succeeded)} dead_lettered={len(dead)} "
+        f"raw_effects={sum(map(len, effects.values()))} keys_with_effect={len(effects)} "
+        f"raw_repeats_after_kill={repeats} overlaps={overlapping_calls(calls)} "
+        f"lost={rec.lost} kills={killer.kills} requeued={sum(requeued.values())}"
+    )
     assert rec.lost == 0
     assert len(succeeded) + len(dead) == SIZE
     assert killer.kills > 0 and sum(requeued.values()) > 0
     assert overlapping_calls(calls) == 0
     # A provider honouring Idempotency-Key sees exactly one effect per succeeded payment.
-    key_of = {tid: derive_key("payments.charge", {"payment_id": f"chaos-{i}"},
-                              key_args=("payment_id",)) for i, tid in enumerate(task_ids)}
+    key_of = {
+        tid: derive_key("payments.charge", {"payment_id": f"chaos-{i}"}, key_args=("payment_id",))
+        for i, tid in enumerate(task_ids)
+    }
     assert {key_of[tid] for tid in succeeded} <= set(effects) <= set(key_of.values())
     # Raw repeats of a key happen only when a kill landed between the provider's effect and
     # the completion record (DESIGN §5): one per requeue at most, each with a newer fence.

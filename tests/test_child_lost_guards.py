@@ -21,8 +21,12 @@ if os.environ.get("REVIEW_TASKS") == __name__:
     from reliability.ratelimit import RateLimit
     from worker.app import app, runtime
 
-    @app.task(base=ReliableTask, name="review.crash_limited", idempotency_key_args=("key",),
-              rate_limits=(RateLimit(name="review-one-at-a-time", kind="concurrency", limit=1),))
+    @app.task(
+        base=ReliableTask,
+        name="review.crash_limited",
+        idempotency_key_args=("key",),
+        rate_limits=(RateLimit(name="review-one-at-a-time", kind="concurrency", limit=1),),
+    )
     def crash_limited(key: str, times: int) -> str:
         counter = f"{runtime.store.keys.prefix}:review:crash:{key}"
         n = runtime.store.client.incr(counter)
@@ -35,8 +39,9 @@ def test_a_concurrency_limited_task_whose_child_died_runs_again_promptly(
     environment: Environment, store: Store
 ) -> None:
     modules = task_modules("tests.support.tasks", __name__)
-    with WorkerProcess(environment, concurrency=2, REVIEW_TASKS=__name__,
-                       RELIABLE_WORKER__TASK_MODULES=modules):
+    with WorkerProcess(
+        environment, concurrency=2, REVIEW_TASKS=__name__, RELIABLE_WORKER__TASK_MODULES=modules
+    ):
         sent = environment.producer().send_task("review.crash_limited", args=["k", 1])
         try:
             value = sent.get(timeout=30)
@@ -46,4 +51,5 @@ def test_a_concurrency_limited_task_whose_child_died_runs_again_promptly(
         holders = store.client.zrange(f"{store.keys.prefix}:{{review-one-at-a-time}}:rl:-", 0, -1)
     assert value == "k", (
         f"still not run 30 s after the child died; ledger={outcomes.get(sent.id)}, "
-        f"concurrency holders={holders}")
+        f"concurrency holders={holders}"
+    )

@@ -68,8 +68,7 @@ def test_a_correlation_id_header_reaches_the_provider_the_log_lines_and_child_ta
 ) -> None:
     correlation_id, key = unique("corr"), unique("ctx")
     call = producer.send_task("test.call", args=[key], headers={"correlation_id": correlation_id})
-    spawn = producer.send_task("test.spawn", args=["v"],
-                               headers={"correlation_id": correlation_id})
+    spawn = producer.send_task("test.spawn", args=["v"], headers={"correlation_id": correlation_id})
 
     assert call.get(timeout=30)["status"] == "ok"
     assert [c["correlation_id"] for c in calls_for(provider, key)] == [correlation_id]
@@ -79,8 +78,11 @@ def test_a_correlation_id_header_reaches_the_provider_the_log_lines_and_child_ta
     for name, task_id in (("test.call", call.id), ("test.spawn", spawn.id)):
         # Celery's own outcome line is bound too (the task's context lasts until postrun).
         finished = f"Task {name}[{task_id}] succeeded"
-        lines = wait_until(lambda t=task_id, f=finished: logged_until(worker, t, f), 10,
-                           message=f"the outcome line of task {task_id}")
+        lines = wait_until(
+            lambda t=task_id, f=finished: logged_until(worker, t, f),
+            10,
+            message=f"the outcome line of task {task_id}",
+        )
         assert {line["correlation_id"] for line in lines} == {correlation_id}
 
 
@@ -93,7 +95,10 @@ def test_a_missing_correlation_id_is_generated_once_and_kept_across_retries(
 
     assert result.get(timeout=30)["status"] == "ok"
     assert Ledger(shared_store).outcomes([result.id])[result.id] == [
-        "retried", "retried", "succeeded"]
+        "retried",
+        "retried",
+        "succeeded",
+    ]
     seen = {c["correlation_id"] for c in calls_for(provider, key)}
     assert len(seen) == 1
     [generated] = seen
@@ -107,8 +112,9 @@ def test_child_tasks_inherit_the_deadline_and_the_tenant(
     provider: SandboxProvider, producer: Celery
 ) -> None:
     deadline = iso(datetime.now(UTC) + timedelta(seconds=60))
-    spawn = producer.send_task("test.spawn", args=["v"],
-                               headers={"deadline": deadline, "tenant_id": "acme"})
+    spawn = producer.send_task(
+        "test.spawn", args=["v"], headers={"deadline": deadline, "tenant_id": "acme"}
+    )
 
     child = producer.AsyncResult(spawn.get(timeout=30)).get(timeout=30)
     assert parse(child["deadline"]) == parse(deadline)
@@ -120,8 +126,9 @@ def test_a_body_running_past_the_deadline_is_interrupted_then_dead_lettered_as_e
     provider: SandboxProvider, producer: Celery, shared_store: Store
 ) -> None:
     deadline = datetime.now(UTC) + timedelta(seconds=2)
-    result = producer.send_task("test.sleep", args=[unique("late"), 30],
-                                headers={"deadline": iso(deadline)})
+    result = producer.send_task(
+        "test.sleep", args=[unique("late"), 30], headers={"deadline": iso(deadline)}
+    )
 
     with pytest.raises(Exception) as failure:  # the type is asserted by name
         result.get(timeout=20)
@@ -130,7 +137,9 @@ def test_a_body_running_past_the_deadline_is_interrupted_then_dead_lettered_as_e
     # The soft time limit (shortened to the deadline) stops the 30 s sleep at the deadline;
     # the retry then finds the deadline passed and does not run.
     assert [(r["outcome"], r["detail"]) for r in rows] == [
-        ("retried", "SoftTimeLimitExceeded"), ("dead_lettered", "expired")]
+        ("retried", "SoftTimeLimitExceeded"),
+        ("dead_lettered", "expired"),
+    ]
     interrupted_at = float(rows[0]["at"])
     assert deadline.timestamp() - 0.1 <= interrupted_at < deadline.timestamp() + 1.5
     [entry] = [e for e in DeadLetterQueue(shared_store).iter() if e.task_id == result.id]

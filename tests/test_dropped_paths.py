@@ -62,29 +62,38 @@ class Fleet:
         return [e for e in self.dlq.iter() if e.task_id == task_id]
 
     def wait_dead_letter(self, task_id: str) -> DeadLetter:
-        entries = wait_until(lambda: self.dead_letters(task_id), WAIT_SECONDS,
-                             message=f"a DLQ entry for {task_id}")
+        entries = wait_until(
+            lambda: self.dead_letters(task_id), WAIT_SECONDS, message=f"a DLQ entry for {task_id}"
+        )
         return entries[0]
 
     def outcomes(self, task_id: str) -> list[str]:
         return self.ledger.outcomes([task_id]).get(task_id, [])
 
     def wait_outcome(self, task_id: str, outcome: str) -> list[str]:
-        return wait_until(lambda: outcome in self.outcomes(task_id) and self.outcomes(task_id),
-                          WAIT_SECONDS, message=f"ledger outcome {outcome} for {task_id}")
+        return wait_until(
+            lambda: outcome in self.outcomes(task_id) and self.outcomes(task_id),
+            WAIT_SECONDS,
+            message=f"ledger outcome {outcome} for {task_id}",
+        )
 
     def broker_copies(self) -> int:
         """Messages of this environment still queued or delivered-but-unacked on the broker."""
         client = redis.Redis.from_url(self.environment.redis_url)
         prefix = self.environment.broker_prefix
-        queued = sum(client.llen(key) for key in
-                     client.scan_iter(match=f"{prefix}{self.environment.queue}*", _type="list"))
+        queued = sum(
+            client.llen(key)
+            for key in client.scan_iter(match=f"{prefix}{self.environment.queue}*", _type="list")
+        )
         return int(queued) + int(client.hlen(f"{prefix}unacked"))
 
     def assert_message_gone(self) -> None:
         """No copy is queued or unacked: nothing is left that could be redelivered."""
-        wait_until(lambda: self.broker_copies() == 0, WAIT_SECONDS,
-                   message="no queued or unacked message left on the broker")
+        wait_until(
+            lambda: self.broker_copies() == 0,
+            WAIT_SECONDS,
+            message="no queued or unacked message left on the broker",
+        )
 
     def log_events(self, event: str) -> list[dict[str, Any]]:
         """The worker's JSON log lines whose event is ``event``."""
@@ -97,8 +106,11 @@ class Fleet:
         return found
 
     def calls(self, key: str, endpoint: str = "webhooks") -> list[dict[str, Any]]:
-        return [c for c in self.sandbox.effects(endpoint=endpoint)
-                if (c["body"] or {}).get("key") == key]
+        return [
+            c
+            for c in self.sandbox.effects(endpoint=endpoint)
+            if (c["body"] or {}).get("key") == key
+        ]
 
     def counter(self, name: str, key: str) -> int:
         return int(self.store.client.get(f"{self.environment.prefix}:test:{name}:{key}") or 0)
@@ -108,8 +120,12 @@ class Fleet:
         queue = self.producer.amqp.queues[self.environment.queue]
         with self.producer.connection_for_write() as connection:
             kombu.Producer(connection).publish(
-                body, exchange=queue.exchange, routing_key=queue.routing_key,
-                content_type=content_type, content_encoding="utf-8", headers=headers,
+                body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                content_type=content_type,
+                content_encoding="utf-8",
+                headers=headers,
                 declare=[queue],
             )
 
@@ -118,12 +134,18 @@ class Fleet:
 def fleet(redis_url: str) -> Iterator[Fleet]:
     with SandboxProvider().start() as sandbox:
         environment = Environment(redis_url=redis_url, sandbox_url=sandbox.url)
-        worker = WorkerProcess(environment, concurrency=2,
-                               RELIABLE_DELIVERY__MAX_REDELIVERIES=str(MAX_REDELIVERIES))
+        worker = WorkerProcess(
+            environment, concurrency=2, RELIABLE_DELIVERY__MAX_REDELIVERIES=str(MAX_REDELIVERIES)
+        )
         try:
             with worker:
-                yield Fleet(environment, worker, sandbox,
-                            Store(redis_url, environment.prefix), environment.producer())
+                yield Fleet(
+                    environment,
+                    worker,
+                    sandbox,
+                    Store(redis_url, environment.prefix),
+                    environment.producer(),
+                )
         finally:
             delete_prefix(redis_url, environment.prefix)
 
@@ -140,9 +162,21 @@ def unique(label: str) -> str:
 
 
 def protocol2_headers(task: str, task_id: str) -> dict[str, Any]:
-    return {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
-            "group": None, "retries": 0, "timelimit": [None, None], "eta": None,
-            "expires": None, "argsrepr": "", "kwargsrepr": "", "origin": "test"}
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "eta": None,
+        "expires": None,
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "test",
+    }
 
 
 class TouchOnUnpickle:
@@ -159,10 +193,15 @@ class TouchOnUnpickle:
 
 
 def test_an_unknown_task_name_is_dead_lettered_as_poison_with_its_arguments(
-        idle_fleet: Fleet) -> None:
+    idle_fleet: Fleet,
+) -> None:
     fleet = idle_fleet
-    sent = fleet.producer.send_task("no.such.task", args=[1, "two"], kwargs={"three": 3},
-                                    headers={"correlation_id": "corr-unknown"})
+    sent = fleet.producer.send_task(
+        "no.such.task",
+        args=[1, "two"],
+        kwargs={"three": 3},
+        headers={"correlation_id": "corr-unknown"},
+    )
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -179,7 +218,8 @@ def test_an_unknown_task_name_is_dead_lettered_as_poison_with_its_arguments(
 
 
 def test_a_pickled_message_is_dead_lettered_as_poison_and_never_unpickled(
-        idle_fleet: Fleet, tmp_path: Path) -> None:
+    idle_fleet: Fleet, tmp_path: Path
+) -> None:
     fleet = idle_fleet
     pickler = fleet.environment.producer()
     pickler.conf.update(accept_content=["json", "pickle"], task_serializer="pickle")
@@ -206,7 +246,8 @@ def test_a_pickled_message_is_dead_lettered_as_poison_and_never_unpickled(
 
 
 def test_an_undecodable_json_body_is_dead_lettered_as_poison_with_the_raw_bytes(
-        idle_fleet: Fleet) -> None:
+    idle_fleet: Fleet,
+) -> None:
     fleet = idle_fleet
     task_id = str(uuid.uuid4())
     body = b'[["half a message",'
@@ -264,12 +305,12 @@ def test_a_revoked_task_is_recorded_as_revoked_and_never_runs(idle_fleet: Fleet)
     assert [(e["task_name"], e["reason"]) for e in logged] == [("test.call", "revoked")]
 
 
-def test_an_expired_message_is_dead_lettered_as_expired_and_never_runs(
-        idle_fleet: Fleet) -> None:
+def test_an_expired_message_is_dead_lettered_as_expired_and_never_runs(idle_fleet: Fleet) -> None:
     fleet = idle_fleet
     key = unique("expires")
-    sent = fleet.producer.send_task("test.call", kwargs={"key": key},
-                                    expires=datetime.now(UTC) - timedelta(minutes=1))
+    sent = fleet.producer.send_task(
+        "test.call", kwargs={"key": key}, expires=datetime.now(UTC) - timedelta(minutes=1)
+    )
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -283,13 +324,13 @@ def test_an_expired_message_is_dead_lettered_as_expired_and_never_runs(
     assert fleet.outcomes(sent.id) == ["dead_lettered"]
 
 
-def test_a_passed_deadline_is_dead_lettered_as_expired_and_never_runs(
-        idle_fleet: Fleet) -> None:
+def test_a_passed_deadline_is_dead_lettered_as_expired_and_never_runs(idle_fleet: Fleet) -> None:
     fleet = idle_fleet
     key = unique("deadline")
     deadline = (datetime.now(UTC) - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
-    sent = fleet.producer.send_task("test.call", kwargs={"key": key},
-                                    headers={"deadline": deadline})
+    sent = fleet.producer.send_task(
+        "test.call", kwargs={"key": key}, headers={"deadline": deadline}
+    )
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -304,11 +345,13 @@ def test_a_passed_deadline_is_dead_lettered_as_expired_and_never_runs(
 
 
 def test_an_unreadable_deadline_is_dead_lettered_as_poison_and_never_runs(
-        idle_fleet: Fleet) -> None:
+    idle_fleet: Fleet,
+) -> None:
     fleet = idle_fleet
     key = unique("bad-deadline")
-    sent = fleet.producer.send_task("test.call", kwargs={"key": key},
-                                    headers={"deadline": "next tuesday"})
+    sent = fleet.producer.send_task(
+        "test.call", kwargs={"key": key}, headers={"deadline": "next tuesday"}
+    )
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -320,16 +363,19 @@ def test_an_unreadable_deadline_is_dead_lettered_as_poison_and_never_runs(
     assert fleet.outcomes(sent.id) == ["dead_lettered"]
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"amount": -5, "currency": "EUR"}, "amount"),
-    ({"amount": 500, "currency": "eur"}, "currency"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"amount": -5, "currency": "EUR"}, "amount"),
+        ({"amount": 500, "currency": "eur"}, "currency"),
+    ],
+)
 def test_arguments_failing_validation_are_dead_lettered_as_poison_naming_the_field(
-        idle_fleet: Fleet, kwargs: dict[str, Any], field: str) -> None:
+    idle_fleet: Fleet, kwargs: dict[str, Any], field: str
+) -> None:
     fleet = idle_fleet
     payment_id = unique("pay")
-    sent = fleet.producer.send_task("payments.charge",
-                                    kwargs={"payment_id": payment_id, **kwargs})
+    sent = fleet.producer.send_task("payments.charge", kwargs={"payment_id": payment_id, **kwargs})
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -338,21 +384,24 @@ def test_arguments_failing_validation_are_dead_lettered_as_poison_naming_the_fie
     assert entry.failure_class == "poison"
     assert entry.reason.startswith(f"invalid arguments: {field}: ")
     assert entry.kwargs == {"payment_id": payment_id, **kwargs}
-    assert [c for c in fleet.sandbox.effects(endpoint="charges")
-            if (c["body"] or {}).get("payment_id") == payment_id] == []
+    assert [
+        c
+        for c in fleet.sandbox.effects(endpoint="charges")
+        if (c["body"] or {}).get("payment_id") == payment_id
+    ] == []
     assert fleet.outcomes(sent.id) == ["dead_lettered"]
 
 
 # -- endings seen only by the worker's parent: time limit, lost child, redelivery cap --------
 
 
-def test_a_hard_time_limit_is_retried_then_dead_lettered_as_transient(
-        idle_fleet: Fleet) -> None:
+def test_a_hard_time_limit_is_retried_then_dead_lettered_as_transient(idle_fleet: Fleet) -> None:
     fleet = idle_fleet
     key = unique("hard-limit")
     # The body swallows its soft limit, so the hard limit (1 s) is what ends each attempt.
-    sent = fleet.producer.send_task("test.stubborn_sleep", kwargs={"key": key, "seconds": 30},
-                                    time_limit=1, soft_time_limit=0.5)
+    sent = fleet.producer.send_task(
+        "test.stubborn_sleep", kwargs={"key": key, "seconds": 30}, time_limit=1, soft_time_limit=0.5
+    )
 
     entry = fleet.wait_dead_letter(sent.id)
     fleet.assert_message_gone()
@@ -368,7 +417,8 @@ def test_a_hard_time_limit_is_retried_then_dead_lettered_as_transient(
 
 
 def test_a_lost_pool_child_releases_the_lease_and_its_task_completes_before_the_lease_ttl(
-        idle_fleet: Fleet) -> None:
+    idle_fleet: Fleet,
+) -> None:
     fleet = idle_fleet
     key = unique("crash-once")
     started = time.monotonic()

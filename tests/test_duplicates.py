@@ -55,8 +55,9 @@ def send_twice_concurrently(environment: Environment, size: int) -> list[str]:
     return ids[0] + ids[1]
 
 
-def run_duplicate_burst(environment: Environment, sandbox: SandboxProvider, store: Store,
-                        size: int, **worker_env: str) -> None:
+def run_duplicate_burst(
+    environment: Environment, sandbox: SandboxProvider, store: Store, size: int, **worker_env: str
+) -> None:
     sandbox.set_faults(latency_seconds=0.005)
     workers = [WorkerProcess(environment, concurrency=3, **worker_env) for _ in range(2)]
     for w in workers:
@@ -66,16 +67,22 @@ def run_duplicate_burst(environment: Environment, sandbox: SandboxProvider, stor
             w.wait_ready()
         task_ids = send_twice_concurrently(environment, size)
         ledger = Ledger(store)
-        wait_until(lambda: ledger.reconcile(task_ids).lost == 0, timeout=60 + size * 0.1,
-                   interval=0.5, message="every task settled in the ledger")
+        wait_until(
+            lambda: ledger.reconcile(task_ids).lost == 0,
+            timeout=60 + size * 0.1,
+            interval=0.5,
+            message="every task settled in the ledger",
+        )
     finally:
         for w in workers:
             w.stop()
     rec = ledger.reconcile(task_ids)
     effects = sandbox.effects(endpoint="charges")
     keys = [e["idempotency_key"] for e in effects]
-    print(f"sent={2 * size} succeeded={rec.count('succeeded')} skipped={rec.count('skipped')} "
-          f"raw_calls={len(effects)} distinct_keys={len(set(keys))} lost={rec.lost}")
+    print(
+        f"sent={2 * size} succeeded={rec.count('succeeded')} skipped={rec.count('skipped')} "
+        f"raw_calls={len(effects)} distinct_keys={len(set(keys))} lost={rec.lost}"
+    )
     assert rec.lost == 0
     assert len(effects) == size
     assert len(set(keys)) == size
@@ -97,11 +104,11 @@ def test_each_charge_sent_twice_is_charged_once_with_rabbitmq_as_broker(
 ) -> None:
     from tests.support.fleet import delete_prefix
 
-    environment = Environment(redis_url=redis_url, sandbox_url=sandbox.url,
-                              broker_url=rabbitmq_url)
+    environment = Environment(redis_url=redis_url, sandbox_url=sandbox.url, broker_url=rabbitmq_url)
     try:
-        run_duplicate_burst(environment, sandbox, Store(redis_url, environment.prefix),
-                            max(SIZE // 3, 50))
+        run_duplicate_burst(
+            environment, sandbox, Store(redis_url, environment.prefix), max(SIZE // 3, 50)
+        )
     finally:
         delete_prefix(redis_url, environment.prefix)
         with environment.producer().connection_for_write() as conn:

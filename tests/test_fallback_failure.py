@@ -18,8 +18,10 @@ from tests.support.fleet import Environment, WorkerProcess, wait_until
 def _broker_copies(environment: Environment) -> int:
     client = redis.Redis.from_url(environment.redis_url)
     prefix = environment.broker_prefix
-    queued = sum(client.llen(key) for key in
-                 client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list"))
+    queued = sum(
+        client.llen(key)
+        for key in client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list")
+    )
     return int(queued) + int(client.hlen(f"{prefix}unacked"))
 
 
@@ -38,8 +40,7 @@ def test_a_fallback_that_raises_is_dead_lettered_not_acked_silently(
     outcomes = Ledger(store).outcomes([sent.id])
     entries = DeadLetterQueue(store).page()
     assert sent.state == "FAILURE"
-    assert [e.task_id for e in entries] == [sent.id], (
-        f"acked with no DLQ entry; ledger={outcomes}")
+    assert [e.task_id for e in entries] == [sent.id], f"acked with no DLQ entry; ledger={outcomes}"
     # The fallback's failure is the call's failure: retried by the policy, then dead-lettered.
     assert outcomes == {sent.id: ["retried", "retried", "dead_lettered"]}
     assert entries[0].exception_type == "LookupError"

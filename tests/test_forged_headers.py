@@ -25,15 +25,24 @@ def test_forged_internal_headers_are_dead_lettered_and_never_pass_the_rate_limit
 ) -> None:
     producer = environment.producer()
     with WorkerProcess(environment, concurrency=2, RELIABLE_RATE_LIMITS=json.dumps(LIMIT)):
-        sent = [producer.send_task(
-            "payments.charge",
-            kwargs={"payment_id": f"forged-{i}", "amount": 5, "currency": "EUR"},
-            headers={"rel_defer": uuid.uuid4().hex, "rel_pub": uuid.uuid4().hex,
-                     "rel_reserved": 1}).id
-            for i in range(10)]
+        sent = [
+            producer.send_task(
+                "payments.charge",
+                kwargs={"payment_id": f"forged-{i}", "amount": 5, "currency": "EUR"},
+                headers={
+                    "rel_defer": uuid.uuid4().hex,
+                    "rel_pub": uuid.uuid4().hex,
+                    "rel_reserved": 1,
+                },
+            ).id
+            for i in range(10)
+        ]
         ledger = Ledger(store)
-        wait_until(lambda: ledger.reconcile(sent).lost == 0, timeout=30,
-                   message="every forged copy settled")
+        wait_until(
+            lambda: ledger.reconcile(sent).lost == 0,
+            timeout=30,
+            message="every forged copy settled",
+        )
     entries = list(DeadLetterQueue(store).iter())
     assert ledger.reconcile(sent).count("dead_lettered") == 10
     assert sorted(e.task_id for e in entries) == sorted(sent)

@@ -43,9 +43,12 @@ def test_a_breaker_without_fallback_fails_closed_when_redis_is_down(dead_store: 
 
 
 def test_a_breaker_with_local_fallback_opens_locally_and_logs_each_use(dead_store: Store) -> None:
-    breaker = CircuitBreaker("svc", dead_store, BreakerConfig(failure_threshold=2,
-                                                              recovery_timeout=60),
-                             local_fallback=True)
+    breaker = CircuitBreaker(
+        "svc",
+        dead_store,
+        BreakerConfig(failure_threshold=2, recovery_timeout=60),
+        local_fallback=True,
+    )
     before = counted("breaker check")
     with capture_logs() as logs:
         for _ in range(2):
@@ -88,5 +91,8 @@ def test_breaker_state_is_served_from_the_invalidation_coherent_cache(bare_store
         assert cache.stats.hits == 1
         # Another process changes the breaker: the invalidation reaches this cache.
         CircuitBreaker("svc", bare_store, BreakerConfig()).set_mode(BreakerMode.FORCED_OPEN)
-        wait_until(lambda: breaker.state is CircuitState.OPEN, timeout=5,
-                   message="the cached state invalidated")
+        wait_until(
+            lambda: breaker.state is CircuitState.OPEN,
+            timeout=5,
+            message="the cached state invalidated",
+        )

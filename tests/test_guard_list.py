@@ -45,8 +45,7 @@ class DenyList(Guard):
         return Part(DENY, [f"{call.rt.store.keys.prefix}:test:deny"], [])
 
     def refused(self, call: Call, verdict: admission.Verdict) -> Action:
-        return DeadLetter("permanent", f"task {verdict.detail} is on the deny list",
-                          PermanentError)
+        return DeadLetter("permanent", f"task {verdict.detail} is on the deny list", PermanentError)
 
 
 # One class, one entry: between the deferral and the idempotency guards.
@@ -57,10 +56,12 @@ def charge(payment_id: str, amount: int) -> None: ...
 
 
 def call_of(store: Store, task_id: str) -> Call:
-    spec = build("t.charge", {"idempotency_key_args": ("payment_id",)}, signature(charge),
-                 WITH_DENY)
-    d = Delivery(task_id=task_id, name="t.charge", args=("p1", 5), kwargs={},
-                 owner_nonce=f"owner-{task_id}")
+    spec = build(
+        "t.charge", {"idempotency_key_args": ("payment_id",)}, signature(charge), WITH_DENY
+    )
+    d = Delivery(
+        task_id=task_id, name="t.charge", args=("p1", 5), kwargs={}, owner_nonce=f"owner-{task_id}"
+    )
     call = Call(spec, Runtime(store), d)
     for guard in WITH_DENY:
         guard.prepare(call)

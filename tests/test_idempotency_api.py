@@ -140,9 +140,13 @@ def test_a_side_effect_runs_once_and_then_returns_the_cached_result(bare_store: 
         return {"order": order_id, "amount": amount}
 
     assert effects.run("ORDER_PLACEMENT", "42", place_order, "42", amount=5) == (
-        True, {"order": "42", "amount": 5})
+        True,
+        {"order": "42", "amount": 5},
+    )
     assert effects.run("ORDER_PLACEMENT", "42", place_order, "42", amount=5) == (
-        False, {"order": "42", "amount": 5})
+        False,
+        {"order": "42", "amount": 5},
+    )
     assert sent == ["42"]
     key = f"{bare_store.keys.prefix}:effect:ORDER_PLACEMENT:42"
     assert effects.key("ORDER_PLACEMENT", "42") == key
@@ -187,7 +191,9 @@ def test_racing_side_effects_for_one_entity_run_exactly_once(bare_store: Store) 
     assert outcomes == Counter({"ran": 1, "in_progress": RACERS - 1})
     assert len(executed) == 1
     assert effects.run("EMAIL", "user-7", send_welcome, "welcome") == (
-        False, f"welcome sent by {executed[0]}")
+        False,
+        f"welcome sent by {executed[0]}",
+    )
     assert len(executed) == 1
 
 
@@ -222,14 +228,30 @@ def test_masker_masks_configured_values_anywhere_in_nested_data() -> None:
 def test_masker_masks_url_passwords_and_values_under_sensitive_keys() -> None:
     masker = Masker()
     assert masker.text("redis://app:s3cr3t@db:6379/0 and amqp://guest:guest@mq//") == (
-        "redis://app:***@db:6379/0 and amqp://guest:***@mq//")
+        "redis://app:***@db:6379/0 and amqp://guest:***@mq//"
+    )
     assert masker.text("http://example.com/path") == "http://example.com/path"
-    assert masker.data({"password": "x1", "api_key": "k", "Authorization": "Bearer t",
-                        "refresh_token": "r", "user": "bob", "retries": 3}) == {
-        "password": MASK, "api_key": MASK, "Authorization": MASK, "refresh_token": MASK,
-        "user": "bob", "retries": 3}
+    assert masker.data(
+        {
+            "password": "x1",
+            "api_key": "k",
+            "Authorization": "Bearer t",
+            "refresh_token": "r",
+            "user": "bob",
+            "retries": 3,
+        }
+    ) == {
+        "password": MASK,
+        "api_key": MASK,
+        "Authorization": MASK,
+        "refresh_token": MASK,
+        "user": "bob",
+        "retries": 3,
+    }
     assert masker.processor(None, "info", {"event": "x", "client_secret": "abc"}) == {
-        "event": "x", "client_secret": MASK}
+        "event": "x",
+        "client_secret": MASK,
+    }
 
 
 # -- deadlines ---------------------------------------------------------------------------

@@ -106,11 +106,21 @@ class LeaseMachine(RuleBasedStateMachine):
         h = self.store.client.hgetall(key)
         if h.get("state") != "running" or float(h.get("until", "0")) <= self.now:
             return []
-        return [lease for lease in self.issued if lease.key == key
-                and h.get("owner") == lease.owner and h.get("fence") == str(lease.fence)]
+        return [
+            lease
+            for lease in self.issued
+            if lease.key == key
+            and h.get("owner") == lease.owner
+            and h.get("fence") == str(lease.fence)
+        ]
 
-    @rule(target=leases, name=st.sampled_from(NAMES), fp=st.sampled_from(FINGERPRINTS),
-          lease_seconds=st.sampled_from(LEASE_SECONDS), owner=st.sampled_from(OWNERS))
+    @rule(
+        target=leases,
+        name=st.sampled_from(NAMES),
+        fp=st.sampled_from(FINGERPRINTS),
+        lease_seconds=st.sampled_from(LEASE_SECONDS),
+        owner=st.sampled_from(OWNERS),
+    )
     def acquire(self, name: str, fp: str, lease_seconds: float, owner: str | None) -> Any:
         key = self.ids.redis_key(name)
         m = self.model[key]
@@ -118,8 +128,9 @@ class LeaseMachine(RuleBasedStateMachine):
         token = SimpleNamespace(hex=owner or uuid.uuid4().hex)
         try:
             with mock.patch.object(idempotency_store, "uuid", SimpleNamespace(uuid4=lambda: token)):
-                decision, value = self.ids.acquire(key, fp, lease_seconds=lease_seconds,
-                                                   ttl_seconds=TTL_SECONDS, now=self.now)
+                decision, value = self.ids.acquire(
+                    key, fp, lease_seconds=lease_seconds, ttl_seconds=TTL_SECONDS, now=self.now
+                )
         except InProgress as exc:
             assert m.live(self.now) and m.fp == fp
             assert exc.retry_after == pytest.approx(m.until - self.now)
@@ -141,8 +152,9 @@ class LeaseMachine(RuleBasedStateMachine):
         assert all(lease.fence > f for f in self.fences[key])
         assert lease.fence == m.fence + 1
         self.fences[key].append(lease.fence)
-        self.model[key] = KeyModel("running", fp, lease.owner, lease.fence,
-                                   self.now + lease_seconds)
+        self.model[key] = KeyModel(
+            "running", fp, lease.owner, lease.fence, self.now + lease_seconds
+        )
         self.issued.append(lease)
         return lease
 
@@ -213,8 +225,12 @@ def test_idempotency_leases_follow_the_reference_model(redis_url: str) -> None:
     machine = type("RedisLeaseMachine", (LeaseMachine,), {"redis_url": redis_url})
     run_state_machine_as_test(
         machine,
-        settings=settings(max_examples=100, stateful_step_count=40, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow]),
+        settings=settings(
+            max_examples=100,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
     )
 
 
@@ -238,22 +254,31 @@ def test_a_lapsed_lease_is_taken_over_and_the_paused_holder_is_fenced_out(
 # -- parked-message claim ----------------------------------------------------------------
 
 parked_entries = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=40).map(lambda n: n * 0.5),
-              st.integers(min_value=0, max_value=3).map(bool)),  # 1 in 4 lost its envelope
-    min_size=1, max_size=12,
+    st.tuples(
+        st.integers(min_value=0, max_value=40).map(lambda n: n * 0.5),
+        st.integers(min_value=0, max_value=3).map(bool),
+    ),  # 1 in 4 lost its envelope
+    min_size=1,
+    max_size=12,
 )
 mover_steps = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=12).map(lambda n: n * 0.5),
-              st.integers(min_value=1, max_value=5), st.booleans()),
-    min_size=1, max_size=25,
+    st.tuples(
+        st.integers(min_value=0, max_value=12).map(lambda n: n * 0.5),
+        st.integers(min_value=1, max_value=5),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=25,
 )
 
 
 @settings(max_examples=100, deadline=None)
 @given(entries=parked_entries, steps=mover_steps, claim_seconds=st.sampled_from((1.0, 3.0, 7.5)))
 def test_parked_claims_hand_out_each_due_entry_once_per_claim_in_due_order(
-    redis_url: str, entries: list[tuple[float, bool]],
-    steps: list[tuple[float, int, bool]], claim_seconds: float,
+    redis_url: str,
+    entries: list[tuple[float, bool]],
+    steps: list[tuple[float, int, bool]],
+    claim_seconds: float,
 ) -> None:
     store = Store(redis_url, unique_prefix())
     k, client = store.keys, store.client
@@ -268,8 +293,9 @@ def test_parked_claims_hand_out_each_due_entry_once_per_claim_in_due_order(
     now = START
 
     def claim(limit: int) -> list[str]:
-        flat = store.run(CLAIM_PARKED, [k.parked, k.parked_msgs],
-                         [now, limit, claim_seconds], "claim parked")
+        flat = store.run(
+            CLAIM_PARKED, [k.parked, k.parked_msgs], [now, limit, claim_seconds], "claim parked"
+        )
         ids = flat[0::2]
         assert flat[1::2] == [envelopes[pid] for pid in ids]
         # The model: due entries by (due, id), first `limit`; no envelope -> dropped.
@@ -317,8 +343,9 @@ def test_an_unconfirmed_claim_is_due_again_after_claim_seconds(bare_store: Store
     bare_store.client.hset(k.parked_msgs, mapping={"late": "L", "early": "E"})
 
     def claim(now: float) -> list[str]:
-        return bare_store.run(CLAIM_PARKED, [k.parked, k.parked_msgs], [now, 10, 30],
-                              "claim parked")
+        return bare_store.run(
+            CLAIM_PARKED, [k.parked, k.parked_msgs], [now, 10, 30], "claim parked"
+        )
 
     assert claim(START) == []
     assert claim(START + 2) == ["early", "E", "late", "L"]

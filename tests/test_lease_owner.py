@@ -38,17 +38,25 @@ def test_a_dying_stale_holder_never_frees_its_successors_lease(
 ) -> None:
     modules = task_modules("tests.support.tasks", __name__)
     runs = f"{store.keys.prefix}:review:runs:k"
-    idem = store.keys.idem("review.pid_sleep",
-                           derive_key("review.pid_sleep", {"key": "k"}, key_args=("key",)))
-    with WorkerProcess(environment, concurrency=3, REVIEW_TASKS=__name__,
-                       RELIABLE_WORKER__TASK_MODULES=modules,
-                       RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="2"):
+    idem = store.keys.idem(
+        "review.pid_sleep", derive_key("review.pid_sleep", {"key": "k"}, key_args=("key",))
+    )
+    with WorkerProcess(
+        environment,
+        concurrency=3,
+        REVIEW_TASKS=__name__,
+        RELIABLE_WORKER__TASK_MODULES=modules,
+        RELIABLE_IDEMPOTENCY__LEASE_TTL_SECONDS="2",
+    ):
         environment.producer().send_task("review.pid_sleep", args=["k", 8])
         wait_until(lambda: store.client.llen(f"{runs}:pids") == 1, 20, message="A started")
         stale = int(store.client.lindex(f"{runs}:pids", 0))
         os.kill(stale, signal.SIGSTOP)
-        wait_until(lambda: store.client.hget(idem, "fence") == "2", 20,
-                   message="the reaper restored the message and B took the key")
+        wait_until(
+            lambda: store.client.hget(idem, "fence") == "2",
+            20,
+            message="the reaper restored the message and B took the key",
+        )
         os.kill(stale, signal.SIGKILL)
         wait_until(lambda: store.client.llen(runs) >= 1, 30, message="B finished")
         # A third delivery, if any, starts within about a second of the kill and ends
@@ -57,6 +65,10 @@ def test_a_dying_stale_holder_never_frees_its_successors_lease(
             wait_until(lambda: store.client.llen(runs) >= 2, 10, message="a third run")
         intervals = [tuple(map(float, r.split("-"))) for r in store.client.lrange(runs, 0, -1)]
         fence = store.client.hget(idem, "fence")
-    overlapping = [(a, b) for i, a in enumerate(intervals) for b in intervals[i + 1:]
-                   if a[0] < b[1] and b[0] < a[1]]
+    overlapping = [
+        (a, b)
+        for i, a in enumerate(intervals)
+        for b in intervals[i + 1 :]
+        if a[0] < b[1] and b[0] < a[1]
+    ]
     assert not overlapping, f"two live deliveries of one key ran at once (fence now {fence})"

@@ -219,8 +219,11 @@ def test_every_raw_item_on_the_queue_is_dead_lettered_or_run_and_the_worker_stay
         )
     except AssertionError as exc:
         done = {row.get("task_id") for row in ledger.entries() if row.get("outcome") in FINAL}
-        unsettled = [item[:3000] for item in pushed
-                     if _task_id(item) and _task_id(item) not in done and len(item) < MAX_BYTES]
+        unsettled = [
+            item[:3000]
+            for item in pushed
+            if _task_id(item) and _task_id(item) not in done and len(item) < MAX_BYTES
+        ]
         raise AssertionError(f"{exc}; unsettled items: {unsettled[:5]}") from None
     wait_until(lambda: client.llen(queue_key) == 0, timeout=10, message="queue drained")
     assert worker.proc is not None and worker.proc.poll() is None

@@ -34,8 +34,7 @@ from tests.support.fleet import delete_prefix
 
 START = 1_000_000.0  # logical clock origin; steps are exact binary fractions
 TICK = 0.125
-PROPERTY = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,9 @@ def fresh(kind: str, **params: float) -> RateLimit:
     return RateLimit(name=f"{kind}-{uuid.uuid4().hex[:8]}", kind=kind, **params)  # type: ignore[arg-type]
 
 
-def admit(store: Store, limits_: Sequence[RateLimit], now: float, owner: str = "o",
-          reserved: bool = False) -> tuple[str, float]:
+def admit(
+    store: Store, limits_: Sequence[RateLimit], now: float, owner: str = "o", reserved: bool = False
+) -> tuple[str, float]:
     """Run the admission fragment for ``limits_`` at ``now``, as the pipeline does
     (``reserved``: for a copy that was parked with its slot).
 
@@ -62,8 +62,14 @@ def admit(store: Store, limits_: Sequence[RateLimit], now: float, owner: str = "
     keys, args = ratelimit.admission_args(store, "test.limited", limits_, owner, None, dict)
     script, all_keys, all_args = admission.layout(
         [Part(ratelimit.fragment(len(limits_), reserved), keys, args)],
-        ledger=store.keys.ledger, ledger_max=1000, task_id="t1", name="test.limited",
-        attempt=1, dlv_ttl_ms=60_000, now=now)
+        ledger=store.keys.ledger,
+        ledger_max=1000,
+        task_id="t1",
+        name="test.limited",
+        attempt=1,
+        dlv_ttl_ms=60_000,
+        now=now,
+    )
     verdict = admission.parse(store.run(script.source, all_keys, all_args, "admission"))
     if verdict.runs:
         return "run", now
@@ -75,10 +81,12 @@ def admit(store: Store, limits_: Sequence[RateLimit], now: float, owner: str = "
 
 def arrivals() -> st.SearchStrategy[list[tuple[float, int]]]:
     """Request times (non-decreasing, on a 1/8 s grid) with their costs."""
-    steps = st.lists(st.tuples(st.integers(0, 12), st.integers(1, 2)), min_size=1,
-                     max_size=30)
-    return steps.map(lambda xs: [(START + TICK * sum(g for g, _ in xs[:i + 1]), c)
-                                 for i, (_, c) in enumerate(xs)])
+    steps = st.lists(st.tuples(st.integers(0, 12), st.integers(1, 2)), min_size=1, max_size=30)
+    return steps.map(
+        lambda xs: [
+            (START + TICK * sum(g for g, _ in xs[: i + 1]), c) for i, (_, c) in enumerate(xs)
+        ]
+    )
 
 
 # -- reference models (brute force over candidate times) ---------------------------------
@@ -201,24 +209,27 @@ def assert_gcra_promise(schedule: list[tuple[float, int]], rate: float, burst: i
             assert taken <= burst + rate * (b - a), (a, b, taken)
 
 
-def assert_sliding_promise(schedule: list[tuple[float, int]], max_requests: int,
-                           window: float) -> None:
+def assert_sliding_promise(
+    schedule: list[tuple[float, int]], max_requests: int, window: float
+) -> None:
     """At most max_requests in ANY window (x - window, x]: the worst ones end at a slot."""
     for end, _ in schedule:
         inside = sum(c for x, c in schedule if end - window < x <= end)
         assert inside <= max_requests, (end, inside)
 
 
-def assert_fixed_promise(schedule: list[tuple[float, int]], max_requests: int,
-                         window: float) -> None:
+def assert_fixed_promise(
+    schedule: list[tuple[float, int]], max_requests: int, window: float
+) -> None:
     per_window = Counter[int]()
     for x, c in schedule:
         per_window[math.floor(x / window)] += c
     assert max(per_window.values(), default=0) <= max_requests, per_window
 
 
-def run_schedule(store: Store, limits_: Sequence[RateLimit], requests: list[tuple[float, int]]
-                 ) -> list[tuple[float, int]]:
+def run_schedule(
+    store: Store, limits_: Sequence[RateLimit], requests: list[tuple[float, int]]
+) -> list[tuple[float, int]]:
     """Admit each request through the fragment; compare with the reference; the schedule."""
     refs = [ref_for(x) for x in limits_]
     gates = [gate_for(x) for x in limits_]
@@ -246,8 +257,7 @@ def run_schedule(store: Store, limits_: Sequence[RateLimit], requests: list[tupl
 
 
 @PROPERTY
-@given(rate=st.sampled_from([1.0, 2.0, 4.0, 8.0]), burst=st.integers(1, 4),
-       requests=arrivals())
+@given(rate=st.sampled_from([1.0, 2.0, 4.0, 8.0]), burst=st.integers(1, 4), requests=arrivals())
 def test_gcra_try_acquire_is_the_token_bucket_and_never_exceeds_burst_plus_rate(
     store: Store, rate: float, burst: int, requests: list[tuple[float, int]]
 ) -> None:
@@ -264,8 +274,7 @@ def test_gcra_try_acquire_is_the_token_bucket_and_never_exceeds_burst_plus_rate(
 
 
 @PROPERTY
-@given(rate=st.sampled_from([1.0, 2.0, 4.0, 8.0]), burst=st.integers(2, 4),
-       requests=arrivals())
+@given(rate=st.sampled_from([1.0, 2.0, 4.0, 8.0]), burst=st.integers(2, 4), requests=arrivals())
 def test_gcra_reservations_keep_the_promise_and_match_the_reference(
     store: Store, rate: float, burst: int, requests: list[tuple[float, int]]
 ) -> None:
@@ -293,9 +302,7 @@ def test_gcra_at_a_fractional_rate_starts_every_request_that_keeps_to_its_schedu
     assert admit(store, [limit], START + 4.1)[0] == "limit_delay"
 
 
-def test_reserved_copies_that_come_back_late_still_start_within_the_limit(
-    store: Store,
-) -> None:
+def test_reserved_copies_that_come_back_late_still_start_within_the_limit(store: Store) -> None:
     limit = fresh("gcra", rate=1, burst=1)
     assert admit(store, [limit], START, owner="a") == ("run", START)
     assert admit(store, [limit], START, owner="b") == ("limit_delay", START + 1)
@@ -303,7 +310,9 @@ def test_reserved_copies_that_come_back_late_still_start_within_the_limit(
     # Both copies are republished late and arrive together: one starts, one waits.
     assert admit(store, [limit], START + 2.5, owner="b", reserved=True) == ("run", START + 2.5)
     assert admit(store, [limit], START + 2.5, owner="c", reserved=True) == (
-        "limit_delay", START + 3.5)
+        "limit_delay",
+        START + 3.5,
+    )
     assert admit(store, [limit], START + 3.5, owner="c", reserved=True) == ("run", START + 3.5)
 
 
@@ -311,8 +320,7 @@ def test_reserved_copies_that_come_back_late_still_start_within_the_limit(
 
 
 @PROPERTY
-@given(max_requests=st.integers(2, 4), window=st.sampled_from([1.0, 2.0, 4.0]),
-       requests=arrivals())
+@given(max_requests=st.integers(2, 4), window=st.sampled_from([1.0, 2.0, 4.0]), requests=arrivals())
 def test_the_sliding_window_never_admits_more_than_max_in_any_window(
     store: Store, max_requests: int, window: float, requests: list[tuple[float, int]]
 ) -> None:
@@ -322,8 +330,7 @@ def test_the_sliding_window_never_admits_more_than_max_in_any_window(
 
 
 @PROPERTY
-@given(max_requests=st.integers(2, 4), window=st.sampled_from([1.0, 2.0, 4.0]),
-       requests=arrivals())
+@given(max_requests=st.integers(2, 4), window=st.sampled_from([1.0, 2.0, 4.0]), requests=arrivals())
 def test_the_fixed_window_never_admits_more_than_max_per_aligned_window(
     store: Store, max_requests: int, window: float, requests: list[tuple[float, int]]
 ) -> None:
@@ -345,11 +352,15 @@ def test_a_request_costing_more_than_the_limit_holds_is_refused_not_an_error(
 
 # -- concurrency -------------------------------------------------------------------------
 
-OPS = st.lists(st.one_of(
-    st.tuples(st.just("acquire"), st.integers(1, 2)),
-    st.tuples(st.just("release"), st.integers(0, 5)),
-    st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 2.5])),
-), min_size=1, max_size=40)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(1, 2)),
+        st.tuples(st.just("release"), st.integers(0, 5)),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 2.5])),
+    ),
+    min_size=1,
+    max_size=40,
+)
 
 
 @PROPERTY
@@ -365,8 +376,7 @@ def test_concurrency_never_exceeds_its_limit_and_a_lapsed_holder_frees_its_place
         live = {o: h for o, h in holders.items() if h[0] > now}
         if op == "acquire":
             cost = min(int(arg), limit)  # a cost above the limit is refused at declaration
-            verdict, _ = admit(store, [replace(base, cost=cost)], now,
-                               owner=f"h{n}")
+            verdict, _ = admit(store, [replace(base, cost=cost)], now, owner=f"h{n}")
             fits = sum(c for _, c in live.values()) + cost <= limit
             assert verdict == ("run" if fits else "limit_busy")
             if fits:
@@ -385,14 +395,27 @@ def test_concurrency_never_exceeds_its_limit_and_a_lapsed_holder_frees_its_place
 
 # -- several limits in one admission (global -> tenant -> task) ---------------------------
 
-LIMIT_SHAPES = st.lists(st.one_of(
-    st.builds(lambda r, b: ("gcra", {"rate": r, "burst": b}),
-              st.sampled_from([1.0, 2.0, 4.0]), st.integers(2, 3)),
-    st.builds(lambda m, w: ("sliding", {"max_requests": m, "window_seconds": w}),
-              st.integers(2, 4), st.sampled_from([1.0, 2.0])),
-    st.builds(lambda m, w: ("fixed", {"max_requests": m, "window_seconds": w}),
-              st.integers(2, 4), st.sampled_from([1.0, 2.0])),
-), min_size=2, max_size=3)
+LIMIT_SHAPES = st.lists(
+    st.one_of(
+        st.builds(
+            lambda r, b: ("gcra", {"rate": r, "burst": b}),
+            st.sampled_from([1.0, 2.0, 4.0]),
+            st.integers(2, 3),
+        ),
+        st.builds(
+            lambda m, w: ("sliding", {"max_requests": m, "window_seconds": w}),
+            st.integers(2, 4),
+            st.sampled_from([1.0, 2.0]),
+        ),
+        st.builds(
+            lambda m, w: ("fixed", {"max_requests": m, "window_seconds": w}),
+            st.integers(2, 4),
+            st.sampled_from([1.0, 2.0]),
+        ),
+    ),
+    min_size=2,
+    max_size=3,
+)
 
 
 @PROPERTY
@@ -418,15 +441,17 @@ def dump(store: Store, limits_: Sequence[RateLimit]) -> dict[str, object]:
         base = ratelimit.limit_keys(store, limit, "-")[0]
         for key in sorted(store.client.scan_iter(match=f"{base}*")):
             kind = store.client.type(key)
-            out[key] = (store.client.zrange(key, 0, -1, withscores=True) if kind == "zset"
-                        else store.client.get(key))
+            out[key] = (
+                store.client.zrange(key, 0, -1, withscores=True)
+                if kind == "zset"
+                else store.client.get(key)
+            )
     return out
 
 
 def test_a_refusal_by_one_limit_commits_nothing_for_the_others(store: Store) -> None:
     gcra, sliding = fresh("gcra", rate=1, burst=1), fresh("sliding", max_requests=1)
-    fixed, slots = fresh("fixed", max_requests=1, window_seconds=10), fresh(
-        "concurrency", limit=1)
+    fixed, slots = fresh("fixed", max_requests=1, window_seconds=10), fresh("concurrency", limit=1)
     chain = [gcra, sliding, fixed, slots]
     assert admit(store, [fixed], START, owner="first") == ("run", START)
     assert admit(store, [slots], START, owner="holder") == ("run", START)
@@ -437,8 +462,9 @@ def test_a_refusal_by_one_limit_commits_nothing_for_the_others(store: Store) -> 
     RateLimiter(store, slots).release("holder")
     assert admit(store, [gcra], START, owner="x") == ("run", START)
     assert admit(store, chain, START, owner="y") == ("limit_delay", START + 10)
-    assert store.client.zrange(ratelimit.limit_keys(store, sliding, "-")[0], 0, -1,
-                               withscores=True) == [(f"{START + 10:.6f}:y:1", START + 10)]
+    assert store.client.zrange(
+        ratelimit.limit_keys(store, sliding, "-")[0], 0, -1, withscores=True
+    ) == [(f"{START + 10:.6f}:y:1", START + 10)]
     assert float(store.client.get(ratelimit.limit_keys(store, gcra, "-")[0])) == START + 11
     fixed_key = ratelimit.limit_keys(store, fixed, "-")[0]
     assert store.client.get(f"{fixed_key}:{math.floor((START + 10) / 10)}") == "1"
@@ -458,7 +484,9 @@ def test_a_parked_reservation_holds_no_concurrency_place_its_copy_takes_one_on_a
     assert store.client.zrange(places, 0, -1) == []
     # Its copy (another delivery, so another owner) takes the place when it runs.
     assert admit(store, [pace, slots], START + 1, owner="second-copy", reserved=True) == (
-        "run", START + 1)
+        "run",
+        START + 1,
+    )
     assert store.client.zrange(places, 0, -1) == ["second-copy"]
 
 
@@ -474,8 +502,7 @@ def test_limits_that_keep_pushing_each_other_later_never_over_admit(store: Store
         assert (verdict, at) == ("limit_delay", START + 24)
     for limit in (a, b):
         key = ratelimit.limit_keys(store, limit, "-")[0]
-        counts = [int(store.client.get(f"{key}:{math.floor(START) + s}") or 0)
-                  for s in range(26)]
+        counts = [int(store.client.get(f"{key}:{math.floor(START) + s}") or 0) for s in range(26)]
         assert max(counts) <= 1, counts
         assert sum(counts) == 12 + (verdict != "limit_busy")  # refused: nothing reserved
 
@@ -498,9 +525,11 @@ def test_set_rate_changes_the_limit_for_every_limiter_in_the_fleet(store: Store)
 
 
 def test_reset_refills_the_limit_and_forgets_runtime_overrides(store: Store) -> None:
-    for limit in (fresh("gcra", rate=0.5, burst=2),
-                  fresh("sliding", max_requests=2, window_seconds=60),
-                  fresh("fixed", max_requests=2, window_seconds=60)):
+    for limit in (
+        fresh("gcra", rate=0.5, burst=2),
+        fresh("sliding", max_requests=2, window_seconds=60),
+        fresh("fixed", max_requests=2, window_seconds=60),
+    ):
         limiter = RateLimiter(store, limit)
         limiter.set_rate(rate=0.5, burst=1, max_requests=1)
         assert [limiter.try_acquire(now=START) for _ in range(2)] == [True, False]
@@ -540,8 +569,7 @@ def test_weighted_cost_takes_that_many_places(store: Store) -> None:
     assert window.try_acquire(1, now=START)
     slots = fresh("concurrency", limit=4)
     assert admit(store, [replace(slots, cost=3)], START, "a")[0] == "run"
-    assert admit(store, [replace(slots, cost=2)], START, "b")[0] == (
-        "limit_busy")
+    assert admit(store, [replace(slots, cost=2)], START, "b")[0] == ("limit_busy")
     assert admit(store, [slots], START, "c")[0] == "run"
     assert admit(store, [slots], START, "d")[0] == "limit_busy"
     RateLimiter(store, slots).release("a")
@@ -555,9 +583,19 @@ def test_weighted_cost_takes_that_many_places(store: Store) -> None:
     script = COMPLETE.extended((tail.fragment,))
     keys, args = script.layout(
         {"leases": k.leases, "dlv": dlv, "ledger": k.ledger},
-        {"result": "null", "result_ttl": 60, "dlv_ttl_ms": 60_000, "ledger_max": 1000,
-         "task_id": "t1", "name": "test.limited", "attempt": 1, "budget_window": 60},
-        [tail], now=START)
+        {
+            "result": "null",
+            "result_ttl": 60,
+            "dlv_ttl_ms": 60_000,
+            "ledger_max": 1000,
+            "task_id": "t1",
+            "name": "test.limited",
+            "attempt": 1,
+            "budget_window": 60,
+        },
+        [tail],
+        now=START,
+    )
     store.run(script.source, keys, args, "completion")
     assert store.client.zrange(key, 0, -1) == ["c"]
 
@@ -566,11 +604,16 @@ def test_weighted_cost_takes_that_many_places(store: Store) -> None:
 
 
 @PROPERTY
-@given(max_requests=st.integers(1, 5), window=st.sampled_from([1, 2, 5]),
-       steps=st.lists(st.tuples(st.integers(0, 1500), st.integers(1, 3)), min_size=1,
-                      max_size=40))
+@given(
+    max_requests=st.integers(1, 5),
+    window=st.sampled_from([1, 2, 5]),
+    steps=st.lists(st.tuples(st.integers(0, 1500), st.integers(1, 3)), min_size=1, max_size=40),
+)
 def test_the_sliding_window_agrees_with_the_limits_librarys_moving_window(
-    store: Store, monkeypatch_module: pytest.MonkeyPatch, max_requests: int, window: int,
+    store: Store,
+    monkeypatch_module: pytest.MonkeyPatch,
+    max_requests: int,
+    window: int,
     steps: list[tuple[int, int]],
 ) -> None:
     millis = list(itertools.accumulate(gap for gap, _ in steps))
@@ -581,8 +624,7 @@ def test_the_sliding_window_agrees_with_the_limits_librarys_moving_window(
     monkeypatch_module.setattr(limits.storage.memory, "time", clock)
     theirs = limits.strategies.MovingWindowRateLimiter(limits.storage.MemoryStorage())
     item = limits.RateLimitItemPerSecond(max_requests, window)
-    ours = RateLimiter(store, fresh("sliding", max_requests=max_requests,
-                                    window_seconds=window))
+    ours = RateLimiter(store, fresh("sliding", max_requests=max_requests, window_seconds=window))
     for ms, (_, cost) in zip(millis, steps, strict=True):
         now = START + ms / 1000
         clock.time = lambda now=now: now

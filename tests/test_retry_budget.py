@@ -91,8 +91,13 @@ class BudgetModel:
 class Budget:
     """One hash tag's budget on a store, driven on a logical clock."""
 
-    def __init__(self, store: Store, window: int = WINDOW, ratio: float = RATIO,
-                 per_second: float = PER_SECOND) -> None:
+    def __init__(
+        self,
+        store: Store,
+        window: int = WINDOW,
+        ratio: float = RATIO,
+        per_second: float = PER_SECOND,
+    ) -> None:
         self.store, self.key = store, store.keys.budget(f"test.{uuid.uuid4().hex[:6]}")
         self.window, self.ratio, self.per_second = window, ratio, per_second
 
@@ -101,9 +106,14 @@ class Budget:
             self.store.run(BUDGET, [self.key], [now, "call", self.window], "budget call")
 
     def retry(self, now: float) -> bool:
-        return bool(self.store.run(
-            BUDGET, [self.key], [now, "retry", self.window, self.ratio, self.per_second],
-            "budget retry"))
+        return bool(
+            self.store.run(
+                BUDGET,
+                [self.key],
+                [now, "retry", self.window, self.ratio, self.per_second],
+                "budget retry",
+            )
+        )
 
     def retries_allowed(self, now: float, asked: int) -> int:
         """Ask ``asked`` times at ``now``; how many were allowed (they stop at the first no)."""
@@ -117,13 +127,30 @@ class Budget:
         k = self.store.keys
         park_id = park_id or uuid.uuid4().hex
         keys, args = PARK.layout(
-            {"leases": k.leases, "ledger": k.ledger, "budget": self.key, "parked": k.parked,
-             "parked_msgs": k.parked_msgs},
-            {"mode": "retry", "budget_window": self.window, "budget_ratio": self.ratio,
-             "budget_floor": self.per_second, "park_id": park_id, "delay": 1.0,
-             "envelope": "{}", "dlv_ttl_ms": 60_000, "ledger_max": 1000, "task_id": park_id,
-             "name": "test.budget", "attempt": 1, "outcome": "retried"},
-            now=now)
+            {
+                "leases": k.leases,
+                "ledger": k.ledger,
+                "budget": self.key,
+                "parked": k.parked,
+                "parked_msgs": k.parked_msgs,
+            },
+            {
+                "mode": "retry",
+                "budget_window": self.window,
+                "budget_ratio": self.ratio,
+                "budget_floor": self.per_second,
+                "park_id": park_id,
+                "delay": 1.0,
+                "envelope": "{}",
+                "dlv_ttl_ms": 60_000,
+                "ledger_max": 1000,
+                "task_id": park_id,
+                "name": "test.budget",
+                "attempt": 1,
+                "outcome": "retried",
+            },
+            now=now,
+        )
         reply = self.store.run(PARK.source, keys, args, "park")
         return str(reply[0])
 
@@ -143,15 +170,20 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 def test_the_defaults_are_finagles_twenty_percent_plus_ten_per_second_over_ten_seconds() -> None:
     config = RuntimeConfig()
-    assert (config.budget_ratio, config.budget_min_retries_per_second,
-            config.budget_window_seconds) == (RATIO, PER_SECOND, WINDOW)
-    assert (DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND,
-            DEFAULT_BUDGET_WINDOW_SECONDS) == (RATIO, PER_SECOND, WINDOW)
+    assert (
+        config.budget_ratio,
+        config.budget_min_retries_per_second,
+        config.budget_window_seconds,
+    ) == (RATIO, PER_SECOND, WINDOW)
+    assert (
+        DEFAULT_BUDGET_RATIO,
+        DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND,
+        DEFAULT_BUDGET_WINDOW_SECONDS,
+    ) == (RATIO, PER_SECOND, WINDOW)
 
 
 @pytest.mark.parametrize(
-    ("calls", "allowed"),
-    [(0, 100), (1, 100), (5, 101), (500, 200), (1000, 300), (2000, 500)],
+    ("calls", "allowed"), [(0, 100), (1, 100), (5, 101), (500, 200), (1000, 300), (2000, 500)]
 )
 def test_a_window_allows_the_floor_plus_a_fifth_of_its_calls(
     bare_store: Store, calls: int, allowed: int
@@ -171,8 +203,9 @@ def test_a_fractional_rate_floors_a_window_and_zero_allows_no_retry(bare_store: 
 def test_a_twenty_percent_failure_rate_is_retried_in_full(bare_store: Store) -> None:
     # 2,000 calls in one window, every fifth fails: 400 retries asked, 400 allowed.
     budget = Budget(bare_store)
-    outcomes = [budget.park(START + 1) if n % 5 == 4 else budget.calls(START + 1)
-                for n in range(2000)]
+    outcomes = [
+        budget.park(START + 1) if n % 5 == 4 else budget.calls(START + 1) for n in range(2000)
+    ]
     assert Counter(outcomes) == Counter({None: 1600, "parked": 400})
 
 
@@ -227,18 +260,43 @@ def test_completions_and_dead_letters_count_as_calls(bare_store: Store) -> None:
     for n in range(6):
         keys, args = COMPLETE.layout(
             {"leases": k.leases, "ledger": k.ledger, "budget": budget.key},
-            {"result": "{}", "result_ttl": 60, "dlv_ttl_ms": 60_000, "ledger_max": 1000,
-             "task_id": f"ok{n}", "name": "test.budget", "attempt": 1, "budget_window": WINDOW},
-            now=START)
+            {
+                "result": "{}",
+                "result_ttl": 60,
+                "dlv_ttl_ms": 60_000,
+                "ledger_max": 1000,
+                "task_id": f"ok{n}",
+                "name": "test.budget",
+                "attempt": 1,
+                "budget_window": WINDOW,
+            },
+            now=START,
+        )
         bare_store.run(COMPLETE.source, keys, args, "complete")
     for n in range(4):
         keys, args = DEAD_LETTER.layout(
-            {"leases": k.leases, "ledger": k.ledger, "budget": budget.key, "dlq": k.dlq,
-             "dlq_index": k.dlq_index},
-            {"fence": "0", "budget_window": WINDOW, "entry_id": f"d{n}", "envelope": "{}",
-             "max_entries": 100, "dlv_ttl_ms": 60_000, "ledger_max": 1000, "task_id": f"dl{n}",
-             "name": "test.budget", "attempt": 1, "failure_class": "transient"},
-            now=START)
+            {
+                "leases": k.leases,
+                "ledger": k.ledger,
+                "budget": budget.key,
+                "dlq": k.dlq,
+                "dlq_index": k.dlq_index,
+            },
+            {
+                "fence": "0",
+                "budget_window": WINDOW,
+                "entry_id": f"d{n}",
+                "envelope": "{}",
+                "max_entries": 100,
+                "dlv_ttl_ms": 60_000,
+                "ledger_max": 1000,
+                "task_id": f"dl{n}",
+                "name": "test.budget",
+                "attempt": 1,
+                "failure_class": "transient",
+            },
+            now=START,
+        )
         bare_store.run(DEAD_LETTER.source, keys, args, "dead letter")
     assert budget.retries_allowed(START, 6) == 5  # half of 10 calls
 
@@ -246,18 +304,28 @@ def test_completions_and_dead_letters_count_as_calls(bare_store: Store) -> None:
 # -- the Lua against the model, on random traffic ------------------------------------------
 
 budget_events = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=48).map(lambda n: n * 0.625),
-              st.sampled_from(("call", "retry", "park")),
-              st.integers(min_value=1, max_value=8)),
-    min_size=1, max_size=40,
+    st.tuples(
+        st.integers(min_value=0, max_value=48).map(lambda n: n * 0.625),
+        st.sampled_from(("call", "retry", "park")),
+        st.integers(min_value=1, max_value=8),
+    ),
+    min_size=1,
+    max_size=40,
 )
 
 
 @settings(max_examples=50, deadline=None)
-@given(window=st.sampled_from((5, 10, 60)), ratio=st.sampled_from((0.0, 0.1, 0.2, 0.5, 1.0)),
-       per_second=st.sampled_from((0.0, 0.05, 0.1, 0.5, 1.0)), events=budget_events)
+@given(
+    window=st.sampled_from((5, 10, 60)),
+    ratio=st.sampled_from((0.0, 0.1, 0.2, 0.5, 1.0)),
+    per_second=st.sampled_from((0.0, 0.05, 0.1, 0.5, 1.0)),
+    events=budget_events,
+)
 def test_the_budget_matches_the_sliding_estimate_model(
-    redis_url: str, window: int, ratio: float, per_second: float,
+    redis_url: str,
+    window: int,
+    ratio: float,
+    per_second: float,
     events: list[tuple[float, str, int]],
 ) -> None:
     store = Store(redis_url, unique_prefix())
@@ -304,8 +372,11 @@ def test_every_environment_gets_the_default_budget(
     clean_env.setenv("RELIABLE_ENVIRONMENT", environment)
     clean_env.setenv("RELIABLE_REDIS__URL", "redis://127.0.0.1:6379/0")
     config = runtime_config(load_settings())
-    assert (config.budget_ratio, config.budget_min_retries_per_second,
-            config.budget_window_seconds) == (RATIO, PER_SECOND, WINDOW)
+    assert (
+        config.budget_ratio,
+        config.budget_min_retries_per_second,
+        config.budget_window_seconds,
+    ) == (RATIO, PER_SECOND, WINDOW)
 
 
 def test_budget_settings_reach_the_runtime(clean_env: pytest.MonkeyPatch) -> None:
@@ -313,22 +384,37 @@ def test_budget_settings_reach_the_runtime(clean_env: pytest.MonkeyPatch) -> Non
     clean_env.setenv("RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND", "0.25")
     clean_env.setenv("RELIABLE_RETRY__BUDGET_WINDOW_SECONDS", "30")
     config = runtime_config(load_settings())
-    assert (config.budget_ratio, config.budget_min_retries_per_second,
-            config.budget_window_seconds) == (0.5, 0.25, 30)
+    assert (
+        config.budget_ratio,
+        config.budget_min_retries_per_second,
+        config.budget_window_seconds,
+    ) == (0.5, 0.25, 30)
 
 
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("RELIABLE_RETRY__BUDGET_MIN_RETRIES", "10",
-         "RELIABLE_RETRY__BUDGET_MIN_RETRIES: renamed"
-         " RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND, now a rate"),
-        ("RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND", "-1",
-         "RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND: Input should be greater than or equal"),
-        ("RELIABLE_RETRY__BUDGET_RATIO", "-0.1",
-         "RELIABLE_RETRY__BUDGET_RATIO: Input should be greater than or equal to 0"),
-        ("RELIABLE_RETRY__BUDGET_WINDOW_SECONDS", "0",
-         "RELIABLE_RETRY__BUDGET_WINDOW_SECONDS: Input should be greater than or equal to 1"),
+        (
+            "RELIABLE_RETRY__BUDGET_MIN_RETRIES",
+            "10",
+            "RELIABLE_RETRY__BUDGET_MIN_RETRIES: renamed"
+            " RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND, now a rate",
+        ),
+        (
+            "RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND",
+            "-1",
+            "RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND: Input should be greater than or equal",
+        ),
+        (
+            "RELIABLE_RETRY__BUDGET_RATIO",
+            "-0.1",
+            "RELIABLE_RETRY__BUDGET_RATIO: Input should be greater than or equal to 0",
+        ),
+        (
+            "RELIABLE_RETRY__BUDGET_WINDOW_SECONDS",
+            "0",
+            "RELIABLE_RETRY__BUDGET_WINDOW_SECONDS: Input should be greater than or equal to 1",
+        ),
     ],
     ids=["old-name", "negative-floor", "negative-ratio", "empty-window"],
 )
@@ -346,8 +432,14 @@ def test_a_bad_or_renamed_budget_setting_is_refused_naming_the_variable(
 def test_the_old_name_stops_a_fresh_process_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELIABLE_")}
     env.update(PYTHONPATH=str(ROOT), RELIABLE_RETRY__BUDGET_MIN_RETRIES="1000")
-    done = subprocess.run([sys.executable, "-c", "import worker.app"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", "import worker.app"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "RELIABLE_RETRY__BUDGET_MIN_RETRIES: renamed" in done.stderr

@@ -29,8 +29,10 @@ CHARGE_ATTEMPTS = 5  # payments.charge's own retry policy (tasks/payments.py)
 def send_charges(producer: Celery, count: int) -> dict[str, AsyncResult]:
     run = uuid.uuid4().hex[:6]
     return {
-        f"{run}-pay-{i}": producer.send_task("payments.charge", kwargs={
-            "payment_id": f"{run}-pay-{i}", "amount": 500 + i, "currency": "EUR"})
+        f"{run}-pay-{i}": producer.send_task(
+            "payments.charge",
+            kwargs={"payment_id": f"{run}-pay-{i}", "amount": 500 + i, "currency": "EUR"},
+        )
         for i in range(count)
     }
 
@@ -74,8 +76,10 @@ def test_a_provider_failing_20_percent_of_calls_is_retried_without_refusals(
     effects = Counter(c["body"]["payment_id"] for c in calls if c["outcome"] == "effect")
     retries = sum(h.count("retried") for h in histories.values())
     entries = dead_letters(store, {r.id for r in results.values()})
-    print(f"\n20% failures: {charges} charges, {len(calls)} provider calls, {len(failed)} "
-          f"injected failures, {retries} retries, DLQ {Counter(e.failure_class for e in entries)}")
+    print(
+        f"\n20% failures: {charges} charges, {len(calls)} provider calls, {len(failed)} "
+        f"injected failures, {retries} retries, DLQ {Counter(e.failure_class for e in entries)}"
+    )
 
     assert [e for e in entries if e.failure_class == "retry_budget_exhausted"] == []
     assert entries == []
@@ -122,26 +126,29 @@ def test_a_retry_storm_is_refused_by_the_budget_exactly(
     # The payment breaker is off here: on, it opens after 5 failures and parks the rest,
     # which is its job; this test is the budget's. A long window keeps the storm in one
     # (the default ratio; a floor of 1.5 retries per 1,000 s).
-    with WorkerProcess(environment, RELIABLE_BREAKERS=json.dumps(
-            {"payment": {"failure_threshold": 0}}),
-            RELIABLE_RETRY__BUDGET_RATIO=str(ratio),
-            RELIABLE_RETRY__BUDGET_WINDOW_SECONDS=str(window),
-            RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND=str(per_second)):
+    with WorkerProcess(
+        environment,
+        RELIABLE_BREAKERS=json.dumps({"payment": {"failure_threshold": 0}}),
+        RELIABLE_RETRY__BUDGET_RATIO=str(ratio),
+        RELIABLE_RETRY__BUDGET_WINDOW_SECONDS=str(window),
+        RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND=str(per_second),
+    ):
         results = send_charges(producer, charges)
         histories = settled(results, store, timeout=60)
 
     provider_calls = charge_calls(sandbox)
     entries = dead_letters(store, {r.id for r in results.values()})
-    print(f"\nstorm: {charges} charges, {len(provider_calls)} provider calls, "
-          f"{sum(h.count('retried') for h in histories.values())} retries allowed, "
-          f"{len(entries)} refused")
+    print(
+        f"\nstorm: {charges} charges, {len(provider_calls)} provider calls, "
+        f"{sum(h.count('retried') for h in histories.values())} retries allowed, "
+        f"{len(entries)} refused"
+    )
 
     assert len(provider_calls) == calls
     assert {c["outcome"] for c in provider_calls} == {"error"}
     assert sum(h.count("retried") for h in histories.values()) == allowed
     assert Counter(h[-1] for h in histories.values()) == Counter({"dead_lettered": refused})
-    assert Counter(e.failure_class for e in entries) == Counter(
-        {"retry_budget_exhausted": refused})
+    assert Counter(e.failure_class for e in entries) == Counter({"retry_budget_exhausted": refused})
     assert {e.exception_type for e in entries} == {"TransientError"}
     # Each charge's attempts: its first call plus its allowed retries.
     assert sum(e.attempts for e in entries) == charges + allowed == calls

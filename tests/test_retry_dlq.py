@@ -61,8 +61,11 @@ def failure_of(result: Any, timeout: float = 30) -> BaseException:
 @pytest.fixture(scope="module")
 def worker(shared_env: Environment) -> Iterator[WorkerProcess]:
     # The retry budget is exercised by its own test: here it must never refuse a retry.
-    with WorkerProcess(shared_env, RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET,
-                       RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="1000") as process:
+    with WorkerProcess(
+        shared_env,
+        RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET,
+        RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="1000",
+    ) as process:
         yield process
 
 
@@ -93,8 +96,7 @@ def test_a_task_out_of_attempts_is_dead_lettered_as_transient_with_its_envelope(
 ) -> None:
     provider.set_faults(outage=True)
     key, correlation_id = unique("exhausted"), unique("corr")
-    result = producer.send_task("test.call", args=[key],
-                                headers={"correlation_id": correlation_id})
+    result = producer.send_task("test.call", args=[key], headers={"correlation_id": correlation_id})
 
     assert type(failure_of(result)).__name__ == "TransientError"
     assert len(calls_for(provider, key)) == FAST_RETRY.max_attempts == 3
@@ -120,18 +122,23 @@ def test_a_4xx_is_dead_lettered_as_permanent_after_one_call_without_retry(
     assert outcomes(shared_store, result.id) == ["dead_lettered"]
     [entry] = dead_letters(shared_store, result.id)
     assert (entry.failure_class, entry.attempts, entry.exception_type) == (
-        "permanent", 1, "PermanentError")
+        "permanent",
+        1,
+        "PermanentError",
+    )
 
 
 def test_a_payment_id_charged_again_with_another_amount_is_dead_lettered_as_conflict(
     provider: SandboxProvider, producer: Celery, shared_store: Store
 ) -> None:
     payment_id = unique("pay")
-    first = producer.send_task("payments.charge", kwargs={
-        "payment_id": payment_id, "amount": 100, "currency": "EUR"})
+    first = producer.send_task(
+        "payments.charge", kwargs={"payment_id": payment_id, "amount": 100, "currency": "EUR"}
+    )
     assert first.get(timeout=30)["status"] == "charged"
-    second = producer.send_task("payments.charge", kwargs={
-        "payment_id": payment_id, "amount": 200, "currency": "EUR"})
+    second = producer.send_task(
+        "payments.charge", kwargs={"payment_id": payment_id, "amount": 200, "currency": "EUR"}
+    )
 
     assert type(failure_of(second)).__name__ == "IdempotencyConflict"
     charges = provider.effects(endpoint="charges")
@@ -139,8 +146,9 @@ def test_a_payment_id_charged_again_with_another_amount_is_dead_lettered_as_conf
     assert outcomes(shared_store, second.id) == ["dead_lettered"]
     [entry] = dead_letters(shared_store, second.id)
     assert entry.failure_class == "conflict"
-    assert entry.idempotency_key == derive_key("payments.charge", {"payment_id": payment_id},
-                                               key_args=("payment_id",))
+    assert entry.idempotency_key == derive_key(
+        "payments.charge", {"payment_id": payment_id}, key_args=("payment_id",)
+    )
     assert entry.kwargs["amount"] == 200
 
 
@@ -154,8 +162,11 @@ def test_the_retry_budget_allows_the_first_retry_and_dead_letters_the_rest(
     producer = environment.producer()
     keys = [unique("budget") for _ in range(2)]
     # A floor of 0.1 retries per second over the 10 s window: one retry per window.
-    with WorkerProcess(environment, RELIABLE_RETRY__BUDGET_RATIO="0",
-                       RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="0.1"):
+    with WorkerProcess(
+        environment,
+        RELIABLE_RETRY__BUDGET_RATIO="0",
+        RELIABLE_RETRY__BUDGET_MIN_RETRIES_PER_SECOND="0.1",
+    ):
         results = [producer.send_task("test.call", args=[key]) for key in keys]
         for result in results:
             assert type(failure_of(result)).__name__ == "TransientError"
@@ -178,17 +189,22 @@ def test_a_retry_delay_longer_than_the_visibility_timeout_runs_the_body_exactly_
     runs_key = f"{environment.prefix}:test:slow_flaky:{key}"
     visibility_timeout = 2
     assert SLOW_RETRY.base_delay > visibility_timeout
-    with WorkerProcess(environment,
-                       RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS=str(visibility_timeout),
-                       RELIABLE_BROKER__UNACKED_RESTORE_INTERVAL_SECONDS="1",
-                       RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS="1.5",
-                       RELIABLE_WORKER__DEFAULT_SOFT_TIME_LIMIT_SECONDS="1"):
+    with WorkerProcess(
+        environment,
+        RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS=str(visibility_timeout),
+        RELIABLE_BROKER__UNACKED_RESTORE_INTERVAL_SECONDS="1",
+        RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS="1.5",
+        RELIABLE_WORKER__DEFAULT_SOFT_TIME_LIMIT_SECONDS="1",
+    ):
         result = producer.send_task("test.slow_flaky", args=[key, 1])
         assert result.get(timeout=30) == f"{key}:2"
         # Nothing is left unacked for kombu to restore after the visibility timeout.
         broker = store.client
-        wait_until(lambda: broker.hlen(f"{environment.broker_prefix}unacked") == 0, 10,
-                   message="no unacked message left in the broker")
+        wait_until(
+            lambda: broker.hlen(f"{environment.broker_prefix}unacked") == 0,
+            10,
+            message="no unacked message left in the broker",
+        )
 
     runs = [float(t) for t in store.client.lrange(runs_key, 0, -1)]
     assert len(runs) == 2
@@ -203,8 +219,13 @@ def test_a_retry_delay_longer_than_the_visibility_timeout_runs_the_body_exactly_
 def dlq_cli(env: Environment, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """``reliable dlq ...`` as an operator runs it (a subprocess: settings are read at import)."""
     return subprocess.run(
-        [sys.executable, "-m", "worker.dlq_cli", *args], cwd=ROOT, input=stdin,
-        env=env.env(RELIABLE_DLQ__MAX_REDRIVES="1"), capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "worker.dlq_cli", *args],
+        cwd=ROOT,
+        input=stdin,
+        env=env.env(RELIABLE_DLQ__MAX_REDRIVES="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -216,12 +237,16 @@ def test_the_dlq_cli_lists_shows_redrives_once_and_purges_after_confirmation(
     correlation_id = unique("corr")
     provider.set_faults(script=[400, 400])
     failed = {
-        key: producer.send_task("test.call", args=[key], headers={
-            "correlation_id": correlation_id, "idempotency_key": f"idem-{key}"})
+        key: producer.send_task(
+            "test.call",
+            args=[key],
+            headers={"correlation_id": correlation_id, "idempotency_key": f"idem-{key}"},
+        )
         for key in (good, bad)
     }
-    poison = producer.send_task("payments.charge", kwargs={
-        "payment_id": unique("pay"), "amount": -1, "currency": "EUR"})
+    poison = producer.send_task(
+        "payments.charge", kwargs={"payment_id": unique("pay"), "amount": -1, "currency": "EUR"}
+    )
     for result in [*failed.values(), poison]:
         failure_of(result)
     [good_entry] = dead_letters(shared_store, failed[good].id)
@@ -252,7 +277,8 @@ def test_the_dlq_cli_lists_shows_redrives_once_and_purges_after_confirmation(
     calls = calls_for(provider, good)
     assert [c["status"] for c in calls] == [400, 200]
     assert {(c["idempotency_key"], c["correlation_id"]) for c in calls} == {
-        (f"test.call:idem-{good}", correlation_id)}
+        (f"test.call:idem-{good}", correlation_id)
+    }
 
     # Redriven into the same fault: dead-lettered again, and the cap (1) refuses a second redrive.
     provider.set_faults(script=[400])
@@ -285,8 +311,7 @@ def test_a_redrive_whose_publish_fails_keeps_the_entry(bare_store: Store) -> Non
     dlq.add(entry, Ledger(bare_store))
 
     class BrokenBroker:
-        def send_task(self, name: str, args: Any = None, kwargs: Any = None,
-                      **options: Any) -> Any:
+        def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
             raise ConnectionError("broker unreachable")
 
     with pytest.raises(ConnectionError):
@@ -299,7 +324,10 @@ def test_a_redrive_whose_publish_fails_keeps_the_entry(bare_store: Store) -> Non
 
 
 def test_a_secret_in_an_error_and_an_argument_reaches_neither_the_log_nor_the_dlq(
-    provider: SandboxProvider, producer: Celery, shared_env: Environment, shared_store: Store,
+    provider: SandboxProvider,
+    producer: Celery,
+    shared_env: Environment,
+    shared_store: Store,
     worker: WorkerProcess,
 ) -> None:
     result = producer.send_task("test.leak_secret", args=[f"argument {SECRET}"])
@@ -308,16 +336,20 @@ def test_a_secret_in_an_error_and_an_argument_reaches_neither_the_log_nor_the_dl
     assert type(error).__name__ == "TransientError"
     # The producer's view (the result backend) carries the masked error and traceback too.
     assert str(error) == "token *** rejected (argument ***)"
-    meta = json.loads(shared_store.client.get(
-        f"{shared_env.broker_prefix}celery-task-meta-{result.id}"))
+    meta = json.loads(
+        shared_store.client.get(f"{shared_env.broker_prefix}celery-task-meta-{result.id}")
+    )
     assert SECRET not in json.dumps(meta["result"]) + (meta["traceback"] or "")
     [entry] = dead_letters(shared_store, result.id)
     raw = shared_store.client.hget(shared_store.keys.dlq, entry.id)
     assert SECRET not in raw
     assert entry.exception_message == "token *** rejected (argument ***)"
     assert entry.args == ["argument ***"]
-    wait_until(lambda: f"Task test.leak_secret[{result.id}] raised" in worker.log_text(), 10,
-               message="the worker logged the task's failure")
+    wait_until(
+        lambda: f"Task test.leak_secret[{result.id}] raised" in worker.log_text(),
+        10,
+        message="the worker logged the task's failure",
+    )
     log = worker.log_text()
     assert SECRET not in log
     assert "token *** rejected" in log

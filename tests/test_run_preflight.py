@@ -102,7 +102,11 @@ def test_a_task_module_that_does_not_exist_stops_worker_and_beat_with_one_line(
     extra = ["-s", str(tmp_path / "schedule")] if program == "beat" else ["-P", "solo"]
     done = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "worker.app", program, *extra, "-l", "INFO"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == EX_CONFIG, done.stderr
     assert done.stderr.splitlines() == [
@@ -148,8 +152,11 @@ def test_every_unresolved_name_is_reported_and_defined_ones_and_limit_objects_pa
 
     runtime = Runtime(Store("redis://127.0.0.1:1/0"))  # never contacted
     # Tasks other modules registered as shared (the test tasks) join every app's registry.
-    ours = [line for line in unresolved_names(app.tasks, runtime)
-            if line.startswith(("task a.", "task b.", "task plain."))]
+    ours = [
+        line
+        for line in unresolved_names(app.tasks, runtime)
+        if line.startswith(("task a.", "task b.", "task plain."))
+    ]
     assert ours == [
         "task b.task names breaker 'nope', which RELIABLE_BREAKERS does not define "
         "(known: analytics, database, notification, payment)",

@@ -32,8 +32,12 @@ def client(sandbox: SandboxProvider) -> Iterator[httpx.Client]:
         yield c
 
 
-def charge(client: httpx.Client, key: str | None = "k-1", token: int | None = None,
-           body: dict | None = None) -> httpx.Response:
+def charge(
+    client: httpx.Client,
+    key: str | None = "k-1",
+    token: int | None = None,
+    body: dict | None = None,
+) -> httpx.Response:
     headers = {}
     if key is not None:
         headers["Idempotency-Key"] = key
@@ -50,10 +54,14 @@ def test_health_and_url(sandbox: SandboxProvider, client: httpx.Client) -> None:
 
 
 def test_records_every_call_including_duplicates(
-        sandbox: SandboxProvider, client: httpx.Client) -> None:
+    sandbox: SandboxProvider, client: httpx.Client
+) -> None:
     responses = [
-        client.post("/charges", json=CHARGE,
-                    headers={"Idempotency-Key": "dup", "X-Correlation-ID": f"c-{i}"})
+        client.post(
+            "/charges",
+            json=CHARGE,
+            headers={"Idempotency-Key": "dup", "X-Correlation-ID": f"c-{i}"},
+        )
         for i in range(3)
     ]
     assert [r.status_code for r in responses] == [200, 200, 200]
@@ -74,17 +82,27 @@ def test_records_every_call_including_duplicates(
 
 
 def test_all_endpoints_and_filter(sandbox: SandboxProvider, client: httpx.Client) -> None:
-    assert client.post("/notifications", json={"user_id": 7, "channel": "email",
-                                               "message": "hi"}).status_code == 200
+    assert (
+        client.post(
+            "/notifications", json={"user_id": 7, "channel": "email", "message": "hi"}
+        ).status_code
+        == 200
+    )
     assert client.post("/webhooks", json=[1, 2]).status_code == 200
     assert client.post("/webhooks/stripe/events", json={"x": 1}).status_code == 200
     assert client.post("/exports", json={"export_id": "e-1", "rows": 3}).status_code == 200
 
     assert [r["endpoint"] for r in sandbox.effects()] == [
-        "notifications", "webhooks", "webhooks", "exports"]
+        "notifications",
+        "webhooks",
+        "webhooks",
+        "exports",
+    ]
     hooks = client.get("/effects", params={"endpoint": "webhooks"}).json()["effects"]
     assert [(h["path"], h["body"]) for h in hooks] == [
-        ("/webhooks", [1, 2]), ("/webhooks/stripe/events", {"x": 1})]
+        ("/webhooks", [1, 2]),
+        ("/webhooks/stripe/events", {"x": 1}),
+    ]
     assert [r["endpoint"] for r in sandbox.effects("exports")] == ["exports"]
 
 
@@ -100,8 +118,13 @@ def test_stale_fencing_token_rejected(sandbox: SandboxProvider, client: httpx.Cl
 
     records = sandbox.effects()
     assert [(r["fencing_token"], r["status"], r["outcome"]) for r in records] == [
-        (5, 200, "effect"), (7, 200, "effect"), (6, 409, "stale_fence"),
-        (7, 200, "effect"), (1, 200, "effect"), (None, 200, "effect")]
+        (5, 200, "effect"),
+        (7, 200, "effect"),
+        (6, 409, "stale_fence"),
+        (7, 200, "effect"),
+        (1, 200, "effect"),
+        (None, 200, "effect"),
+    ]
     assert sum(r["outcome"] == "effect" for r in records) == 5
 
 
@@ -152,7 +175,8 @@ def test_outage(sandbox: SandboxProvider, client: httpx.Client) -> None:
 
 
 def test_latency_makes_concurrent_calls_overlap(
-        sandbox: SandboxProvider, client: httpx.Client) -> None:
+    sandbox: SandboxProvider, client: httpx.Client
+) -> None:
     sandbox.set_faults(latency_seconds=0.3, latency_by_endpoint={"notifications": 0})
     barrier = threading.Barrier(2, timeout=10)
 
@@ -172,15 +196,20 @@ def test_latency_makes_concurrent_calls_overlap(
 
 
 def test_charge_validation(sandbox: SandboxProvider, client: httpx.Client) -> None:
-    bad = [{"payment_id": "p", "amount": 5}, {**CHARGE, "amount": 0},
-           {**CHARGE, "amount": -3}, {**CHARGE, "amount": "10"}]
+    bad = [
+        {"payment_id": "p", "amount": 5},
+        {**CHARGE, "amount": 0},
+        {**CHARGE, "amount": -3},
+        {**CHARGE, "amount": "10"},
+    ]
     assert [charge(client, body=b).status_code for b in bad] == [422] * 4
     assert client.post("/charges", json=[1]).status_code == 422
     assert {r["outcome"] for r in sandbox.effects()} == {"rejected"}
 
 
 def test_reset_clears_records_fences_and_faults(
-        sandbox: SandboxProvider, client: httpx.Client) -> None:
+    sandbox: SandboxProvider, client: httpx.Client
+) -> None:
     assert charge(client, token=9).status_code == 200
     sandbox.set_faults(latency_seconds=0.5, script=[500])
     assert client.post("/reset").json() == {"status": "reset"}
@@ -203,7 +232,10 @@ def test_not_found_and_bad_requests(sandbox: SandboxProvider, client: httpx.Clie
     bad_token = client.post("/charges", json=CHARGE, headers={"X-Fencing-Token": "x"})
     assert bad_token.status_code == 400
     assert [(x["idempotency_key"], x["status"], x["outcome"]) for x in sandbox.effects()] == [
-        ("bad", 400, "rejected"), ("k", 200, "effect"), (None, 400, "rejected")]
+        ("bad", 400, "rejected"),
+        ("k", 200, "effect"),
+        (None, 400, "rejected"),
+    ]
 
     assert client.post("/faults", content=b"[").status_code == 400
     assert client.post("/faults", json={"error_rate": 2}).status_code == 400
@@ -214,7 +246,8 @@ def test_not_found_and_bad_requests(sandbox: SandboxProvider, client: httpx.Clie
 
 
 def test_concurrent_keep_alive_calls_all_recorded(
-        sandbox: SandboxProvider, client: httpx.Client) -> None:
+    sandbox: SandboxProvider, client: httpx.Client
+) -> None:
     def call(i: int) -> int:
         return charge(client, key=f"k-{i % 10}").status_code
 
@@ -235,8 +268,12 @@ def test_stop_closes_server(client: httpx.Client, sandbox: SandboxProvider) -> N
 
 def test_cli_serves_on_ephemeral_port() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.sandbox", "--port", "0"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "worker.sandbox", "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()

@@ -28,9 +28,11 @@ if os.environ.get("REVIEW_TASKS") == __name__:
     from reliability import ReliableTask, RetryPolicy, TransientError
     from worker.app import app, settings
 
-    @app.task(base=ReliableTask, name="review.chained_secret",
-              retry_policy=RetryPolicy(strategy="fixed", base_delay=0.1, max_attempts=1,
-                                       jitter="none"))
+    @app.task(
+        base=ReliableTask,
+        name="review.chained_secret",
+        retry_policy=RetryPolicy(strategy="fixed", base_delay=0.1, max_attempts=1, jitter="none"),
+    )
     def chained_secret(note: str) -> str:
         key = settings.providers.payment_api_key
         value = key.get_secret_value() if key is not None else ""
@@ -43,9 +45,13 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 @pytest.fixture
 def worker(environment: Environment) -> Iterator[WorkerProcess]:
     modules = task_modules("tests.support.tasks", __name__)
-    with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
-                       RELIABLE_WORKER__TASK_MODULES=modules,
-                       RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET) as process:
+    with WorkerProcess(
+        environment,
+        concurrency=1,
+        REVIEW_TASKS=__name__,
+        RELIABLE_WORKER__TASK_MODULES=modules,
+        RELIABLE_PROVIDERS__PAYMENT_API_KEY=SECRET,
+    ) as process:
         yield process
 
 
@@ -56,8 +62,11 @@ def test_a_refused_pickle_carrying_a_secret_keeps_no_recoverable_copy_in_the_dlq
     pickler.conf.update(accept_content=["json", "pickle"], task_serializer="pickle")
     sent = pickler.send_task("test.echo", args=[f"card token {SECRET}"], serializer="pickle")
     dlq = DeadLetterQueue(store)
-    wait_until(lambda: [e for e in dlq.page() if e.task_id == sent.id], 20,
-               message="the pickle dead-lettered")
+    wait_until(
+        lambda: [e for e in dlq.page() if e.task_id == sent.id],
+        20,
+        message="the pickle dead-lettered",
+    )
     entry = next(e for e in dlq.page() if e.task_id == sent.id)
     raw = base64.b64decode(entry.raw_body or "")
     assert SECRET.encode() not in raw, "the DLQ entry's raw_body decodes to the secret"
@@ -99,4 +108,4 @@ def test_a_secret_that_json_escapes_is_still_masked_in_log_lines(
         root.handlers, level = saved
         root.setLevel(level)
         structlog.reset_defaults()
-    assert "p\\u00e4ssw\\u00f6rd\\\"1234" not in line, line
+    assert 'p\\u00e4ssw\\u00f6rd\\"1234' not in line, line

@@ -18,8 +18,8 @@ import structlog
 from celery import Celery
 
 from reliability import ReliableTask
-from reliability.dlq import DeadLetter, DeadLetterQueue, RedriveRefused
-from reliability.errors import ConfigurationError, IdempotencyConflict
+from reliability.dlq import DeadLetter, DeadLetterQueue
+from reliability.errors import ConfigurationError, IdempotencyConflict, RedriveRefused
 from reliability.idempotency import derive_key, fingerprint
 from reliability.idempotency_store import IdempotencyStore
 from reliability.logs import configure_logging

@@ -36,8 +36,9 @@ def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELIABLE_")}
     clean["PYTHONPATH"] = str(ROOT)
     clean.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=clean,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=clean, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -56,27 +57,49 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytes
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"RELIABLE_DLQ__MAX_ENTRIES": "abc"},
-         ["RELIABLE_DLQ__MAX_ENTRIES: Input should be a valid integer", "(got 'abc')"]),
-        ({"RELIABLE_RETRY__JITTER": "bogus"},
-         ["RELIABLE_RETRY__JITTER: Input should be 'none', 'full' or 'equal'", "(got 'bogus')"]),
-        ({"RELIABLE_WORKER__CONCURRENCY": "0"},
-         ["RELIABLE_WORKER__CONCURRENCY: Input should be greater than or equal to 1"]),
-        ({"RELIABLE_ENVIRONMENT": "staging"},
-         ["RELIABLE_ENVIRONMENT: Input should be 'development', 'testing' or 'production'"]),
-        ({"RELIABLE_ENVIRONMENT": "production"},
-         ["production needs RELIABLE_REDIS__URL"]),
-        ({"RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS": "300"},
-         ["RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS (300) must exceed the longest task",
-          "RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS=330"]),
-        ({"RELIABLE_IDEMPOTENCY__RESULT_TTL_SECONDS": "3000"},
-         ["RELIABLE_IDEMPOTENCY__RESULT_TTL_SECONDS must exceed the broker visibility timeout"]),
-        ({"RELIABLE_WORKER__TASK_MODULES": "tasks.a,tasks.b"},
-         ["RELIABLE_WORKER__TASK_MODULES:", "must be JSON"]),
+        (
+            {"RELIABLE_DLQ__MAX_ENTRIES": "abc"},
+            ["RELIABLE_DLQ__MAX_ENTRIES: Input should be a valid integer", "(got 'abc')"],
+        ),
+        (
+            {"RELIABLE_RETRY__JITTER": "bogus"},
+            ["RELIABLE_RETRY__JITTER: Input should be 'none', 'full' or 'equal'", "(got 'bogus')"],
+        ),
+        (
+            {"RELIABLE_WORKER__CONCURRENCY": "0"},
+            ["RELIABLE_WORKER__CONCURRENCY: Input should be greater than or equal to 1"],
+        ),
+        (
+            {"RELIABLE_ENVIRONMENT": "staging"},
+            ["RELIABLE_ENVIRONMENT: Input should be 'development', 'testing' or 'production'"],
+        ),
+        ({"RELIABLE_ENVIRONMENT": "production"}, ["production needs RELIABLE_REDIS__URL"]),
+        (
+            {"RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS": "300"},
+            [
+                "RELIABLE_BROKER__VISIBILITY_TIMEOUT_SECONDS (300) must exceed the longest task",
+                "RELIABLE_WORKER__DEFAULT_TIME_LIMIT_SECONDS=330",
+            ],
+        ),
+        (
+            {"RELIABLE_IDEMPOTENCY__RESULT_TTL_SECONDS": "3000"},
+            ["RELIABLE_IDEMPOTENCY__RESULT_TTL_SECONDS must exceed the broker visibility timeout"],
+        ),
+        (
+            {"RELIABLE_WORKER__TASK_MODULES": "tasks.a,tasks.b"},
+            ["RELIABLE_WORKER__TASK_MODULES:", "must be JSON"],
+        ),
     ],
-    ids=["not-an-int", "unknown-jitter", "below-minimum", "unknown-environment",
-         "production-without-redis", "visibility-below-time-limit", "result-ttl-too-short",
-         "list-not-json"],
+    ids=[
+        "not-an-int",
+        "unknown-jitter",
+        "below-minimum",
+        "unknown-environment",
+        "production-without-redis",
+        "visibility-below-time-limit",
+        "result-ttl-too-short",
+        "list-not-json",
+    ],
 )
 def test_a_bad_value_exits_naming_the_variable_and_what_it_expects(
     tmp_path: Path, env: dict[str, str], expected: list[str]
@@ -90,8 +113,9 @@ def test_a_bad_value_exits_naming_the_variable_and_what_it_expects(
 
 
 def test_importing_the_worker_app_with_bad_values_names_every_one(tmp_path: Path) -> None:
-    result = run_python(IMPORT_APP, tmp_path, RELIABLE_DLQ__MAX_ENTRIES="abc",
-                        RELIABLE_RETRY__JITTER="bogus")
+    result = run_python(
+        IMPORT_APP, tmp_path, RELIABLE_DLQ__MAX_ENTRIES="abc", RELIABLE_RETRY__JITTER="bogus"
+    )
     assert result.returncode == 1
     assert "RELIABLE_DLQ__MAX_ENTRIES: Input should be a valid integer" in result.stderr
     assert "RELIABLE_RETRY__JITTER: Input should be 'none', 'full' or 'equal'" in result.stderr
@@ -115,9 +139,7 @@ def test_development_is_the_default_and_logs_for_humans(clean_env: pytest.Monkey
     assert settings.idempotency.lease_ttl_seconds == 30.0
 
 
-def test_testing_runs_without_jitter_and_with_short_leases(
-    clean_env: pytest.MonkeyPatch,
-) -> None:
+def test_testing_runs_without_jitter_and_with_short_leases(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("RELIABLE_ENVIRONMENT", "testing")
     settings = load_settings()
     assert settings.retry.jitter == "none"
@@ -163,8 +185,7 @@ def test_secret_values_collects_every_secret_and_url_password(
         providers={"payment_api_key": api_key, "notification_api_key": ""},
     )
     secrets = settings.secret_values()
-    assert sorted(secrets) == sorted([redis_url, broker_url, api_key, "r3dis-pass",
-                                      "mq-passw0rd"])
+    assert sorted(secrets) == sorted([redis_url, broker_url, api_key, "r3dis-pass", "mq-passw0rd"])
     assert [len(s) for s in secrets] == sorted((len(s) for s in secrets), reverse=True)
     assert "r3dis-pass" not in repr(settings)
     masked = Masker(secrets).text(f"connect {redis_url}; key={api_key}; pw mq-passw0rd")
@@ -192,8 +213,9 @@ def declare(app: Celery, **options: Any) -> Callable[..., Any]:
 
 
 def test_a_misspelt_option_fails_at_decoration_with_a_hint(app: Celery) -> None:
-    with pytest.raises(ConfigurationError,
-                       match="unknown option 'idempotency_tll'; did you mean 'idempotency_ttl'"):
+    with pytest.raises(
+        ConfigurationError, match="unknown option 'idempotency_tll'; did you mean 'idempotency_ttl'"
+    ):
         declare(app, idempotency_tll=5)
     with pytest.raises(ConfigurationError, match=r"unknown option 'frobnicate'$"):
         declare(app, frobnicate=True)
@@ -208,8 +230,10 @@ def test_a_misspelt_option_on_a_lazy_app_fails_when_the_app_is_finalized() -> No
 
 @pytest.mark.parametrize(
     ("option", "value", "advice"),
-    [("autoretry_for", (ValueError,), "use retry_policy"),
-     ("rate_limit", "10/s", "Celery's rate_limit is per worker; use the fleet-wide limiter")],
+    [
+        ("autoretry_for", (ValueError,), "use retry_policy"),
+        ("rate_limit", "10/s", "Celery's rate_limit is per worker; use the fleet-wide limiter"),
+    ],
 )
 def test_celery_options_that_bypass_the_pipeline_are_refused(
     app: Celery, option: str, value: Any, advice: str
@@ -219,8 +243,9 @@ def test_celery_options_that_bypass_the_pipeline_are_refused(
 
 
 def test_idempotency_key_args_must_name_parameters(app: Celery) -> None:
-    with pytest.raises(ConfigurationError,
-                       match=r"idempotency_key_args \['order_id'\] are not parameters"):
+    with pytest.raises(
+        ConfigurationError, match=r"idempotency_key_args \['order_id'\] are not parameters"
+    ):
         declare(app, idempotency_key_args=("payment_id", "order_id"))
 
 
@@ -237,8 +262,14 @@ def test_a_valid_declaration_keeps_its_guard_options(app: Celery) -> None:
         amount: int
 
     policy = RetryPolicy(max_attempts=3)
-    task = declare(app, idempotency_key_args=("payment_id",), idempotency_ttl=600,
-                   retry_policy=policy, args_model=ChargeArgs, dependency="payments")
+    task = declare(
+        app,
+        idempotency_key_args=("payment_id",),
+        idempotency_ttl=600,
+        retry_policy=policy,
+        args_model=ChargeArgs,
+        dependency="payments",
+    )
     assert isinstance(task, ReliableTask)
     assert task.keyed and task.tag == "payments"
     assert (task.idempotency_ttl, task.retry_policy, task.args_model) == (600, policy, ChargeArgs)

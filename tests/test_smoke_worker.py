@@ -7,14 +7,17 @@ from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess
 
 
-def test_duplicate_charges_call_the_provider_once_per_payment(environment: Environment,
-                                                               sandbox, store: Store) -> None:
+def test_duplicate_charges_call_the_provider_once_per_payment(
+    environment: Environment, sandbox, store: Store
+) -> None:
     producer = environment.producer()
     with WorkerProcess(environment, concurrency=2):
         results = [
-            producer.send_task("payments.charge",
-                               kwargs={"payment_id": f"p{i}", "amount": 100, "currency": "EUR"})
-            for i in range(5) for _ in range(2)
+            producer.send_task(
+                "payments.charge", kwargs={"payment_id": f"p{i}", "amount": 100, "currency": "EUR"}
+            )
+            for i in range(5)
+            for _ in range(2)
         ]
         values = [r.get(timeout=30) for r in results]
     assert [v["payment_id"] for v in values] == [f"p{i}" for i in range(5) for _ in range(2)]

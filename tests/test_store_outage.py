@@ -29,8 +29,7 @@ def test_tasks_wait_while_the_state_store_is_down_and_complete_when_it_returns(
 ) -> None:
     # Broker and result backend on the shared Redis; the state store is our own server.
     environment = Environment(redis_url=own_redis.url, sandbox_url=sandbox.url)
-    producer_env = Environment(redis_url=redis_url, sandbox_url=sandbox.url,
-                               name=environment.name)
+    producer_env = Environment(redis_url=redis_url, sandbox_url=sandbox.url, name=environment.name)
     worker = WorkerProcess(
         environment,
         RELIABLE_BROKER__URL=redis_url,
@@ -43,10 +42,12 @@ def test_tasks_wait_while_the_state_store_is_down_and_complete_when_it_returns(
         first = producer.send_task("test.call", kwargs={"key": "before"})
         assert first.get(timeout=30)["status"] == "ok"
         own_redis.crash()
-        results = [producer.send_task("test.call", kwargs={"key": f"during-{i}"})
-                   for i in range(5)]
-        wait_until(lambda: worker.log_text().count("state_store_unavailable") >= 2, timeout=30,
-                   message="tasks waiting on the store")
+        results = [producer.send_task("test.call", kwargs={"key": f"during-{i}"}) for i in range(5)]
+        wait_until(
+            lambda: worker.log_text().count("state_store_unavailable") >= 2,
+            timeout=30,
+            message="tasks waiting on the store",
+        )
         assert len(sandbox.effects()) == 1  # nothing ran while the store was away
         own_redis.start()
         values = [r.get(timeout=60) for r in results]
@@ -59,41 +60,58 @@ def test_tasks_wait_while_the_state_store_is_down_and_complete_when_it_returns(
         for k in ["before", *(f"during-{i}" for i in range(5))]
     )
     rec = Ledger(Store(own_redis.url, environment.prefix)).reconcile(
-        [first.id, *(r.id for r in results)])
+        [first.id, *(r.id for r in results)]
+    )
     assert rec.lost == 0 and rec.count("succeeded") == 6
 
 
-def test_a_redis_crash_with_aof_always_loses_no_task(own_redis: RedisServer,
-                                                     sandbox: SandboxProvider) -> None:
+def test_a_redis_crash_with_aof_always_loses_no_task(
+    own_redis: RedisServer, sandbox: SandboxProvider
+) -> None:
     environment = Environment(redis_url=own_redis.url, sandbox_url=sandbox.url)
     sandbox.set_faults(latency_seconds=0.01)
     size = max(SIZE // 2, 50)
     # Celery's worker may exit on a lost broker connection (celery#9250); like a container
     # runtime, the test restarts it. Messages wait in Redis meanwhile.
-    worker = WorkerProcess(environment, concurrency=3,
-                           RELIABLE_REDIS__SOCKET_TIMEOUT_SECONDS="1").start().supervise()
+    worker = (
+        WorkerProcess(environment, concurrency=3, RELIABLE_REDIS__SOCKET_TIMEOUT_SECONDS="1")
+        .start()
+        .supervise()
+    )
     producer = environment.producer()
-    ids = [producer.send_task("payments.charge",
-                              kwargs={"payment_id": f"c{i}", "amount": 10, "currency": "EUR"}).id
-           for i in range(size)]
+    ids = [
+        producer.send_task(
+            "payments.charge", kwargs={"payment_id": f"c{i}", "amount": 10, "currency": "EUR"}
+        ).id
+        for i in range(size)
+    ]
     store = Store(own_redis.url, environment.prefix)
     ledger = Ledger(store)
     try:
-        wait_until(lambda: len(sandbox.effects()) >= size // 4, timeout=60,
-                   message="a quarter of the charges made")
+        wait_until(
+            lambda: len(sandbox.effects()) >= size // 4,
+            timeout=60,
+            message="a quarter of the charges made",
+        )
         own_redis.crash()
         own_redis.start()
-        wait_until(lambda: ledger.reconcile(ids).lost == 0, timeout=120, interval=0.5,
-                   message="every charge settled after the crash")
+        wait_until(
+            lambda: ledger.reconcile(ids).lost == 0,
+            timeout=120,
+            interval=0.5,
+            message="every charge settled after the crash",
+        )
     finally:
         worker.stop()
     rec = ledger.reconcile(ids)
     effects = [e for e in sandbox.effects() if e["outcome"] == "effect"]
     keys = [e["idempotency_key"] for e in effects]
-    print(f"sent={size} succeeded={rec.count('succeeded')} skipped={rec.count('skipped')} "
-          f"dead={rec.count('dead_lettered')} "
-          f"effects={len(effects)} distinct={len(set(keys))} lost={rec.lost} "
-          f"worker_restarts={worker.restarts}")
+    print(
+        f"sent={size} succeeded={rec.count('succeeded')} skipped={rec.count('skipped')} "
+        f"dead={rec.count('dead_lettered')} "
+        f"effects={len(effects)} distinct={len(set(keys))} lost={rec.lost} "
+        f"worker_restarts={worker.restarts}"
+    )
     assert rec.lost == 0
     assert rec.count("succeeded") + rec.count("skipped") == size
     assert len(set(keys)) == size

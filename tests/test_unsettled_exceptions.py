@@ -31,8 +31,10 @@ if os.environ.get("REVIEW_TASKS") == __name__:
 def _broker_copies(environment: Environment) -> int:
     client = redis.Redis.from_url(environment.redis_url)
     prefix = environment.broker_prefix
-    queued = sum(client.llen(key) for key in
-                 client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list"))
+    queued = sum(
+        client.llen(key)
+        for key in client.scan_iter(match=f"{prefix}{environment.queue}*", _type="list")
+    )
     return int(queued) + int(client.hlen(f"{prefix}unacked"))
 
 
@@ -40,19 +42,24 @@ def test_a_result_with_non_string_keys_still_settles_the_delivery(
     environment: Environment, store: Store
 ) -> None:
     modules = task_modules("tests.support.tasks", __name__)
-    with WorkerProcess(environment, concurrency=1, REVIEW_TASKS=__name__,
-                       RELIABLE_WORKER__TASK_MODULES=modules):
+    with WorkerProcess(
+        environment, concurrency=1, REVIEW_TASKS=__name__, RELIABLE_WORKER__TASK_MODULES=modules
+    ):
         sent = environment.producer().send_task("review.totals_by_day", args=["k1"])
         sent.get(timeout=30, propagate=False)
         wait_until(lambda: _broker_copies(environment) == 0, 20, message="message acked")
-        idem = store.client.hgetall(store.keys.idem(
-            "review.totals_by_day",
-            derive_key("review.totals_by_day", {"key": "k1"}, key_args=("key",))))
+        idem = store.client.hgetall(
+            store.keys.idem(
+                "review.totals_by_day",
+                derive_key("review.totals_by_day", {"key": "k1"}, key_args=("key",)),
+            )
+        )
     outcomes = Ledger(store).outcomes([sent.id])
     dead = DeadLetterQueue(store).page()
     assert outcomes.get(sent.id), (
         f"acked with no ledger entry: celery={sent.state} {sent.result!r}, "
-        f"dlq={len(dead)}, idempotency state={idem.get('state')}")
+        f"dlq={len(dead)}, idempotency state={idem.get('state')}"
+    )
 
 
 def test_a_message_with_an_unreadable_retries_header_runs_as_a_first_attempt(

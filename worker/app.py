@@ -36,10 +36,16 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     app = Celery("reliable", amqp="reliability.reprs:ReliableAMQP")
     app.conf.update(celery_config(settings, url))
     app.steps["worker"].add(ShutdownDeadline)  # warm and cold shutdowns always end
-    store = Store(url, settings.redis.key_prefix,
-                  socket_timeout=settings.redis.socket_timeout_seconds)
-    runtime = Runtime(store, runtime_config(settings), Masker(settings.secret_values()),
-                      breakers=breaker_configs(settings), rate_limits=rate_limits(settings))
+    store = Store(
+        url, settings.redis.key_prefix, socket_timeout=settings.redis.socket_timeout_seconds
+    )
+    runtime = Runtime(
+        store,
+        runtime_config(settings),
+        Masker(settings.secret_values()),
+        breakers=breaker_configs(settings),
+        rate_limits=rate_limits(settings),
+    )
     set_runtime(runtime)
     app.reliability = runtime  # type: ignore[attr-defined]
     app.settings = settings  # type: ignore[attr-defined]
@@ -48,8 +54,9 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
 
 # We keep running tasks alive on a broker blip on purpose (see celeryconfig): Celery's
 # nudge towards killing them is noise here.
-warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
-                        message=r"\s*In Celery 5.1 we introduced")
+warnings.filterwarnings(
+    "ignore", category=CPendingDeprecationWarning, message=r"\s*In Celery 5.1 we introduced"
+)
 settings = load_settings()
 app, runtime = build(settings)
 

@@ -13,4 +13,3 @@ def dlq_cleanup(max_age_days: int | None = None) -> int:
     """Purge DLQ entries older than the retention policy; returns how many."""
     days = max_age_days or settings.dlq.max_age_days
     return runtime.dlq.purge(Filter(until=time.time() - days * 86400))
-

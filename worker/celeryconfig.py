@@ -72,7 +72,8 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
     # Our transport (reliability/transport.py) for every Redis URL form: it closes kombu's
     # pop-then-record window and dead-letters items that are no message at all.
     broker_url, broker_transport = broker_connection(
-        broker.url.get_secret_value() if broker.url else broker_url_for(url))
+        broker.url.get_secret_value() if broker.url else broker_url_for(url)
+    )
     transport: dict[str, Any] = {
         "visibility_timeout": broker.visibility_timeout_seconds,
         "unacked_restore_interval": broker.unacked_restore_interval_seconds,
@@ -96,9 +97,11 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "broker_transport": broker_transport,
         # On the state store's Redis, results are written together with the completion
         # record (one round trip): reliability.backend.
-        "result_backend": (broker.result_backend_url.get_secret_value()
-                           if broker.result_backend_url
-                           else f"{FUSED_BACKEND}+{backend_url_for(url)}"),
+        "result_backend": (
+            broker.result_backend_url.get_secret_value()
+            if broker.result_backend_url
+            else f"{FUSED_BACKEND}+{backend_url_for(url)}"
+        ),
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
         # JSON only: pickle is refused (and dead-lettered) by the consumer.
@@ -133,9 +136,7 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "result_extended": True,
         "result_expires": settings.idempotency.result_ttl_seconds,
         "beat_schedule_filename": f"{settings.redis.data_dir}/celerybeat-schedule",
-        "beat_schedule": {
-            "dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0},
-        },
+        "beat_schedule": {"dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0}},
         "include": [*w.task_modules, *SERVICE_TASK_MODULES],
     }
 
@@ -160,5 +161,7 @@ def breaker_configs(settings: Settings) -> dict[str, BreakerConfig]:
 
 
 def rate_limits(settings: Settings) -> dict[str, RateLimit]:
-    return {name: RateLimit(name=name, **limit.model_dump())
-            for name, limit in settings.rate_limits.items()}
+    return {
+        name: RateLimit(name=name, **limit.model_dump())
+        for name, limit in settings.rate_limits.items()
+    }

@@ -82,9 +82,7 @@ def service_programs(
     if with_beat:
         programs.append(
             Program(
-                "beat",
-                _python("celery", "-A", "worker.app", "beat", "-l", "INFO"),
-                stops_last=True,
+                "beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"), stops_last=True
             )
         )
     return programs

@@ -32,8 +32,14 @@ from urllib.parse import parse_qs, urlsplit
 EFFECT_ENDPOINTS = ("charges", "notifications", "webhooks", "exports")
 CHARGE_FIELDS = ("payment_id", "amount", "currency")
 DEFAULT_FAULTS: dict[str, Any] = {
-    "error_rate": 0.0, "error_status": 503, "latency_seconds": 0.0, "latency_by_endpoint": {},
-    "outage": False, "script": [], "retry_after_seconds": None, "seed": 0,
+    "error_rate": 0.0,
+    "error_status": 503,
+    "latency_seconds": 0.0,
+    "latency_by_endpoint": {},
+    "outage": False,
+    "script": [],
+    "retry_after_seconds": None,
+    "seed": 0,
 }
 Reply = tuple[int, Any, dict[str, str]]  # (HTTP status, JSON payload, extra headers)
 
@@ -88,8 +94,11 @@ class SandboxProvider:
             self._server = _Server((self.host, self.port), self)
             self.port = self._server.server_address[1]
             self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                name=f"sandbox-{self.port}", daemon=True)
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"sandbox-{self.port}",
+                daemon=True,
+            )
             self._thread.start()
         return self
 
@@ -143,8 +152,12 @@ class SandboxProvider:
     def handle(self, method: str, target: str, headers: Message, raw: bytes) -> Reply:
         url = urlsplit(target)
         parts = [p for p in url.path.split("/") if p]
-        if method == "POST" and parts and parts[0] in EFFECT_ENDPOINTS and (
-                len(parts) == 1 or parts[0] == "webhooks"):
+        if (
+            method == "POST"
+            and parts
+            and parts[0] in EFFECT_ENDPOINTS
+            and (len(parts) == 1 or parts[0] == "webhooks")
+        ):
             return self._call(parts[0], url.path, headers, raw)
         route = (method, url.path.rstrip("/") or "/")
         if route == ("GET", "/health"):
@@ -169,10 +182,17 @@ class SandboxProvider:
 
     def _call(self, endpoint: str, path: str, headers: Message, raw: bytes) -> Reply:
         rec: dict[str, Any] = {
-            "seq": 0, "endpoint": endpoint, "path": path,
-            "idempotency_key": headers.get("Idempotency-Key"), "fencing_token": None,
-            "correlation_id": headers.get("X-Correlation-ID"), "body": None, "status": 0,
-            "arrived_at": time.time(), "finished_at": 0.0, "outcome": "rejected",
+            "seq": 0,
+            "endpoint": endpoint,
+            "path": path,
+            "idempotency_key": headers.get("Idempotency-Key"),
+            "fencing_token": None,
+            "correlation_id": headers.get("X-Correlation-ID"),
+            "body": None,
+            "status": 0,
+            "arrived_at": time.time(),
+            "finished_at": 0.0,
+            "outcome": "rejected",
         }
         problem: str | None = None
         try:
@@ -219,12 +239,23 @@ class SandboxProvider:
             self._fences[key] = token
         n = self._counters[endpoint] = self._counters.get(endpoint, 0) + 1
         rec["status"], rec["outcome"] = forced or 200, "effect"
-        payload = {"id": f"{endpoint}_{n}", "status": "ok", "idempotency_key": key,
-                   "seq": rec["seq"]}
+        payload = {
+            "id": f"{endpoint}_{n}",
+            "status": "ok",
+            "idempotency_key": key,
+            "seq": rec["seq"],
+        }
         return rec["status"], payload, {}
 
-    def _fail(self, rec: dict[str, Any], status: int, message: str, *,
-              outcome: str | None = None, injected: bool = False) -> Reply:
+    def _fail(
+        self,
+        rec: dict[str, Any],
+        status: int,
+        message: str,
+        *,
+        outcome: str | None = None,
+        injected: bool = False,
+    ) -> Reply:
         rec["status"] = status
         rec["outcome"] = outcome or ("error" if status >= 500 else "rejected")
         headers: dict[str, str] = {}

@@ -19,9 +19,8 @@ from reliability.deferral import Mover
 from reliability.endings import running_deliveries
 from reliability.heartbeat import Heartbeat
 from reliability.lease import LeaseKeeper
-from reliability.logs import configure_logging
+from reliability.logs import clear_task_context, configure_logging
 from reliability.maintenance import Maintenance
-from reliability.pipeline import clear_task_context
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.sensitive import clear_delivery_values
@@ -56,15 +55,22 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         preflight.refuse_broken_configuration(app.tasks, runtime)
         own_embedded_redis()
         preflight.run_security_checks(settings)
-        log.info("worker_configured", environment=str(settings.environment),
-                 queue=settings.broker.queue, key_prefix=settings.redis.key_prefix,
-                 broker=runtime.masker.text(str(app.conf.broker_url)))
+        log.info(
+            "worker_configured",
+            environment=str(settings.environment),
+            queue=settings.broker.queue,
+            key_prefix=settings.redis.key_prefix,
+            broker=runtime.masker.text(str(app.conf.broker_url)),
+        )
         # The pulse of this worker's main process, started before it consumes: beats
         # (so the fleet revives its work within seconds if it dies) and renews the
         # leases of the bodies its pool children run (which they cannot starve).
-        heartbeat = Heartbeat(runtime.store, LeaseKeeper(runtime.store, running_deliveries),
-                              interval=settings.worker.heartbeat_interval_seconds,
-                              ttl=settings.worker.heartbeat_ttl_seconds)
+        heartbeat = Heartbeat(
+            runtime.store,
+            LeaseKeeper(runtime.store, running_deliveries),
+            interval=settings.worker.heartbeat_interval_seconds,
+            ttl=settings.worker.heartbeat_ttl_seconds,
+        )
         heartbeat.start()
         state["heartbeat"] = heartbeat
 
@@ -77,23 +83,36 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         propagate_context(headers)
 
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
-        reaper = Reaper(runtime.store, kombu_restorer(app),
-                        restore_owned=lambda worker: restore_owned(app, worker),
-                        heartbeat_ttl=settings.worker.heartbeat_ttl_seconds,
-                        heartbeat_interval=settings.worker.heartbeat_interval_seconds)
-        mover = Mover(runtime.store, app, claim_seconds=settings.deferral.claim_timeout_seconds,
-                      batch_size=settings.deferral.batch_size)
+        reaper = Reaper(
+            runtime.store,
+            kombu_restorer(app),
+            restore_owned=lambda worker: restore_owned(app, worker),
+            heartbeat_ttl=settings.worker.heartbeat_ttl_seconds,
+            heartbeat_interval=settings.worker.heartbeat_interval_seconds,
+        )
+        mover = Mover(
+            runtime.store,
+            app,
+            claim_seconds=settings.deferral.claim_timeout_seconds,
+            batch_size=settings.deferral.batch_size,
+        )
         hooks = default_hooks()
         if settings.alerts.webhook_url is not None:
-            hooks.add_webhook_url(settings.alerts.webhook_url.get_secret_value(),
-                                  settings.alerts.webhook_timeout_seconds)
+            hooks.add_webhook_url(
+                settings.alerts.webhook_url.get_secret_value(),
+                settings.alerts.webhook_timeout_seconds,
+            )
         events = BreakerEvents(runtime.store, hooks)
         sweepers = [events.deliver]
         if app.conf.broker_transport == TRANSPORT_PATH:
             sweepers.append(lambda: sweep_orphans(app))
-        maintenance = Maintenance(runtime.store, mover, reaper,
-                                  interval=settings.deferral.mover_interval_seconds,
-                                  sweepers=sweepers)
+        maintenance = Maintenance(
+            runtime.store,
+            mover,
+            reaper,
+            interval=settings.deferral.mover_interval_seconds,
+            sweepers=sweepers,
+        )
         maintenance.start()
         state["maintenance"] = maintenance
 

@@ -27,18 +27,27 @@ from reliability.store import Store
 log = structlog.get_logger("reliability.breaker.alerts")
 
 Hook = Callable[[str, str, dict[str, Any]], None]
-EVENT_NAMES = {"open": "circuit_breaker_opened", "half_open": "circuit_breaker_half_open",
-               "closed": "circuit_breaker_closed"}
+EVENT_NAMES = {
+    "open": "circuit_breaker_opened",
+    "half_open": "circuit_breaker_half_open",
+    "closed": "circuit_breaker_closed",
+}
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 GROUP = "alerts"
 # A leader that read entries and died leaves them pending; the next takes them after this.
 CLAIM_IDLE_MS = 30_000
 
-TRANSITIONS = Counter(f"{PREFIX}_circuit_breaker_transitions_total",
-                      "Circuit breaker state transitions, fleet-wide.", ["breaker", "to"])
-STATE = Gauge(f"{PREFIX}_circuit_breaker_state",
-              "Circuit breaker state (0 closed, 1 half-open, 2 open).", ["breaker"],
-              multiprocess_mode="max")
+TRANSITIONS = Counter(
+    f"{PREFIX}_circuit_breaker_transitions_total",
+    "Circuit breaker state transitions, fleet-wide.",
+    ["breaker", "to"],
+)
+STATE = Gauge(
+    f"{PREFIX}_circuit_breaker_state",
+    "Circuit breaker state (0 closed, 1 half-open, 2 open).",
+    ["breaker"],
+    multiprocess_mode="max",
+)
 
 
 class AlertHooks:
@@ -62,8 +71,9 @@ class AlertHooks:
         """POST every event as JSON to ``url`` (e.g. a PagerDuty or Slack relay)."""
 
         def post(event_type: str, message: str, context: dict[str, Any]) -> None:
-            httpx.post(url, json={"event": event_type, "message": message, **context},
-                       timeout=timeout).raise_for_status()
+            httpx.post(
+                url, json={"event": event_type, "message": message, **context}, timeout=timeout
+            ).raise_for_status()
 
         self.webhook_hooks.append(post)
 
@@ -73,8 +83,12 @@ class AlertHooks:
             try:
                 hook(event_type, message, context)
             except Exception as exc:
-                log.warning("alert_hook_failed", hook=getattr(hook, "__name__", repr(hook)),
-                            event_type=event_type, error=str(exc))
+                log.warning(
+                    "alert_hook_failed",
+                    hook=getattr(hook, "__name__", repr(hook)),
+                    event_type=event_type,
+                    error=str(exc),
+                )
 
 
 def default_hooks() -> AlertHooks:
@@ -96,8 +110,9 @@ def default_hooks() -> AlertHooks:
 class BreakerEvents:
     """Reads breaker transitions from the stream and hands each to the hooks once."""
 
-    def __init__(self, store: Store, hooks: AlertHooks | None = None,
-                 consumer: str | None = None) -> None:
+    def __init__(
+        self, store: Store, hooks: AlertHooks | None = None, consumer: str | None = None
+    ) -> None:
         self.store = store
         self.hooks = hooks or default_hooks()
         self.consumer = consumer or socket.gethostname()
@@ -119,9 +134,14 @@ class BreakerEvents:
 
         def read(client: Any) -> list[tuple[str, dict[str, str]]]:
             self._ensure_group(client)
-            claimed = client.xautoclaim(self.stream, GROUP, self.consumer,
-                                        min_idle_time=CLAIM_IDLE_MS, start_id="0-0",
-                                        count=count)
+            claimed = client.xautoclaim(
+                self.stream,
+                GROUP,
+                self.consumer,
+                min_idle_time=CLAIM_IDLE_MS,
+                start_id="0-0",
+                count=count,
+            )
             entries = list(claimed[1]) if claimed else []
             fresh = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=count)
             for _stream, rows in fresh or []:
@@ -137,9 +157,14 @@ class BreakerEvents:
                 continue
             to = fields.get("to", "")
             event = EVENT_NAMES.get(to, f"circuit_breaker_{to}")
-            context = {"breaker": fields.get("breaker", ""), "from": fields.get("from", ""),
-                       "to": to, "reason": fields.get("reason", ""),
-                       "mode": fields.get("mode", "normal"), "at": float(fields.get("at", 0))}
+            context = {
+                "breaker": fields.get("breaker", ""),
+                "from": fields.get("from", ""),
+                "to": to,
+                "reason": fields.get("reason", ""),
+                "mode": fields.get("mode", "normal"),
+                "at": float(fields.get("at", 0)),
+            }
             message = f"circuit breaker {context['breaker']} {context['from']} -> {to}"
             self.hooks.emit(event, message, context)
             self._ack(entry_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -17,44 +16,54 @@ from typing import Any, ParamSpec, TypeVar
 import structlog
 
 from reliability import metrics, scripts
-from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
-from reliability.errors import (
-    BackendUnavailable,
-)
-from reliability.store import Store
-
-P = ParamSpec("P")
-R = TypeVar("R")
-log = structlog.get_logger("reliability.breaker")
-
-from reliability.breaker.config import (  # noqa: E402
+from reliability.breaker.call import BreakerCall
+from reliability.breaker.config import (
     BreakerConfig,
     BreakerMode,
     CircuitBreakerError,
     CircuitState,
     breaker_keys,
 )
-from reliability.breaker.local import LocalBreaker  # noqa: E402
+from reliability.breaker.local import LocalBreaker
+from reliability.callables import AwaitableReturned, is_async_callable, refuse_awaitable
+from reliability.errors import BackendUnavailable
+from reliability.store import Store
 
-_CHECK = scripts.compose("breaker", body="""
+P = ParamSpec("P")
+R = TypeVar("R")
+log = structlog.get_logger("reliability.breaker")
+
+
+_CHECK = scripts.compose(
+    "breaker",
+    body="""
 local c = cb_cfg(ARGV, 4)
 local v, w, would = cb_check(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)
 if v == 'trial' then cb_take_trial(KEYS[3], ARGV[3], c) end
 return {v or 'admit', string.format('%.6f', w or 0), would or ''}
-""")
-_RECORD = scripts.compose("breaker", body="""
+""",
+)
+_RECORD = scripts.compose(
+    "breaker",
+    body="""
 local c = cb_cfg(ARGV, 6)
 return cb_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c, ARGV[3], ARGV[4],
                  tonumber(ARGV[5]))
-""")
-_READ = scripts.compose("breaker", body="""
+""",
+)
+_READ = scripts.compose(
+    "breaker",
+    body="""
 local c = cb_cfg(ARGV, 3)
 local state, mode, open_until = cb_state(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], c)
 return {state, mode, string.format('%.6f', open_until)}
-""")
+""",
+)
 # Reset: a breaker that was not closed closes as a recorded transition (so alerts and the
 # state gauge see it); either way its window, failure count and trial leases are forgotten.
-_RESET = scripts.compose("breaker", body="""
+_RESET = scripts.compose(
+    "breaker",
+    body="""
 local c = cb_cfg(ARGV, 3)
 local h = redis.call('HMGET', KEYS[1], 'state', 'mode')
 local state = h[1] or 'closed'
@@ -66,36 +75,8 @@ else
   redis.call('DEL', KEYS[2], KEYS[2] .. ':n', KEYS[3])
 end
 return state
-""")
-
-
-
-class BreakerCall:
-    """One call through a breaker, as a context manager for ``with`` and ``async with``.
-
-    Entry admits (a fresh owner token, so a half-open trial slot is this call's); exit
-    records the block's outcome and duration. The Redis round trips are short blocking
-    calls, in async code too (there is no asyncio Redis client in the library).
-    """
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self.breaker = breaker
-        self.owner = f"call:{uuid.uuid4().hex}"
-        self.started = 0.0
-
-    def __enter__(self) -> BreakerCall:
-        self.breaker.admit(self.owner)
-        self.started = time.monotonic()
-        return self
-
-    def __exit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
-        self.breaker.record(self.owner, error, time.monotonic() - self.started)
-
-    async def __aenter__(self) -> BreakerCall:
-        return self.__enter__()
-
-    async def __aexit__(self, _type: object, error: BaseException | None, _tb: object) -> None:
-        self.__exit__(_type, error, _tb)
+""",
+)
 
 
 @dataclass
@@ -124,10 +105,17 @@ class CircuitBreaker:
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """State, mode and when an open breaker may half-open (time-based transitions applied)."""
         state, mode, open_until = self.store.run(
-            _READ, self.keys, ["" if now is None else now, self.name, *self.config.args()],
-            "breaker read")
-        return {"name": self.name, "state": state, "mode": mode,
-                "open_until": float(open_until) or None}
+            _READ,
+            self.keys,
+            ["" if now is None else now, self.name, *self.config.args()],
+            "breaker read",
+        )
+        return {
+            "name": self.name,
+            "state": state,
+            "mode": mode,
+            "open_until": float(open_until) or None,
+        }
 
     @property
     def state(self) -> CircuitState:
@@ -136,7 +124,7 @@ class CircuitBreaker:
         The cached path applies the open -> half-open timeout with the local clock, for
         display; admissions always decide on Redis time.
         """
-        cache = self.cache() if callable(self.cache) else self.cache
+        cache = self._tracked()
         if cache is None:
             return CircuitState(self.snapshot()["state"])
         fields = cache.get_hash(self.keys[0])
@@ -155,7 +143,7 @@ class CircuitBreaker:
         is open and returns to 0 when it closes or is reset. From the local cache when one
         is configured, else one read.
         """
-        cache = self.cache() if callable(self.cache) else self.cache
+        cache = self._tracked()
         if cache is not None:
             return int(cache.get_hash(self.keys[0]).get("consec") or 0)
         found = self.store.call("breaker read", lambda c: c.hget(self.keys[0], "consec"))
@@ -175,10 +163,13 @@ class CircuitBreaker:
 
     # -- calls outside tasks --------------------------------------------------------------
 
+    def _tracked(self) -> Any:
+        return self.cache() if callable(self.cache) else self.cache
+
     def _forget_cached(self) -> None:
         """This process changed the state: do not serve the old one from the local cache
         until Redis's invalidation message arrives."""
-        cache = self.cache() if callable(self.cache) else self.cache
+        cache = self._tracked()
         if cache is not None:
             cache.invalidate(self.keys[0])
 
@@ -186,8 +177,9 @@ class CircuitBreaker:
         if not self.local_fallback:
             raise exc
         metrics.STORE_UNAVAILABLE.labels(f"breaker {operation}").inc()
-        log.warning("circuit_breaker_local_fallback", breaker=self.name, operation=operation,
-                    error=str(exc))
+        log.warning(
+            "circuit_breaker_local_fallback", breaker=self.name, operation=operation, error=str(exc)
+        )
         if self._local is None:
             self._local = LocalBreaker(self.config)
         return self._local
@@ -196,9 +188,11 @@ class CircuitBreaker:
         """Reserve the right to call now; raises :class:`CircuitBreakerError` if refused."""
         try:
             verdict, wait, _would = self.store.run(
-                _CHECK, self.keys,
+                _CHECK,
+                self.keys,
                 ["" if now is None else now, self.name, owner, *self.config.args()],
-                "breaker check")
+                "breaker check",
+            )
         except BackendUnavailable as exc:
             self._fallback("check", exc).admit(self.name)
             return
@@ -206,21 +200,31 @@ class CircuitBreaker:
             log.info("circuit_breaker_rejected_call", breaker=self.name, reason=verdict)
             raise CircuitBreakerError(self.name, float(wait), verdict)
 
-    def record(self, owner: str, error: BaseException | None, duration: float,
-               now: float | None = None) -> str:
+    def record(
+        self, owner: str, error: BaseException | None, duration: float, now: float | None = None
+    ) -> str:
         """Feed one call's outcome; returns the breaker's state afterwards.
 
         A callable that returned an awaitable it should have been awaited for
         (:class:`~reliability.callables.AwaitableReturned`) counts as neither outcome.
         """
-        outcome = ("ignore" if isinstance(error, AwaitableReturned)
-                   else self.config.classify(error))
+        outcome = "ignore" if isinstance(error, AwaitableReturned) else self.config.classify(error)
         try:
-            return str(self.store.run(
-                _RECORD, self.keys,
-                ["" if now is None else now, self.name, owner, outcome, duration,
-                 *self.config.args()],
-                "breaker record"))
+            return str(
+                self.store.run(
+                    _RECORD,
+                    self.keys,
+                    [
+                        "" if now is None else now,
+                        self.name,
+                        owner,
+                        outcome,
+                        duration,
+                        *self.config.args(),
+                    ],
+                    "breaker record",
+                )
+            )
         except BackendUnavailable as exc:
             local = self._fallback("record", exc)
             local.record(outcome)
@@ -247,8 +251,9 @@ class CircuitBreaker:
             refuse_awaitable(result, fn, f"circuit breaker {self.name!r}")
             return result
 
-    async def call_async(self, fn: Callable[P, Awaitable[R]], *args: P.args,
-                         **kwargs: P.kwargs) -> R:
+    async def call_async(
+        self, fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """Await ``fn(*args, **kwargs)`` through the breaker (a plain function's result is
         taken as it is); the outcome is recorded when the await ends."""
         async with self.guard():
@@ -260,6 +265,7 @@ class CircuitBreaker:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Use as a decorator on sync or async functions."""
         if is_async_callable(fn):
+
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 return await self.call_async(fn, *args, **kwargs)  # type: ignore[arg-type]

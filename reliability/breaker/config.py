@@ -6,11 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from reliability.errors import (
-    BackendUnavailable,
-    PermanentError,
-    ReliabilityError,
-)
+from reliability.errors import BackendUnavailable, PermanentError, ReliabilityError
 from reliability.store import Store
 
 
@@ -58,10 +54,19 @@ class BreakerConfig:
 
     def args(self) -> list[Any]:
         """The 11 numbers breaker.lua's ``cb_cfg`` reads, in order."""
-        return [self.failure_threshold, self.failure_rate_threshold, self.window_type,
-                self.window_size, self.minimum_requests, self.slow_call_seconds,
-                self.slow_call_rate_threshold, self.recovery_timeout,
-                self.half_open_max_calls, self.success_threshold, self.trial_lease_seconds]
+        return [
+            self.failure_threshold,
+            self.failure_rate_threshold,
+            self.window_type,
+            self.window_size,
+            self.minimum_requests,
+            self.slow_call_seconds,
+            self.slow_call_rate_threshold,
+            self.recovery_timeout,
+            self.half_open_max_calls,
+            self.success_threshold,
+            self.trial_lease_seconds,
+        ]
 
     def classify(self, error: BaseException | None) -> str:
         """'success', 'failure' or 'ignore' for a call that ended with ``error``."""
@@ -74,19 +79,22 @@ class BreakerConfig:
 
 # Per-service defaults (seed 000 and 003): thresholds, recovery and trial calls.
 SERVICE_DEFAULTS: dict[str, BreakerConfig] = {
-    "payment": BreakerConfig(failure_threshold=5, recovery_timeout=60.0,
-                             half_open_max_calls=2, success_threshold=2),
-    "notification": BreakerConfig(failure_threshold=15, recovery_timeout=45.0,
-                                  half_open_max_calls=4, success_threshold=3),
-    "analytics": BreakerConfig(failure_threshold=25, recovery_timeout=20.0,
-                               half_open_max_calls=8, success_threshold=5),
-    "database": BreakerConfig(failure_threshold=10, recovery_timeout=30.0,
-                              half_open_max_calls=3, success_threshold=3),
+    "payment": BreakerConfig(
+        failure_threshold=5, recovery_timeout=60.0, half_open_max_calls=2, success_threshold=2
+    ),
+    "notification": BreakerConfig(
+        failure_threshold=15, recovery_timeout=45.0, half_open_max_calls=4, success_threshold=3
+    ),
+    "analytics": BreakerConfig(
+        failure_threshold=25, recovery_timeout=20.0, half_open_max_calls=8, success_threshold=5
+    ),
+    "database": BreakerConfig(
+        failure_threshold=10, recovery_timeout=30.0, half_open_max_calls=3, success_threshold=3
+    ),
 }
 
 CFG_ARGS = 11
 EVENTS_STREAM = "cb:events"
-
 
 
 def breaker_keys(store: Store, name: str) -> list[str]:

@@ -73,7 +73,7 @@ SETTLE = Fragment(
     keys=("h", "w", "t", "e"),
     args=("name", "outcome", "duration", *CFG, "owner"),
     code="cb_record(@h, @w, @t, @e, $name, cb_cfg(ARGV, $$ + 4), $owner, $outcome, "
-         "tonumber($duration))",
+    "tonumber($duration))",
 )
 
 
@@ -95,8 +95,11 @@ class Breaker(Guard):
     def check(self, task: str, values: Mapping[str, Any], signature: inspect.Signature) -> None:
         fallback = values.get("breaker_fallback")
         require(fallback is None or callable(fallback), task, "breaker_fallback must be callable")
-        require(fallback is None or bool(values.get("breaker")), task,
-                "breaker_fallback needs a breaker")
+        require(
+            fallback is None or bool(values.get("breaker")),
+            task,
+            "breaker_fallback needs a breaker",
+        )
 
     def tag(self, values: Mapping[str, Any]) -> str | None:
         return values.get("breaker") or None
@@ -116,12 +119,20 @@ class Breaker(Guard):
     def refused(self, call: Call, verdict: Verdict) -> Action:
         name = call.spec.option("breaker")
         wait = float(verdict.detail)
-        log.info("circuit_breaker_rejected_call", breaker=name, reason=verdict.decision,
-                 retry_in=round(wait, 3))
+        log.info(
+            "circuit_breaker_rejected_call",
+            breaker=name,
+            reason=verdict.decision,
+            retry_in=round(wait, 3),
+        )
         fallback = call.spec.option("breaker_fallback")
         if fallback is not None:
-            return Fallback(fallback, f"breaker {name} {verdict.decision}",
-                            "circuit_breaker_fallback_served", {"breaker": name})
+            return Fallback(
+                fallback,
+                f"breaker {name} {verdict.decision}",
+                "circuit_breaker_fallback_served",
+                {"breaker": name},
+            )
         if verdict.decision == BreakerVerdict.BUSY:
             # Trial slots free when a trial ends, usually long before their lease expires.
             wait = min(wait, call.rt.config.recheck_seconds)
@@ -132,12 +143,16 @@ class Breaker(Guard):
         if breaker is None:
             return None
         outcome = "ignore" if ending.kind == "ignore" else breaker.config.classify(ending.error)
-        return Part(SETTLE, breaker.keys, [breaker.name, outcome, ending.duration,
-                                           *breaker.config.args(), call.d.owner])
+        return Part(
+            SETTLE,
+            breaker.keys,
+            [breaker.name, outcome, ending.duration, *breaker.config.args(), call.d.owner],
+        )
 
     def hold(self, call: Call, holding: Holding) -> None:
         breaker = breaker_of(call)
         if breaker is not None:
             seconds = breaker.config.trial_lease_seconds
-            holding.leases.append(Lease(RENEW_TRIAL, [breaker.keys[2]],
-                                        ["", holding.owner, seconds], seconds))
+            holding.leases.append(
+                Lease(RENEW_TRIAL, [breaker.keys[2]], ["", holding.owner, seconds], seconds)
+            )

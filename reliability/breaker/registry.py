@@ -7,17 +7,21 @@ from typing import Any
 
 from reliability.breaker.circuit import CircuitBreaker
 from reliability.breaker.config import SERVICE_DEFAULTS, BreakerConfig
-from reliability.errors import (
-    ConfigurationError,
-)
+from reliability.errors import ConfigurationError
 from reliability.store import Store
 
 
 class BreakerRegistry:
     """Named breakers built from settings; unknown names fail loudly."""
 
-    def __init__(self, store: Store, configs: dict[str, BreakerConfig] | None = None, *,
-                 cache: Callable[[], Any] | None = None, local_fallback: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        configs: dict[str, BreakerConfig] | None = None,
+        *,
+        cache: Callable[[], Any] | None = None,
+        local_fallback: bool = False,
+    ) -> None:
         self.store = store
         self.configs = dict(SERVICE_DEFAULTS)
         self.configs.update(configs or {})
@@ -31,8 +35,12 @@ class BreakerRegistry:
             if name not in self.configs:
                 raise KeyError(f"no circuit breaker named {name!r}; known: {sorted(self.configs)}")
             found = self._breakers[name] = CircuitBreaker(
-                name, self.store, self.configs[name], local_fallback=self.local_fallback,
-                cache=self.cache)
+                name,
+                self.store,
+                self.configs[name],
+                local_fallback=self.local_fallback,
+                cache=self.cache,
+            )
         return found
 
     def register(self, name: str, config: BreakerConfig) -> CircuitBreaker:
@@ -45,7 +53,8 @@ class BreakerRegistry:
         if known is not None and known != config:
             raise ConfigurationError(
                 f"circuit breaker {name!r} is already defined with {known}; call"
-                " get_circuit_breaker without a config to use it")
+                " get_circuit_breaker without a config to use it"
+            )
         self.configs[name] = config
         return self.get(name)
 
@@ -53,8 +62,9 @@ class BreakerRegistry:
         return (self.get(name) for name in sorted(self.configs))
 
 
-def get_circuit_breaker(name: str, config: BreakerConfig | None = None, *,
-                        store: Store | None = None) -> CircuitBreaker:
+def get_circuit_breaker(
+    name: str, config: BreakerConfig | None = None, *, store: Store | None = None
+) -> CircuitBreaker:
     """The breaker ``name`` (seed 003): ``cb = get_circuit_breaker("my_service", config)``.
 
     Without ``store`` it comes from the worker's runtime registry (settings and the
@@ -72,6 +82,8 @@ def get_circuit_breaker(name: str, config: BreakerConfig | None = None, *,
     if config is None:
         config = SERVICE_DEFAULTS.get(name)
         if config is None:
-            raise KeyError(f"no circuit breaker named {name!r} among the built-in defaults"
-                           f" {sorted(SERVICE_DEFAULTS)}; pass a BreakerConfig")
+            raise KeyError(
+                f"no circuit breaker named {name!r} among the built-in defaults"
+                f" {sorted(SERVICE_DEFAULTS)}; pass a BreakerConfig"
+            )
     return CircuitBreaker(name, store, config)

@@ -27,8 +27,11 @@ Clock = Callable[[], float]
 
 
 def _check_rate(rate: float) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not (
-            math.isfinite(rate) and rate > 0):
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not (math.isfinite(rate) and rate > 0)
+    ):
         raise ConfigurationError(f"token bucket rate must be a finite number > 0, got {rate!r}")
     return float(rate)
 
@@ -100,11 +103,15 @@ class _BucketFront:
     def capacity(self) -> int:
         return self._core.capacity
 
-    def _reserve(self, tokens: int, timeout: float | None, *,
-                 log_timeout: bool = True) -> float | None:
+    def _reserve(
+        self, tokens: int, timeout: float | None, *, log_timeout: bool = True
+    ) -> float | None:
         """Under the front's lock: the wait before the grant, or None when over ``timeout``."""
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not (
-                1 <= tokens <= self._core.capacity):
+        if (
+            isinstance(tokens, bool)
+            or not isinstance(tokens, int)
+            or not (1 <= tokens <= self._core.capacity)
+        ):
             raise ValueError(f"tokens must be an int in [1, {self._core.capacity}], got {tokens!r}")
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
@@ -112,13 +119,18 @@ class _BucketFront:
         wait = self._core.wait_for(tokens, now)
         if timeout is not None and wait > timeout:  # give up now rather than sleep in vain
             if log_timeout:
-                log.warning("token_acquisition_timeout", tokens=tokens, timeout_seconds=timeout,
-                            wait_seconds=round(wait, 6))
+                log.warning(
+                    "token_acquisition_timeout",
+                    tokens=tokens,
+                    timeout_seconds=timeout,
+                    wait_seconds=round(wait, 6),
+                )
             return None
         self._core.take(tokens, now)
         if wait == 0.0:
-            log.debug("tokens_acquired_immediate", tokens=tokens,
-                      available=round(self._core.tokens, 6))
+            log.debug(
+                "tokens_acquired_immediate", tokens=tokens, available=round(self._core.tokens, 6)
+            )
         else:
             log.info("tokens_waiting", tokens=tokens, wait_seconds=round(wait, 6))
         return wait
@@ -127,8 +139,14 @@ class _BucketFront:
 class AsyncTokenBucket(_BucketFront):
     """Token bucket for asyncio: ``rate`` tokens per second, bursts up to ``capacity``."""
 
-    def __init__(self, rate: float, capacity: int, *, clock: Clock = time.monotonic,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        rate: float,
+        capacity: int,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
         super().__init__(rate, capacity, clock)
         self._sleep = sleep
         self._lock = asyncio.Lock()
@@ -172,8 +190,14 @@ class AsyncTokenBucket(_BucketFront):
 class LocalTokenBucket(_BucketFront):
     """Thread-safe blocking token bucket for one process (the inexact local fallback)."""
 
-    def __init__(self, rate: float, capacity: int, *, clock: Clock = time.monotonic,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float,
+        capacity: int,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
         super().__init__(rate, capacity, clock)
         self._sleep = sleep
         self._lock = threading.Lock()

@@ -81,7 +81,9 @@ local function rl_start_all(reserve)
 end
 """
     if reserved:
-        check = head + """
+        check = (
+            head
+            + """
 for i = 0, rl_n - 1 do
   local p = rl_p[i]
   local t
@@ -92,9 +94,12 @@ for i = 0, rl_n - 1 do
 end
 if rl_at > now then return {'limit_delay', string.format('%.6f', rl_at - now), 'gate'} end
 """
+        )
         commit = "rl_start_all(false)"
     else:
-        check = head + """
+        check = (
+            head
+            + """
 local rl_settled = false
 for _ = 1, 8 do
   local moved = false
@@ -117,13 +122,20 @@ if rl_at > now then
   return {'limit_delay', string.format('%.6f', rl_at - now)}
 end
 """
+        )
         commit = "rl_start_all(true)"
     return Fragment(
         name=f"ratelimit x{count}{' reserved' if reserved else ''}",
         libraries=("ratelimit",),
         keys=tuple(f"{kind}{i}" for i in range(count) for kind in ("k", "o")),
-        args=("owner", *(f"{field}{i}" for i in range(count)
-                         for field in ("kind", "p1_", "p2_", "cost", "name"))),
+        args=(
+            "owner",
+            *(
+                f"{field}{i}"
+                for i in range(count)
+                for field in ("kind", "p1_", "p2_", "cost", "name")
+            ),
+        ),
         code=check,
         commit=commit,
     )
@@ -141,9 +153,14 @@ def release_fragment(count: int) -> Fragment:
     )
 
 
-def admission_args(store: Store, task_name: str, limits: Sequence[RateLimit],
-                   owner: str, tenant: str | None, arguments: Callable[[], dict[str, Any]]
-                   ) -> tuple[list[str], list[Any]]:
+def admission_args(
+    store: Store,
+    task_name: str,
+    limits: Sequence[RateLimit],
+    owner: str,
+    tenant: str | None,
+    arguments: Callable[[], dict[str, Any]],
+) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of :func:`fragment` for one delivery."""
     keys: list[str] = []
     args: list[Any] = [owner]
@@ -159,28 +176,32 @@ class RateLimits(Guard):
 
     name = "rate_limits"
     verdicts = LimitVerdict
-    options = {
-        "rate_limits": "rate limits: names in settings or RateLimit objects, all must admit",
-    }
+    options = {"rate_limits": "rate limits: names in settings or RateLimit objects, all must admit"}
 
     def check(self, task: str, values: Mapping[str, Any], signature: inspect.Signature) -> None:
         limits = values.get("rate_limits") or ()
-        require(not isinstance(limits, str | RateLimit)
-                and all(isinstance(x, str | RateLimit) for x in limits), task,
-                "rate_limits must be a sequence of names or RateLimit objects")
+        require(
+            not isinstance(limits, str | RateLimit)
+            and all(isinstance(x, str | RateLimit) for x in limits),
+            task,
+            "rate_limits must be a sequence of names or RateLimit objects",
+        )
 
     def unresolved(self, options: Mapping[str, Any], rt: Runtime) -> list[Unresolved]:
-        return [("rate limit", name, sorted(rt.rate_limits))
-                for name in options.get("rate_limits") or ()
-                if isinstance(name, str) and name not in rt.rate_limits]
+        return [
+            ("rate limit", name, sorted(rt.rate_limits))
+            for name in options.get("rate_limits") or ()
+            if isinstance(name, str) and name not in rt.rate_limits
+        ]
 
     def part(self, call: Call) -> Part | None:
         limits = limits_of(call)
         if not limits:
             return None
         d = call.d
-        keys, args = admission_args(call.rt.store, d.name, limits, d.owner, d.tenant_id,
-                                    call.arguments)
+        keys, args = admission_args(
+            call.rt.store, d.name, limits, d.owner, d.tenant_id, call.arguments
+        )
         return Part(fragment(len(limits), d.reserved), keys, args)
 
     def refused(self, call: Call, verdict: Verdict) -> Action:
@@ -188,8 +209,12 @@ class RateLimits(Guard):
         # limit; only a first delivery's "busy" reserved nothing.
         reserved = verdict.decision == LimitVerdict.DELAY or call.d.reserved
         delay = float(verdict.detail)
-        log.info("tokens_waiting", wait_seconds=round(delay, 3), reserved=reserved,
-                 limit=verdict.extra[0] if verdict.extra else None)
+        log.info(
+            "tokens_waiting",
+            wait_seconds=round(delay, 3),
+            reserved=reserved,
+            limit=verdict.extra[0] if verdict.extra else None,
+        )
         return Park(delay, verdict.decision, reserved=reserved)
 
     def settle(self, call: Call, ending: Ending) -> Part | None:
@@ -197,8 +222,10 @@ class RateLimits(Guard):
         return Part(release_fragment(len(places)), places, [call.d.owner]) if places else None
 
     def hold(self, call: Call, holding: Holding) -> None:
-        holding.leases.extend(Lease(RENEW_PLACES, [key], ["", holding.owner, seconds], seconds)
-                              for key, seconds in concurrency_places(call))
+        holding.leases.extend(
+            Lease(RENEW_PLACES, [key], ["", holding.owner, seconds], seconds)
+            for key, seconds in concurrency_places(call)
+        )
 
 
 def limits_of(call: Call) -> list[RateLimit]:
@@ -206,8 +233,10 @@ def limits_of(call: Call) -> list[RateLimit]:
     rt = call.rt
 
     def resolve() -> list[RateLimit]:
-        return [x if isinstance(x, RateLimit) else rt.rate_limit(x)
-                for x in call.spec.option("rate_limits", ())]
+        return [
+            x if isinstance(x, RateLimit) else rt.rate_limit(x)
+            for x in call.spec.option("rate_limits", ())
+        ]
 
     found: list[RateLimit] = call.spec.cached(("rate_limits", id(rt)), resolve)
     return found
@@ -216,7 +245,13 @@ def limits_of(call: Call) -> list[RateLimit]:
 def concurrency_places(call: Call) -> list[tuple[str, float]]:
     """(key, lease seconds) of each concurrency limit this delivery takes a place in."""
     d = call.d
-    return [(limit_keys(call.rt.store, limit, limit.scope_value(d.name, d.tenant_id,
-                                                                 call.arguments))[0],
-             float(limit.lease_seconds))
-            for limit in limits_of(call) if limit.kind == "concurrency"]
+    return [
+        (
+            limit_keys(
+                call.rt.store, limit, limit.scope_value(d.name, d.tenant_id, call.arguments)
+            )[0],
+            float(limit.lease_seconds),
+        )
+        for limit in limits_of(call)
+        if limit.kind == "concurrency"
+    ]

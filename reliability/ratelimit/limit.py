@@ -48,9 +48,11 @@ class RateLimit:
         if self.cost > most:
             raise ConfigurationError(
                 f"rate limit {self.name}: cost {self.cost} exceeds what the limit ever admits"
-                f" at once ({most}); such a call could never conform")
+                f" at once ({most}); such a call could never conform"
+            )
         if self.per not in ("global", "task", "tenant", "user", "ip") and not self.per.startswith(
-                "arg:"):
+            "arg:"
+        ):
             raise ConfigurationError(f"rate limit {self.name}: unknown scope {self.per!r}")
 
     @property
@@ -78,8 +80,9 @@ class RateLimit:
             return hashed_token(value) if token == "cfg" else token
         return hashed_token(value)
 
-    def scope_value(self, task_name: str, tenant: str | None,
-                    arguments: Callable[[], dict[str, Any]]) -> str:
+    def scope_value(
+        self, task_name: str, tenant: str | None, arguments: Callable[[], dict[str, Any]]
+    ) -> str:
         """The value this limit is keyed by for one call."""
         if self.per == "global":
             return "-"
@@ -94,8 +97,9 @@ class RateLimit:
 # Limits the business tasks use, after seed 000's guidance; settings replace them by name.
 DEFAULT_LIMITS: dict[str, RateLimit] = {
     "payment-gateway": RateLimit(name="payment-gateway", kind="gcra", rate=10, burst=15),
-    "notification-per-user": RateLimit(name="notification-per-user", kind="sliding",
-                                       max_requests=5, window_seconds=60, per="user"),
+    "notification-per-user": RateLimit(
+        name="notification-per-user", kind="sliding", max_requests=5, window_seconds=60, per="user"
+    ),
     "analytics-export": RateLimit(name="analytics-export", kind="gcra", rate=2, burst=10),
 }
 

@@ -19,19 +19,25 @@ from reliability.store import Store
 log = structlog.get_logger("reliability.ratelimit")
 
 
-_ACQUIRE = scripts.compose("ratelimit", body="""
+_ACQUIRE = scripts.compose(
+    "ratelimit",
+    body="""
 local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
 local t = rl_earliest(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), now)
 if t == nil then return {'busy', '1.000000'} end
 if t > now and ARGV[7] ~= '1' then return {'wait', string.format('%.6f', t - now)} end
 rl_commit(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), t, ARGV[6])
 return {'ok', string.format('%.6f', t - now)}
-""")
+""",
+)
 _RELEASE = scripts.compose("ratelimit", body="return rl_release(KEYS[1], ARGV[2])")
-_AVAILABLE = scripts.compose("ratelimit", body="""
+_AVAILABLE = scripts.compose(
+    "ratelimit",
+    body="""
 local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
 return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
-""")
+""",
+)
 
 
 class RateLimiter:
@@ -42,9 +48,15 @@ class RateLimiter:
     time; without one, an unreachable store raises :class:`BackendUnavailable`.
     """
 
-    def __init__(self, store: Store, limit: RateLimit, scope: str = "-",
-                 *, sleep: Callable[[float], None] = time.sleep,
-                 local_fallback: LocalTokenBucket | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limit: RateLimit,
+        scope: str = "-",
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        local_fallback: LocalTokenBucket | None = None,
+    ) -> None:
         self.store = store
         self.limit = limit
         self.keys = limit_keys(store, limit, scope)
@@ -52,8 +64,9 @@ class RateLimiter:
         self.local_fallback = local_fallback
 
     @classmethod
-    def with_local_fallback(cls, store: Store, limit: RateLimit, scope: str = "-", *,
-                            share: float = 1.0) -> RateLimiter:
+    def with_local_fallback(
+        cls, store: Store, limit: RateLimit, scope: str = "-", *, share: float = 1.0
+    ) -> RateLimiter:
         """A limiter whose fallback allows ``share`` of the fleet-wide rate per process."""
         if limit.kind == "gcra":
             rate, burst = limit.rate, limit.burst
@@ -67,9 +80,19 @@ class RateLimiter:
     def _run(self, cost: int, owner: str, reserve: bool, now: float | None) -> tuple[str, float]:
         p1, p2 = self.limit.params
         verdict, wait = self.store.run(
-            _ACQUIRE, self.keys,
-            ["" if now is None else now, self.limit.kind, p1, p2, cost, owner,
-             "1" if reserve else "0"], "rate limit")
+            _ACQUIRE,
+            self.keys,
+            [
+                "" if now is None else now,
+                self.limit.kind,
+                p1,
+                p2,
+                cost,
+                owner,
+                "1" if reserve else "0",
+            ],
+            "rate limit",
+        )
         return str(verdict), float(wait)
 
     def _fallback(self, exc: BackendUnavailable) -> LocalTokenBucket:
@@ -79,8 +102,9 @@ class RateLimiter:
         log.warning("rate_limit_local_fallback", limit=self.limit.name, error=str(exc))
         return self.local_fallback
 
-    def try_acquire(self, tokens: int = 1, now: float | None = None,
-                    owner: str | None = None) -> bool:
+    def try_acquire(
+        self, tokens: int = 1, now: float | None = None, owner: str | None = None
+    ) -> bool:
         """Take ``tokens`` now if the fleet-wide limit allows; never waits.
 
         For a concurrency limit pass ``owner`` and :meth:`release` it (or use :meth:`hold`).
@@ -91,8 +115,9 @@ class RateLimiter:
             return self._fallback(exc).try_acquire(tokens)
         return verdict == "ok"
 
-    def acquire(self, tokens: int = 1, timeout: float | None = None,
-                owner: str | None = None) -> bool:
+    def acquire(
+        self, tokens: int = 1, timeout: float | None = None, owner: str | None = None
+    ) -> bool:
         """Wait for ``tokens`` (up to ``timeout`` seconds); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         owner = owner or f"acq:{time.monotonic_ns()}"
@@ -136,15 +161,23 @@ class RateLimiter:
     @property
     def available_tokens(self) -> float:
         p1, p2 = self.limit.params
-        return float(self.store.run(_AVAILABLE, self.keys,
-                                    ["", self.limit.kind, p1, p2], "rate limit read"))
+        return float(
+            self.store.run(_AVAILABLE, self.keys, ["", self.limit.kind, p1, p2], "rate limit read")
+        )
 
-    def set_rate(self, rate: float | None = None, burst: int | None = None, *,
-                 max_requests: int | None = None, window_seconds: float | None = None,
-                 limit: int | None = None) -> None:
+    def set_rate(
+        self,
+        rate: float | None = None,
+        burst: int | None = None,
+        *,
+        max_requests: int | None = None,
+        window_seconds: float | None = None,
+        limit: int | None = None,
+    ) -> None:
         """Change the limit at runtime for the whole fleet (persisted in Redis)."""
         new = {"gcra": (rate, burst), "concurrency": (limit, None)}.get(
-            self.limit.kind, (max_requests, window_seconds))
+            self.limit.kind, (max_requests, window_seconds)
+        )
         pairs = zip(("p1", "p2"), new, strict=True)
         mapping: dict[Any, Any] = {k: v for k, v in pairs if v is not None}
         if mapping:
@@ -156,10 +189,13 @@ class RateLimiter:
         :meth:`set_rate` (cleared by :meth:`reset`)."""
         raw = self.store.call("rate limit read", lambda c: c.hmget(self.keys[1], "p1", "p2"))
         fields = {"gcra": ("rate", "burst"), "concurrency": ("limit", "lease_seconds")}.get(
-            self.limit.kind, ("max_requests", "window_seconds"))
+            self.limit.kind, ("max_requests", "window_seconds")
+        )
         changes: dict[str, Any] = {
             name: int(float(value)) if name in COUNT_FIELDS else float(value)
-            for name, value in zip(fields, raw, strict=True) if value is not None}
+            for name, value in zip(fields, raw, strict=True)
+            if value is not None
+        }
         return replace(self.limit, **changes)
 
     def reset(self) -> None:

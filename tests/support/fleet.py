@@ -31,8 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
-               message: str = "condition") -> T:
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
     """Poll ``condition`` until truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -94,25 +98,29 @@ class Environment:
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELIABLE_")}
-        env.update({
-            "RELIABLE_ENVIRONMENT": "testing",
-            "RELIABLE_REDIS__URL": self.redis_url,
-            "RELIABLE_REDIS__KEY_PREFIX": self.prefix,
-            "RELIABLE_BROKER__QUEUE": self.queue,
-            "RELIABLE_BROKER__GLOBAL_KEYPREFIX": self.broker_prefix,
-            "RELIABLE_PROVIDERS__PAYMENT_BASE_URL": self.sandbox_url,
-            "RELIABLE_PROVIDERS__NOTIFICATION_BASE_URL": self.sandbox_url,
-            "RELIABLE_PROVIDERS__EXPORT_BASE_URL": self.sandbox_url,
-            "RELIABLE_WORKER__TASK_MODULES": task_modules("tests.support.tasks"),
-            "RELIABLE_LOG__JSON_OUTPUT": "true",
-            "RELIABLE_LOG__LEVEL": "INFO",
-            # The business tasks' limits, opened wide: tests of limits set their own.
-            "RELIABLE_RATE_LIMITS": json.dumps({
-                name: {"kind": "gcra", "rate": 1_000_000, "burst": 1_000_000}
-                for name in ("payment-gateway", "notification-per-user", "analytics-export")
-            }),
-            "PYTHONPATH": str(ROOT),
-        })
+        env.update(
+            {
+                "RELIABLE_ENVIRONMENT": "testing",
+                "RELIABLE_REDIS__URL": self.redis_url,
+                "RELIABLE_REDIS__KEY_PREFIX": self.prefix,
+                "RELIABLE_BROKER__QUEUE": self.queue,
+                "RELIABLE_BROKER__GLOBAL_KEYPREFIX": self.broker_prefix,
+                "RELIABLE_PROVIDERS__PAYMENT_BASE_URL": self.sandbox_url,
+                "RELIABLE_PROVIDERS__NOTIFICATION_BASE_URL": self.sandbox_url,
+                "RELIABLE_PROVIDERS__EXPORT_BASE_URL": self.sandbox_url,
+                "RELIABLE_WORKER__TASK_MODULES": task_modules("tests.support.tasks"),
+                "RELIABLE_LOG__JSON_OUTPUT": "true",
+                "RELIABLE_LOG__LEVEL": "INFO",
+                # The business tasks' limits, opened wide: tests of limits set their own.
+                "RELIABLE_RATE_LIMITS": json.dumps(
+                    {
+                        name: {"kind": "gcra", "rate": 1_000_000, "burst": 1_000_000}
+                        for name in ("payment-gateway", "notification-per-user", "analytics-export")
+                    }
+                ),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
         if self.broker_url:
             env["RELIABLE_BROKER__URL"] = self.broker_url
         env.update(self.extra)
@@ -150,8 +158,16 @@ class Environment:
 class WorkerProcess:
     """A ``celery -A worker.app worker`` subprocess with its log captured to a file."""
 
-    def __init__(self, environment: Environment, *, concurrency: int = 2, pool: str = "prefork",
-                 name: str | None = None, log_dir: Path | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        environment: Environment,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        name: str | None = None,
+        log_dir: Path | None = None,
+        **env: str,
+    ) -> None:
         self.environment = environment
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         self.concurrency = concurrency
@@ -187,12 +203,34 @@ class WorkerProcess:
     def start(self, wait: bool = True) -> WorkerProcess:
         self._close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-               "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
-               "-Q", self.environment.queue, "--without-mingle", "--without-gossip",
-               "-l", "INFO"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "-Q",
+            self.environment.queue,
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "INFO",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if wait:
             self.wait_ready()
         return self

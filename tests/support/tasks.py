@@ -18,8 +18,9 @@ from reliability.delivery import current
 from tasks.provider import post
 from worker.app import app, runtime, settings
 
-FAST_RETRY = RetryPolicy(strategy="fixed", base_delay=0.3, max_delay=1.0, max_attempts=3,
-                         jitter="none")
+FAST_RETRY = RetryPolicy(
+    strategy="fixed", base_delay=0.3, max_delay=1.0, max_attempts=3, jitter="none"
+)
 
 
 def _sandbox() -> str:
@@ -37,22 +38,25 @@ def keyed_echo(value: Any) -> Any:
     return value
 
 
-@app.task(base=ReliableTask, name="test.call", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.call", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def call(key: str, endpoint: str = "webhooks") -> dict[str, Any]:
     """One POST to the sandbox with the delivery's key and fence."""
     return post(f"{_sandbox()}/{endpoint}", {"key": key})
 
 
-@app.task(base=ReliableTask, name="test.sleep", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.sleep", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def sleep(key: str, seconds: float) -> str:
     time.sleep(seconds)
     return key
 
 
-@app.task(base=ReliableTask, name="test.crash", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.crash", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def crash(key: str, times: int) -> str:
     """Kills its own pool child the first ``times`` deliveries (counted in Redis)."""
     counter = f"{runtime.store.keys.prefix}:test:crash:{key}"
@@ -63,8 +67,9 @@ def crash(key: str, times: int) -> str:
     return key
 
 
-@app.task(base=ReliableTask, name="test.slow_call", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.slow_call", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def slow_call(key: str, before: float, endpoint: str = "webhooks") -> dict[str, Any]:
     """Waits ``before`` seconds (a window to pause or kill it), then calls the sandbox."""
     time.sleep(before)
@@ -82,12 +87,17 @@ def spawn(value: str) -> str:
 def context(value: str) -> dict[str, Any]:
     d = current()
     assert d is not None
-    return {"value": value, "correlation_id": d.correlation_id,
-            "deadline": d.deadline_header, "tenant_id": d.tenant_id}
+    return {
+        "value": value,
+        "correlation_id": d.correlation_id,
+        "deadline": d.deadline_header,
+        "tenant_id": d.tenant_id,
+    }
 
 
-@app.task(base=ReliableTask, name="test.flaky", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.flaky", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def flaky(key: str, fail_times: int) -> str:
     counter = f"{runtime.store.keys.prefix}:test:flaky:{key}"
     n = runtime.store.client.incr(counter)
@@ -97,8 +107,12 @@ def flaky(key: str, fail_times: int) -> str:
     return f"{key}:{n}"
 
 
-@app.task(base=ReliableTask, name="test.stubborn_sleep", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask,
+    name="test.stubborn_sleep",
+    idempotency_key_args=("key",),
+    retry_policy=FAST_RETRY,
+)
 def stubborn_sleep(key: str, seconds: float) -> str:
     """Sleeps ``seconds`` through any soft time limit: only the hard limit stops it.
 
@@ -118,21 +132,36 @@ def stubborn_sleep(key: str, seconds: float) -> str:
     return key
 
 
-BACKOFF_RETRY = RetryPolicy(strategy="exponential", base_delay=0.5, multiplier=2, max_delay=5.0,
-                            max_attempts=3, jitter="none")  # delays 0.5 s, 1.0 s
-SLOW_RETRY = RetryPolicy(strategy="fixed", base_delay=4.0, max_delay=4.0, max_attempts=3,
-                         jitter="none")  # longer than a short broker visibility timeout
+BACKOFF_RETRY = RetryPolicy(
+    strategy="exponential",
+    base_delay=0.5,
+    multiplier=2,
+    max_delay=5.0,
+    max_attempts=3,
+    jitter="none",
+)  # delays 0.5 s, 1.0 s
+SLOW_RETRY = RetryPolicy(
+    strategy="fixed", base_delay=4.0, max_delay=4.0, max_attempts=3, jitter="none"
+)  # longer than a short broker visibility timeout
 
 
-@app.task(base=ReliableTask, name="test.backoff_call", idempotency_key_args=("key",),
-          retry_policy=BACKOFF_RETRY)
+@app.task(
+    base=ReliableTask,
+    name="test.backoff_call",
+    idempotency_key_args=("key",),
+    retry_policy=BACKOFF_RETRY,
+)
 def backoff_call(key: str) -> dict[str, Any]:
     """Like test.call, retried on an exponential schedule (0.5 s, 1.0 s)."""
     return post(f"{_sandbox()}/webhooks", {"key": key})
 
 
-@app.task(base=ReliableTask, name="test.slow_flaky", idempotency_key_args=("key",),
-          retry_policy=SLOW_RETRY)
+@app.task(
+    base=ReliableTask,
+    name="test.slow_flaky",
+    idempotency_key_args=("key",),
+    retry_policy=SLOW_RETRY,
+)
 def slow_flaky(key: str, fail_times: int) -> str:
     """Fails its first ``fail_times`` runs, retried after 4 s.
 
@@ -154,8 +183,13 @@ def leak_secret(note: str) -> str:
     raise TransientError(f"token {value} rejected ({note})")
 
 
-@app.task(base=ReliableTask, name="test.guarded_call", idempotency_key_args=("key",),
-          breaker="test-breaker", retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask,
+    name="test.guarded_call",
+    idempotency_key_args=("key",),
+    breaker="test-breaker",
+    retry_policy=FAST_RETRY,
+)
 def guarded_call(key: str) -> dict[str, Any]:
     """A sandbox call behind the breaker named "test-breaker" (configured by the test)."""
     return post(f"{_sandbox()}/webhooks", {"key": key})
@@ -181,15 +215,22 @@ def cached_answer(key: str) -> dict[str, Any]:
     return {"key": key, "stale": True}
 
 
-@app.task(base=ReliableTask, name="test.with_fallback", idempotency_key_args=("key",),
-          breaker="test-breaker", breaker_fallback=cached_answer, retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask,
+    name="test.with_fallback",
+    idempotency_key_args=("key",),
+    breaker="test-breaker",
+    breaker_fallback=cached_answer,
+    retry_policy=FAST_RETRY,
+)
 def with_fallback(key: str) -> dict[str, Any]:
     """A sandbox call whose open breaker is answered by `cached_answer` instead."""
     return post(f"{_sandbox()}/webhooks", {"key": key})
 
 
-@app.task(base=ReliableTask, name="test.hold_gil", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
+@app.task(
+    base=ReliableTask, name="test.hold_gil", idempotency_key_args=("key",), retry_policy=FAST_RETRY
+)
 def hold_gil(key: str, seconds: int) -> dict[str, Any]:
     """Holds the GIL for ``seconds`` (a C call through ctypes.PyDLL, which keeps it), then
     calls the sandbox: no thread in this process runs meanwhile."""
@@ -219,10 +260,15 @@ def _sleep_through_soft_limits(seconds: float) -> None:
             continue
 
 
-@app.task(base=ReliableTask, name="test.stuck_call", idempotency_key_args=("key",),
-          retry_policy=FAST_RETRY)
-def stuck_call(key: str, seconds: int, times: int = 1, mode: str = "gil",
-               pad: str = "") -> dict[str, Any]:
+@app.task(
+    base=ReliableTask,
+    name="test.stuck_call",
+    idempotency_key_args=("key",),
+    retry_policy=FAST_RETRY,
+)
+def stuck_call(
+    key: str, seconds: int, times: int = 1, mode: str = "gil", pad: str = ""
+) -> dict[str, Any]:
     """Its first ``times`` deliveries are stuck for ``seconds`` (``mode`` "gil": holding
     the GIL, deaf to every signal but SIGKILL; "stubborn": sleeping through its soft time
     limit), then every delivery that gets there makes one sandbox call (an effect the
