@@ -80,9 +80,7 @@ class ReliableConsumer(Consumer):
                 check_size(len(body_bytes(message)), max_bytes)
             except Poison as poison:
                 reason = f"{poison.kind}: {poison.reason}"
-                if dead_letter_message(
-                    self.runtime, message, reason, poison, decode=False, backend=self.app.backend
-                ):
+                if self._dead_letter(message, reason, poison, decode=False):
                     message.ack()
                 return None
             try:
@@ -99,12 +97,7 @@ class ReliableConsumer(Consumer):
                 )
                 reason = f"malformed task message: {type(exc).__name__}: {exc}"[:500]
                 task = self._task_of(message)
-                if (
-                    dead_letter_message(
-                        self.runtime, message, reason, exc, task=task, backend=self.app.backend
-                    )
-                    and not message.acknowledged
-                ):
+                if self._dead_letter(message, reason, exc, task=task) and not message.acknowledged:
                     message.ack()
                 return None
 
@@ -133,8 +126,25 @@ class ReliableConsumer(Consumer):
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task")
         reason = f"unknown task {name!r}: not registered"
-        if dead_letter_message(self.runtime, message, reason, exc):
+        # Celery's own handler stores the NotRegistered FAILURE result.
+        if self._dead_letter(message, reason, exc, result=False):
             super().on_unknown_task(body, message, exc)
+
+    def _dead_letter(
+        self,
+        message: Any,
+        reason: str,
+        error: BaseException | None,
+        *,
+        task: Any = None,
+        decode: bool = True,
+        result: bool = True,
+    ) -> bool:
+        """Dead-letter a message Celery would drop (``result``: store its FAILURE result)."""
+        backend = self.app.backend if result else None
+        return dead_letter_message(
+            self.runtime, message, reason, error, decode=decode, task=task, backend=backend
+        )
 
     def _task_of(self, message: Any) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
@@ -143,29 +153,15 @@ class ReliableConsumer(Consumer):
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         reason = f"invalid task message ({message.content_type}): {exc}"
-        if dead_letter_message(
-            self.runtime,
-            message,
-            reason,
-            exc,
-            task=self._task_of(message),
-            backend=self.app.backend,
-        ):
+        if self._dead_letter(message, reason, exc, task=self._task_of(message)):
             super().on_invalid_task(body, message, exc)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         reason = f"undecodable body ({message.content_type}): {exc}"
-        if dead_letter_message(
-            self.runtime,
-            message,
-            reason,
-            exc,
-            task=self._task_of(message),
-            backend=self.app.backend,
-        ):
+        if self._dead_letter(message, reason, exc, task=self._task_of(message)):
             super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         reason = "message of unknown format (no task header)"
-        if dead_letter_message(self.runtime, message, reason, None, backend=self.app.backend):
+        if self._dead_letter(message, reason, None):
             super().on_unknown_message(body, message)

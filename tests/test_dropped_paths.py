@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import kombu
 import pytest
 import redis
 from celery import Celery
@@ -35,6 +34,7 @@ from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, delete_prefix, wait_until
+from tests.support.raw import protocol2_headers, publish_raw
 from worker.sandbox import SandboxProvider
 
 LEASE_TTL_SECONDS = 10.0  # the testing environment's lease TTL
@@ -117,17 +117,7 @@ class Fleet:
 
     def publish_raw(self, body: bytes, content_type: str, headers: dict[str, Any]) -> None:
         """Publish bytes as they are onto the worker's queue, bypassing Celery's serializer."""
-        queue = self.producer.amqp.queues[self.environment.queue]
-        with self.producer.connection_for_write() as connection:
-            kombu.Producer(connection).publish(
-                body,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                content_type=content_type,
-                content_encoding="utf-8",
-                headers=headers,
-                declare=[queue],
-            )
+        publish_raw(self.producer, self.environment.queue, body, headers, content_type)
 
 
 @pytest.fixture(scope="module")
@@ -159,24 +149,6 @@ def idle_fleet(fleet: Fleet) -> Fleet:
 
 def unique(label: str) -> str:
     return f"{label}-{uuid.uuid4().hex[:8]}"
-
-
-def protocol2_headers(task: str, task_id: str) -> dict[str, Any]:
-    return {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "eta": None,
-        "expires": None,
-        "argsrepr": "",
-        "kwargsrepr": "",
-        "origin": "test",
-    }
 
 
 class TouchOnUnpickle:

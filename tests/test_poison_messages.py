@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import kombu
 import pytest
 import redis
 from celery import Celery
@@ -34,6 +33,7 @@ from reliability.errors import PoisonMessage
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import Environment, WorkerProcess, wait_until
+from tests.support.raw import protocol2_headers, publish_raw
 from worker.sandbox import SandboxProvider
 
 WAIT_SECONDS = 20.0
@@ -93,17 +93,7 @@ class Fleet:
         self, body: bytes, headers: dict[str, Any], content_type: str = "application/json"
     ) -> None:
         """Bytes as they are onto the worker's queue, bypassing Celery's serializer."""
-        queue = self.producer.amqp.queues[self.environment.queue]
-        with self.producer.connection_for_write() as connection:
-            kombu.Producer(connection).publish(
-                body,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                content_type=content_type,
-                content_encoding="utf-8",
-                headers=headers,
-                declare=[queue],
-            )
+        publish_raw(self.producer, self.environment.queue, body, headers, content_type)
 
     def result_error(self, task_id: str) -> BaseException:
         """What the producer's ``AsyncResult.get()`` raises for this task id."""
@@ -133,22 +123,7 @@ def idle_fleet(fleet: Fleet) -> Fleet:
 
 def headers_for(task: str, task_id: str) -> dict[str, Any]:
     """Protocol-2 headers as a plain Celery producer writes them."""
-    return {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "eta": None,
-        "expires": None,
-        "argsrepr": "",
-        "kwargsrepr": "",
-        "origin": "test",
-        "ignore_result": False,
-    }
+    return protocol2_headers(task, task_id, ignore_result=False)
 
 
 def body(args: list[Any], kwargs: dict[str, Any], embed: Any) -> bytes:
