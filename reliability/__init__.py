@@ -10,7 +10,6 @@ from reliability.breaker import (
     CircuitBreaker,
     CircuitBreakerError,
     CircuitState,
-    get_circuit_breaker,
 )
 from reliability.callables import AwaitableReturned
 from reliability.delivery import current, outgoing_headers
@@ -47,6 +46,7 @@ from reliability.idempotency_keys import (
 from reliability.idempotency_store import DUPLICATE_MARKER, IdempotencyStore, InProgress
 from reliability.idempotent import idempotent
 from reliability.retry import RetryPolicy
+from reliability.runtime import get_circuit_breaker
 from reliability.task import ReliableTask
 
 __all__ = [

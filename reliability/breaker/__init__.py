@@ -14,7 +14,7 @@ Inside tasks the breaker is part of the admission script (no extra round trip); 
 tasks use :meth:`CircuitBreaker.call` (``await breaker.call(fn)`` for a coroutine function),
 the decorator, or :meth:`CircuitBreaker.guard` (``with`` or ``async with``); sync and async
 callables are admitted, timed and recorded alike (:mod:`reliability.callables`), and
-:func:`get_circuit_breaker` finds one by name (seed 003). ``state`` may be served from a
+:func:`reliability.get_circuit_breaker` finds one by name (seed 003). ``state`` may be served from a
 local cache kept coherent by Redis invalidation.
 """
 
@@ -29,7 +29,7 @@ from reliability.breaker.config import (
 )
 from reliability.breaker.guard import Breaker
 from reliability.breaker.local import LocalBreaker
-from reliability.breaker.registry import BreakerRegistry, get_circuit_breaker
+from reliability.breaker.registry import BreakerRegistry
 
 __all__ = [
     "SERVICE_DEFAULTS",
@@ -42,5 +42,4 @@ __all__ = [
     "CircuitState",
     "LocalBreaker",
     "breaker_keys",
-    "get_circuit_breaker",
 ]

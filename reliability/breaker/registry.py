@@ -60,30 +60,3 @@ class BreakerRegistry:
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return (self.get(name) for name in sorted(self.configs))
-
-
-def get_circuit_breaker(
-    name: str, config: BreakerConfig | None = None, *, store: Store | None = None
-) -> CircuitBreaker:
-    """The breaker ``name`` (seed 003): ``cb = get_circuit_breaker("my_service", config)``.
-
-    Without ``store`` it comes from the worker's runtime registry (settings and the
-    built-in defaults), so it is the same object the tasks' breaker uses; a ``config`` for
-    a new name registers it there, and one that differs from the defined policy is a
-    :class:`~reliability.errors.ConfigurationError`. With ``store`` a breaker over that
-    store is built from ``config`` or the built-in default for ``name``. An unknown name
-    without a config raises :class:`KeyError`.
-    """
-    if store is None:
-        from reliability.runtime import get_runtime
-
-        registry = get_runtime().breakers
-        return registry.get(name) if config is None else registry.register(name, config)
-    if config is None:
-        config = SERVICE_DEFAULTS.get(name)
-        if config is None:
-            raise KeyError(
-                f"no circuit breaker named {name!r} among the built-in defaults"
-                f" {sorted(SERVICE_DEFAULTS)}; pass a BreakerConfig"
-            )
-    return CircuitBreaker(name, store, config)
