@@ -181,6 +181,26 @@ class AlertSettings(BaseModel):
     webhook_timeout_seconds: float = Field(5.0, gt=0)
 
 
+class MaintenanceSettings(BaseModel):
+    """Beat's schedule: seconds between runs of each job (seed 003's defaults).
+
+    Each job runs at most once per slot (``floor(now / interval)``) however many beat
+    processes send it: ``RELIABLE_MAINTENANCE__HEALTH_POLL_SECONDS=30``.
+    """
+
+    dlq_reprocess_seconds: float = Field(300.0, gt=0)
+    breaker_monitor_seconds: float = Field(120.0, gt=0)
+    health_poll_seconds: float = Field(60.0, gt=0)
+    report_hourly_seconds: float = Field(3600.0, gt=0)
+    report_daily_seconds: float = Field(86400.0, gt=0)
+    dlq_cleanup_seconds: float = Field(86400.0, gt=0)
+    # Job runs kept in the job ledger (reliable jobs).
+    job_history: int = Field(10_000, ge=100)
+    # A second beat process waits on this lock and takes over when its holder stops
+    # renewing it (celery-redbeat).
+    beat_lock_timeout_seconds: float = Field(30.0, ge=5)
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -215,6 +235,7 @@ class Settings(BaseSettings):
     # {"kind": "gcra", "rate": 50, "burst": 10}}'
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     alerts: AlertSettings = AlertSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

@@ -44,3 +44,8 @@ PARKED = Gauge(
     "Messages parked in Redis waiting to be due.",
     multiprocess_mode="max",
 )
+JOB_RUNS = Counter(
+    f"{PREFIX}_job_runs_total",
+    "Maintenance job runs by job and status (ok, failed, skipped: the slot already ran).",
+    ["job", "status"],
+)

@@ -15,6 +15,7 @@ from reliability.retry import RetryPolicy
 from reliability.runtime import RuntimeConfig
 from reliability.transport import broker_connection
 from worker.embedded import backend_url_for, broker_url_for, embedded_url
+from worker.schedule import beat_schedule, redbeat_config
 
 # The service's own tasks (beat maintenance); business tasks come from settings.
 SERVICE_TASK_MODULES = ["worker.beat"]
@@ -135,8 +136,8 @@ def celery_config(settings: Settings, url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "result_extended": True,
         "result_expires": settings.idempotency.result_ttl_seconds,
-        "beat_schedule_filename": f"{settings.redis.data_dir}/celerybeat-schedule",
-        "beat_schedule": {"dlq-cleanup": {"task": "maintenance.dlq_cleanup", "schedule": 3600.0}},
+        "beat_schedule": beat_schedule(settings),
+        **redbeat_config(settings, state_url(settings)),
         "include": [*w.task_modules, *SERVICE_TASK_MODULES],
     }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 from config import Environment, Settings, load_settings
 from reliability.errors import ConfigurationError
+from reliability.jobs import Jobs
 from reliability.ratelimit import RateLimit, RateLimiter
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
@@ -137,6 +139,23 @@ def tail_ledger(service: Any, count: int) -> int:
             f"{row.get('task_id', '')}  attempt={row.get('attempt', '')}  "
             f"{row.get('detail', '')}".rstrip()
         )
+    return 0
+
+
+def job_runs(service: Any, job: str | None, count: int, as_json: bool) -> int:
+    """The newest maintenance job runs first (``reliable jobs``)."""
+    runs = Jobs(service.runtime.store).runs(job, count)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(run) for run in runs], indent=2, default=str))
+        return 0
+    for run in runs:
+        took = run.finished_at - run.started_at
+        detail = run.error or " ".join(f"{k}={v}" for k, v in run.result.items())
+        print(
+            f"{iso(run.started_at)}  {run.job:<18} slot={run.slot:<12} {run.status:<7} "
+            f"{took:7.3f}s  {detail}".rstrip()
+        )
+    print(f"-- {len(runs)} run(s) shown")
     return 0
 
 
@@ -284,6 +303,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=positive_int, default=50)
+    p_jobs = sub.add_parser("jobs", help="the maintenance job runs beat sent (newest first)")
+    p_jobs.add_argument("--job", help="only this job (dlq-cleanup, health-poll, ...)")
+    p_jobs.add_argument("-n", "--count", type=positive_int, default=20)
+    p_jobs.add_argument("--json", action="store_true")
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
@@ -341,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "ledger":
         return operate(PROG, lambda service: tail_ledger(service, args.count))
+    if args.command == "jobs":
+        return operate(PROG, lambda service: job_runs(service, args.job, args.count, args.json))
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
     if args.command == "limits":

@@ -200,10 +200,11 @@ class WorkerProcess:
         self._supervisor.start()
         return self
 
-    def start(self, wait: bool = True) -> WorkerProcess:
-        self._close()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [
+    # What the log says once the process is up.
+    ready_marker = " ready."
+
+    def command(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "celery",
@@ -223,8 +224,12 @@ class WorkerProcess:
             "-l",
             "INFO",
         ]
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        self._close()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd,
+            self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -242,7 +247,7 @@ class WorkerProcess:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"worker exited early:\n{self.log_text()[-3000:]}")
-            return " ready." in self.log_text()
+            return self.ready_marker in self.log_text()
 
         wait_until(ready, timeout, interval=0.1, message=f"worker {self.name} ready")
 
@@ -294,3 +299,12 @@ class WorkerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class BeatProcess(WorkerProcess):
+    """A ``celery -A worker.app beat`` subprocess (celery-redbeat scheduler)."""
+
+    ready_marker = "beat: Starting..."
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO"]

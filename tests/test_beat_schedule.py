@@ -1,0 +1,93 @@
+"""Beat on celery-redbeat with real processes: two beat instances never double a job.
+
+Two ``celery beat`` processes and one worker share a test prefix. Only the beat holding
+redbeat's lock sends jobs; when it is killed the other takes over within the lock
+timeout. Independently, a job sent twice for one slot does its work once (the job
+ledger, ``reliability.jobs``, counts runs per slot).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from reliability.jobs import Jobs
+from reliability.store import Store
+from tests.support.fleet import (
+    ROOT,
+    BeatProcess,
+    Environment,
+    WorkerProcess,
+    delete_prefix,
+    wait_until,
+)
+
+SETTINGS = {
+    "RELIABLE_MAINTENANCE__DLQ_CLEANUP_SECONDS": "1",
+    "RELIABLE_MAINTENANCE__BEAT_LOCK_TIMEOUT_SECONDS": "5",
+}
+
+
+@pytest.fixture
+def env(redis_url: str) -> Iterator[Environment]:
+    environment = Environment(redis_url=redis_url, extra=SETTINGS)
+    yield environment
+    delete_prefix(redis_url, environment.prefix)
+
+
+def slots(jobs: Jobs) -> list[int]:
+    return [run.slot for run in jobs.runs("dlq-cleanup", count=1000)]
+
+
+def test_two_beats_send_each_slot_once_and_the_second_takes_over(env: Environment) -> None:
+    jobs = Jobs(Store(env.redis_url, env.prefix))
+    with WorkerProcess(env, concurrency=1, pool="solo"):
+        first, second = BeatProcess(env, name="beat-a"), BeatProcess(env, name="beat-b")
+        with first, second:
+            wait_until(lambda: len(slots(jobs)) >= 4, 30, message="4 dlq-cleanup slots run")
+            sending = [b for b in (first, second) if "Sending due task" in b.log_text()]
+            assert len(sending) == 1, "only the beat holding the lock sends jobs"
+            before = slots(jobs)
+            sending[0].signal(signal.SIGKILL)
+            other = second if sending[0] is first else first
+            wait_until(
+                lambda: "Sending due task" in other.log_text(), 30, message="the other beat sends"
+            )
+            wait_until(lambda: len(slots(jobs)) >= len(before) + 3, 30, message="3 more slots")
+        ran = slots(jobs)
+        assert len(ran) == len(set(ran)), f"a slot ran twice: {Counter(ran).most_common(3)}"
+        assert all(run.status == "ok" for run in jobs.runs("dlq-cleanup", count=1000))
+
+
+def test_a_job_sent_twice_for_one_slot_does_its_work_once(env: Environment) -> None:
+    jobs = Jobs(Store(env.redis_url, env.prefix))
+    producer: Celery = env.producer()
+    with WorkerProcess(env, concurrency=2):
+        sent = [
+            producer.send_task("maintenance.dlq_cleanup", kwargs={"slot": 42}) for _ in range(3)
+        ]
+        replies = [result.get(timeout=30) for result in sent]
+    assert sorted(r["ran"] for r in replies) == [False, False, True]
+    assert [run.slot for run in jobs.runs("dlq-cleanup")] == [42]
+    assert [r for r in replies if r["ran"]] == [
+        {"ran": True, "slot": 42, "status": "ok", "purged": 0}
+    ]
+    shown = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "jobs", "--job", "dlq-cleanup", "--json"],
+        cwd=ROOT,
+        env=env.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [(r["job"], r["slot"], r["result"]) for r in json.loads(shown.stdout)] == [
+        ("dlq-cleanup", 42, {"purged": 0})
+    ]

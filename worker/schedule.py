@@ -1,0 +1,83 @@
+"""Beat's schedule: every maintenance job, its task and its interval from settings.
+
+Beat runs on celery-redbeat: the schedule lives in Redis under the service's key prefix
+and a lock lets only one beat process send jobs; a second one waits and takes over
+when the first stops renewing the lock. Each job also claims its schedule slot before
+it works (:mod:`reliability.jobs`), so a job message that arrives twice for one slot
+does its work once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redbeat import RedBeatScheduler
+
+from config.settings import MaintenanceSettings, Settings
+from worker import embedded
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scheduled job: its name (in the job ledger), task and interval setting."""
+
+    name: str
+    task: str
+    every: Callable[[MaintenanceSettings], float]
+
+
+# Each job's task lives in worker/beat.py (or a module it imports).
+JOBS: tuple[Job, ...] = (
+    Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
+)
+
+
+def job_named(name: str) -> Job:
+    for job in JOBS:
+        if job.name == name:
+            return job
+    raise KeyError(f"no maintenance job named {name!r}; known: {[j.name for j in JOBS]}")
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Celery's ``beat_schedule`` for every job."""
+    return {
+        job.name: {"task": job.task, "schedule": float(job.every(settings.maintenance))}
+        for job in JOBS
+    }
+
+
+def redbeat_config(settings: Settings, state_url: str) -> dict[str, Any]:
+    """celery-redbeat's settings: its schedule and lock in the state store, under the
+    service's key prefix (so test runs and deployments sharing a Redis never meet)."""
+    return {
+        "beat_scheduler": "worker.schedule:Scheduler",
+        "redbeat_redis_url": state_url,
+        "redbeat_key_prefix": f"{settings.redis.key_prefix}:redbeat:",
+        "redbeat_lock_timeout": int(settings.maintenance.beat_lock_timeout_seconds),
+        # Retry an unreachable Redis forever (a restart must not stop beat).
+        "redbeat_redis_options": {
+            "retry_period": -1,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+        },
+        # Beat renews its lock every loop: at least five renewals per lock timeout.
+        "beat_max_loop_interval": max(1, int(settings.maintenance.beat_lock_timeout_seconds / 5)),
+    }
+
+
+class Scheduler(RedBeatScheduler):  # type: ignore[misc]
+    """celery-redbeat's scheduler, after the embedded Redis it needs is up.
+
+    Celery builds the scheduler (which reads and writes its schedule in Redis) before it
+    sends ``beat_init``; a standalone beat with no Redis URL must own the embedded
+    server first (it stops the server when it exits, as a standalone worker does).
+    """
+
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        settings: Settings = app.settings
+        if settings.redis.url is None:
+            embedded.own_for_process(settings.redis.data_dir)
+        super().__init__(app, *args, **kwargs)
