@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from reliability.alerts import AlertHooks
 from reliability.breaker import BreakerConfig, CircuitBreaker, CircuitBreakerError, alerts
-from reliability.breaker.alerts import STATE, TRANSITIONS, AlertHooks, BreakerEvents, default_hooks
+from reliability.breaker.alerts import STATE, TRANSITIONS, BreakerEvents, default_hooks
 from reliability.errors import TransientError
 from reliability.store import Store
 from tests.support.fleet import wait_until

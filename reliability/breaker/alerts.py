@@ -12,13 +12,12 @@ webhook hooks, each ``(event_type, message, context)``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from typing import Any
 
-import httpx
 import structlog
 from prometheus_client import Counter, Gauge
 
+from reliability.alerts import AlertHooks
 from reliability.breaker.config import EVENTS_STREAM
 from reliability.errors import BackendUnavailable
 from reliability.metrics import PREFIX
@@ -26,7 +25,6 @@ from reliability.store import Store
 
 log = structlog.get_logger("reliability.breaker.alerts")
 
-Hook = Callable[[str, str, dict[str, Any]], None]
 EVENT_NAMES = {
     "open": "circuit_breaker_opened",
     "half_open": "circuit_breaker_half_open",
@@ -48,47 +46,6 @@ STATE = Gauge(
     ["breaker"],
     multiprocess_mode="max",
 )
-
-
-class AlertHooks:
-    """Extensible alert hooks (seed 004): log, metric, webhook."""
-
-    def __init__(self) -> None:
-        self.log_hooks: list[Hook] = []
-        self.metric_hooks: list[Hook] = []
-        self.webhook_hooks: list[Hook] = []
-
-    def add_log_hook(self, hook: Hook) -> None:
-        self.log_hooks.append(hook)
-
-    def add_metric_hook(self, hook: Hook) -> None:
-        self.metric_hooks.append(hook)
-
-    def add_webhook_hook(self, hook: Hook) -> None:
-        self.webhook_hooks.append(hook)
-
-    def add_webhook_url(self, url: str, timeout: float = 5.0) -> None:
-        """POST every event as JSON to ``url`` (e.g. a PagerDuty or Slack relay)."""
-
-        def post(event_type: str, message: str, context: dict[str, Any]) -> None:
-            httpx.post(
-                url, json={"event": event_type, "message": message, **context}, timeout=timeout
-            ).raise_for_status()
-
-        self.webhook_hooks.append(post)
-
-    def emit(self, event_type: str, message: str, context: dict[str, Any]) -> None:
-        """Run every hook; a failing hook is logged and never stops the others."""
-        for hook in (*self.log_hooks, *self.metric_hooks, *self.webhook_hooks):
-            try:
-                hook(event_type, message, context)
-            except Exception as exc:
-                log.warning(
-                    "alert_hook_failed",
-                    hook=getattr(hook, "__name__", repr(hook)),
-                    event_type=event_type,
-                    error=str(exc),
-                )
 
 
 def default_hooks() -> AlertHooks:
