@@ -8,12 +8,15 @@ running a job by hand for a given slot; beat sends none (the current slot is use
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
+from reliability.breaker.monitor import BreakerMonitor, MonitorPolicy
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs
+from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
 from worker.schedule import job_named
 
@@ -39,3 +42,19 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+@functools.cache
+def breaker_monitor_of_process() -> BreakerMonitor:
+    """The process's breaker monitor, over every breaker the runtime knows."""
+    m = settings.monitor
+    policy = MonitorPolicy(
+        m.open_alert_seconds, m.flaps_per_hour, m.history_seconds, m.history_max_entries
+    )
+    return BreakerMonitor(runtime.store, runtime.breakers, alert_hooks(settings, runtime), policy)
+
+
+@app.task(name="maintenance.breaker_monitor")
+def breaker_monitor(slot: int | None = None) -> dict[str, Any]:
+    """Snapshot every breaker (with history); alert once per open-too-long or flapping episode."""
+    return run_job("breaker-monitor", lambda: breaker_monitor_of_process().run(), slot)

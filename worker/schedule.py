@@ -31,6 +31,7 @@ class Job:
 # Each job's task lives in worker/beat.py (or a module it imports).
 JOBS: tuple[Job, ...] = (
     Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
+    Job("breaker-monitor", "maintenance.breaker_monitor", lambda m: m.breaker_monitor_seconds),
 )
 
 

@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from config import Settings
 from reliability import delivery
-from reliability.breaker.alerts import BreakerEvents, default_hooks
+from reliability.breaker.alerts import BreakerEvents
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
 from reliability.endings import running_deliveries
@@ -26,6 +26,7 @@ from reliability.runtime import Runtime
 from reliability.sensitive import clear_delivery_values
 from reliability.transport import TRANSPORT_PATH, restore_owned, sweep_orphans
 from worker import embedded, preflight
+from worker.alerting import alert_hooks
 from worker.celeryconfig import embedded_data_dir
 
 log = structlog.get_logger("worker")
@@ -96,13 +97,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
             claim_seconds=settings.deferral.claim_timeout_seconds,
             batch_size=settings.deferral.batch_size,
         )
-        hooks = default_hooks()
-        if settings.alerts.webhook_url is not None:
-            hooks.add_webhook_url(
-                settings.alerts.webhook_url.get_secret_value(),
-                settings.alerts.webhook_timeout_seconds,
-            )
-        events = BreakerEvents(runtime.store, hooks)
+        events = BreakerEvents(runtime.store, alert_hooks(settings, runtime))
         sweepers = [events.deliver]
         if app.conf.broker_transport == TRANSPORT_PATH:
             sweepers.append(lambda: sweep_orphans(app))
