@@ -186,7 +186,7 @@ class AlertSettings(BaseModel):
     webhook_attempts: int = Field(3, ge=1)
     webhook_max_seconds: float = Field(10.0, gt=0)
     webhook_backoff_seconds: float = Field(0.5, ge=0)
-    # Alerts kept in the stream P:alerts (approximate trim).
+    # Alerts kept in the stream P:alerts (the newest).
     stream_max_len: int = Field(10_000, ge=100)
 
 

@@ -24,7 +24,7 @@ from typing import Any, cast
 import httpx
 import structlog
 from prometheus_client import Counter
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import Retrying, retry_if_exception_type
 
 from reliability.metrics import PREFIX
 from reliability.security import Masker
@@ -35,7 +35,7 @@ log = structlog.get_logger("reliability.alerts")
 Hook = Callable[[str, str, dict[str, Any]], None]
 
 ALERTS_STREAM = "alerts"
-# Entries kept in P:alerts (approximate trim, like the ledger's).
+# Entries kept in P:alerts (alerts are rare: trimmed exactly).
 DEFAULT_STREAM_MAX_LEN = 10_000
 # Statuses a webhook receiver may answer differently on the next attempt.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -135,7 +135,7 @@ def count_alert(event_type: str, _message: str, _context: dict[str, Any]) -> Non
 
 
 def event_stream_hook(store: Store, max_len: int = DEFAULT_STREAM_MAX_LEN) -> Hook:
-    """Append each alert to the stream ``P:alerts`` (trimmed to about ``max_len``)."""
+    """Append each alert to the stream ``P:alerts``, keeping the newest ``max_len``."""
     stream = f"{store.keys.prefix}:{ALERTS_STREAM}"
 
     def event_stream(event_type: str, message: str, context: dict[str, Any]) -> None:
@@ -146,7 +146,7 @@ def event_stream_hook(store: Store, max_len: int = DEFAULT_STREAM_MAX_LEN) -> Ho
             "at": f"{time.time():.6f}",
         }
         store.call(
-            "alert stream", lambda c: c.xadd(stream, fields, maxlen=max_len, approximate=True)
+            "alert stream", lambda c: c.xadd(stream, fields, maxlen=max_len, approximate=False)
         )
 
     return event_stream
@@ -176,24 +176,26 @@ def webhook_hook(
     max_seconds: float = 10.0,
     backoff_seconds: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Hook:
     """POST ``{"event", "message", **context}`` as JSON to ``url``.
 
     Transport errors and :data:`RETRY_STATUSES` are retried (tenacity) after
     ``backoff_seconds``, doubling, for at most ``attempts`` attempts and ``max_seconds`` in
-    all: each attempt's timeout and each wait are cut to the time left, so an alert never
-    holds the job that raised it much longer than ``max_seconds``. Every attempt of one
-    alert carries the same ``Idempotency-Key`` so a receiver can drop a repeat. Errors
-    never hold the URL (it may carry a token).
+    all: no attempt starts after the wait would pass that budget and each attempt's timeout
+    is cut to the time left, so an alert never holds the job that raised it longer. Every
+    attempt of one alert carries the same ``Idempotency-Key`` so a receiver can drop a
+    repeat. Errors never hold the URL (it may carry a token). ``sleep`` and ``clock`` are
+    for tests.
     """
 
     def webhook(event_type: str, message: str, context: dict[str, Any]) -> None:
         payload = {**context, "event": event_type, "message": message}
         headers = {"Idempotency-Key": uuid.uuid4().hex}
-        deadline = time.monotonic() + max_seconds
+        deadline = clock() + max_seconds
 
         def post() -> None:
-            left = deadline - time.monotonic()
+            left = deadline - clock()
             if left <= 0:
                 raise WebhookFailed(f"no time left of {max_seconds:g}s")
             try:
@@ -207,13 +209,15 @@ def webhook_hook(
             if not response.is_success:
                 raise WebhookFailed(f"webhook answered {response.status_code}")
 
-        def wait(state: Any) -> float:
-            pause = backoff_seconds * 2.0 ** (int(state.attempt_number) - 1)
-            return max(0.0, min(pause, deadline - time.monotonic()))
+        def pause(state: Any) -> float:
+            return float(backoff_seconds * 2.0 ** (int(state.attempt_number) - 1))
+
+        def stop(state: Any) -> bool:  # no attempt left, or none that could start in time
+            return bool(state.attempt_number >= attempts or clock() + pause(state) >= deadline)
 
         retrying = Retrying(
-            stop=stop_after_attempt(attempts) | stop_after_delay(max_seconds),
-            wait=wait,
+            stop=stop,
+            wait=pause,
             retry=retry_if_exception_type(RetryableWebhookError),
             sleep=sleep,
             reraise=True,

@@ -199,7 +199,9 @@ def monitor(service: Any, as_json: bool) -> int:
 
     snaps = latest_snapshots(service.runtime.store)
     if as_json:
-        print(json.dumps(snaps, indent=2))
+        times = ("at", "down_since", "open_until")
+        shown = [{k: iso(v) if k in times and v else v for k, v in s.items()} for s in snaps]
+        print(json.dumps(shown, indent=2))
         return 0
     for s in snaps:
         print(
