@@ -8,6 +8,7 @@ print; :func:`load_settings` turns a bad value into a message naming the variabl
 
 from __future__ import annotations
 
+import re
 import os
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -224,6 +225,31 @@ class MaintenanceSettings(BaseModel):
     beat_lock_timeout_seconds: float = Field(30.0, ge=5)
 
 
+class OpsSettings(BaseModel):
+    """The ops HTTP service (``reliable ops``): health, metrics, admin API, dashboard."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Bearer tokens for /admin, by the name recorded with every action:
+    # RELIABLE_OPS__ADMIN_TOKENS='{"alice": "<token>"}'. None configured: /admin is closed.
+    admin_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    # Failed admin authentications one client may make per window before it gets 429.
+    auth_failures: int = Field(10, ge=1)
+    auth_failure_window_seconds: float = Field(60.0, gt=0)
+    # Admin actions kept in the audit stream.
+    audit_max_len: int = Field(10_000, ge=100)
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _strong_tokens(cls, tokens: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, token in tokens.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"admin token name {name[:64]!r}: use 1-64 of [A-Za-z0-9_.-]")
+            if len(token.get_secret_value()) < 16:
+                raise ValueError(f"admin token {name!r} is shorter than 16 characters")
+        return tokens
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -260,6 +286,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")
@@ -311,6 +338,9 @@ class Settings(BaseSettings):
             elif isinstance(node, BaseModel):
                 for name in type(node).model_fields:
                     walk(getattr(node, name))
+            elif isinstance(node, dict):
+                for value in node.values():
+                    walk(value)
 
         walk(self)
         return sorted(set(found), key=len, reverse=True)

@@ -1,0 +1,146 @@
+"""What the ops service shows, read from the state store (no process-local state).
+
+Each function returns plain JSON-ready data; the health and admin routes and the
+dashboard share them, so an endpoint and the page never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from reliability.dlq import DeadLetter, Filter
+from reliability.fingerprint import fingerprint, label
+from reliability.ratelimit import RateLimiter
+from reliability.runtime import Runtime
+
+LEVELS = ("NORMAL", "MINOR", "MODERATE", "SEVERE", "CRITICAL")
+
+
+def breakers(rt: Runtime) -> list[dict[str, Any]]:
+    out = []
+    for breaker in rt.breakers:
+        snap = breaker.snapshot()
+        snap["failure_count"] = breaker.failure_count
+        if snap["mode"] == "forced_open":
+            snap["state"] = "open"
+        out.append(snap)
+    return out
+
+
+def limits(rt: Runtime) -> list[dict[str, Any]]:
+    out = []
+    for limit in rt.rate_limits.values():
+        limiter = RateLimiter(rt.store, limit)
+        current = limiter.current()
+        scoped = limit.per not in ("global", "task")
+        out.append(
+            {
+                "name": limit.name,
+                "kind": current.kind,
+                "per": current.per,
+                "rate": current.rate,
+                "burst": current.burst,
+                "max_requests": current.max_requests,
+                "window_seconds": current.window_seconds,
+                "limit": current.limit,
+                "changed_at_runtime": current != limit,
+                # Per-scope limits have a bucket per tenant/user/...: no one number.
+                "available": None if scoped else round(limiter.available_tokens, 3),
+            }
+        )
+    return out
+
+
+def workers(rt: Runtime) -> list[dict[str, Any]]:
+    keys = rt.store.keys
+
+    def read(client: Any) -> list[dict[str, Any]]:
+        registered = client.hgetall(keys.workers)
+        pipe = client.pipeline(transaction=False)
+        names = sorted(registered)
+        for name in names:
+            pipe.pttl(keys.heartbeat(name))
+        ttls = pipe.execute()
+        rows = []
+        for name, ttl in zip(names, ttls, strict=True):
+            try:
+                info = json.loads(registered[name])
+            except ValueError:
+                info = {}
+            rows.append({"id": name, **info, "alive": ttl is not None and ttl > 0})
+        return rows
+
+    found: list[dict[str, Any]] = rt.store.call("workers", read)
+    return found
+
+
+def dlq_summary(rt: Runtime) -> dict[str, Any]:
+    """Totals by failure class and by error fingerprint, and the oldest entry's age."""
+    by_class: Counter[str] = Counter()
+    groups: dict[str, dict[str, Any]] = {}
+    oldest = None
+    for entry in rt.dlq.iter():
+        by_class[entry.failure_class] += 1
+        key = fingerprint(entry.exception_type, entry.exception_message or entry.reason)
+        group = groups.setdefault(
+            key,
+            {
+                "fingerprint": key,
+                "label": label(entry.exception_type, entry.exception_message or entry.reason),
+                "count": 0,
+                "tasks": Counter(),
+                "newest_id": entry.id,
+            },
+        )
+        group["count"] += 1
+        group["tasks"][entry.task_name] += 1
+        oldest = min(oldest or entry.first_failure_at, entry.first_failure_at)
+    ranked = sorted(groups.values(), key=lambda g: -int(g["count"]))
+    for group in ranked:
+        group["tasks"] = dict(group["tasks"].most_common(5))
+    return {
+        "total": sum(by_class.values()),
+        "by_class": dict(by_class),
+        "oldest_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
+        "groups": ranked[:50],
+    }
+
+
+def dlq_entry(entry: DeadLetter) -> dict[str, Any]:
+    data = json.loads(entry.to_json())
+    data["fingerprint"] = fingerprint(entry.exception_type, entry.exception_message or entry.reason)
+    return data
+
+
+def dlq_filter(
+    failure_class: str | None, task: str | None, since: float | None, until: float | None
+) -> Filter:
+    return Filter(failure_class=failure_class, task_name=task, since=since, until=until)
+
+
+def degradation(rt: Runtime) -> dict[str, Any]:
+    """The fleet's degradation level (NORMAL when none was ever computed or set)."""
+    key = f"{rt.store.keys.prefix}:degradation"
+    raw: dict[str, str] = rt.store.call("degradation", lambda c: c.hgetall(key))
+    override = raw.get("override_level")
+    expires = float(raw.get("override_expires") or 0)
+    active = bool(override) and (not expires or expires > time.time())
+    return {
+        "level": (override if active else raw.get("level")) or "NORMAL",
+        "computed": raw.get("computed") or raw.get("level") or "NORMAL",
+        "reason": (raw.get("override_reason") if active else raw.get("reason")) or "",
+        "since": float(raw["since"]) if raw.get("since") else None,
+        "override": (
+            {
+                "level": override,
+                "reason": raw.get("override_reason", ""),
+                "expires": expires or None,
+                "by": raw.get("override_by", ""),
+            }
+            if active
+            else None
+        ),
+    }
