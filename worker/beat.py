@@ -15,6 +15,7 @@ from typing import Any
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs
 from worker.app import app, runtime, settings
+from worker.reprocess import reprocessor
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -39,3 +40,10 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+@app.task(name="maintenance.dlq_reprocess")
+def dlq_reprocess(slot: int | None = None) -> dict[str, Any]:
+    """Redrive the DLQ by policy; hold, and alert once on, what needs an operator."""
+    work = reprocessor(app, runtime, settings, by=f"job:dlq-reprocess@{jobs.identity}")
+    return run_job("dlq-reprocess", lambda: work.run().summary(), slot)

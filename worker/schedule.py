@@ -31,6 +31,7 @@ class Job:
 # Each job's task lives in worker/beat.py (or a module it imports).
 JOBS: tuple[Job, ...] = (
     Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
+    Job("dlq-reprocess", "maintenance.dlq_reprocess", lambda m: m.dlq_reprocess_seconds),
 )
 
 
