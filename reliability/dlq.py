@@ -264,9 +264,7 @@ class DeadLetterQueue:
         """Re-enqueue one entry through ``app``; returns the new task id. The entry is
         claimed first, removed only after the publish returned, and the redrive recorded
         by ``by`` (audit trail, outcome ledger): :mod:`reliability.redrive`."""
-        token = self.redrives.claim(entry_id, claim_seconds)
-        if token is None:
-            raise RedriveRefused(f"no DLQ entry {entry_id} (or another redrive holds it)")
+        token = self.redrives.claim(entry_id, claim_seconds)  # or RedriveRefused
         try:
             entry = self.get(entry_id)
             why = refusal(entry, entry_id, self.max_redrives)

@@ -25,6 +25,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from reliability.delivery import CORRELATION_ID, PRODUCER_HEADERS, REDRIVE_COUNT
+from reliability.errors import RedriveRefused
 from reliability.republish import Copy
 from reliability.scripts import script
 from reliability.security import key_token
@@ -109,15 +110,20 @@ class Redrives:
     def claim_key(self, entry_id: str) -> str:
         return f"{self.store.keys.prefix}:dlq:claim:{key_token(entry_id)}"
 
-    def claim(self, entry_id: str, seconds: float = DEFAULT_CLAIM_SECONDS) -> str | None:
-        """A claim token, or None when the entry is gone or another redrive holds it."""
+    def claim(self, entry_id: str, seconds: float = DEFAULT_CLAIM_SECONDS) -> str:
+        """A claim token; :class:`RedriveRefused` when the entry is gone or another
+        redrive holds it."""
         token = uuid.uuid4().hex
         keys, args = CLAIM.layout(
             {"dlq": self.store.keys.dlq, "claim": self.claim_key(entry_id)},
             {"entry_id": entry_id, "token": token, "ms": max(1, int(seconds * 1000))},
         )
         verdict = self.store.run(CLAIM.source, keys, args, "dlq claim")
-        return token if verdict == "ok" else None
+        if verdict == "gone":
+            raise RedriveRefused(f"no DLQ entry {entry_id}")
+        if verdict != "ok":
+            raise RedriveRefused(f"entry {entry_id} is being redriven by another process")
+        return token
 
     def release(self, entry_id: str, token: str) -> None:
         """Give a claim back (the publish failed): the entry stays for a later redrive."""

@@ -98,13 +98,11 @@ class ReprocessResult:
     decisions: list[Decision] = field(default_factory=list)  # the first ``keep`` of them
     keep: int = 100
 
-    def add(self, entry: DeadLetter, decision: Decision) -> None:
+    def add(self, decision: Decision, error: str) -> None:
+        """Count ``decision``; ``error`` is its fingerprint's label (masked)."""
         self.actions[decision.action] += 1
         self.reasons[f"{decision.action}: {decision.reason}"] += 1
-        group = self.fingerprints.setdefault(
-            decision.fingerprint,
-            {"label": label(entry.exception_type, entry.exception_message or entry.reason)},
-        )
+        group = self.fingerprints.setdefault(decision.fingerprint, {"label": error})
         group["entries"] = group.get("entries", 0) + 1
         group[str(decision.action)] = group.get(str(decision.action), 0) + 1
         if len(self.decisions) < self.keep:
@@ -171,7 +169,7 @@ class Reprocessor:
                 self._redrive(entry, decision, state)
             if decision.action is Action.HOLD and self._alert(entry, decision, dry_run):
                 result.alerted += 1
-            result.add(entry, decision)
+            result.add(decision, self._label(entry))
         log.info("dlq_reprocessed", dry_run=dry_run, **{str(a): result.actions[a] for a in Action})
         return result
 
@@ -255,6 +253,11 @@ class Reprocessor:
         else:
             log.info("dlq_entry_redriven", entry_id=entry.id, task_id=decision.task_id)
 
+    def _label(self, entry: DeadLetter) -> str:
+        """The failure's kind for people: its fingerprint's text, masked."""
+        error = self.masker.text(entry.exception_message or entry.reason)
+        return self.masker.text(label(entry.exception_type, error))
+
     def _alert(self, entry: DeadLetter, decision: Decision, dry_run: bool) -> bool:
         """Alert once per held entry, fleet-wide; whether this run alerted (would alert)."""
         marker = f"{self.store.keys.prefix}:dlq:alerted:{key_token(entry.id)}"
@@ -266,7 +269,7 @@ class Reprocessor:
             return False
         context = asdict(decision) | {
             "task_id": entry.task_id,
-            "error": label(entry.exception_type, entry.exception_message or entry.reason),
+            "error": self._label(entry),
             "redrives": entry.redrive_count,
         }
         message = f"DLQ entry {entry.id} ({entry.task_name}) held: {decision.reason}"
