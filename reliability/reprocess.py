@@ -163,25 +163,28 @@ class Reprocessor:
         """One pass over the DLQ; ``now`` (tests only) replaces the store's clock."""
         state = _Run(now=self.store.now() if now is None else now)
         result = ReprocessResult(dry_run=dry_run)
-        for entry in self._entries():
-            decision = self._decide(entry, state)
-            if decision.action is Action.REDRIVE and not dry_run:
-                self._redrive(entry, decision, state)
-            if decision.action is Action.HOLD and self._alert(entry, decision, dry_run):
-                result.alerted += 1
-            result.add(decision, self._label(entry))
+        for chunk in self._entries():
+            held: list[tuple[DeadLetter, Decision]] = []
+            for entry in chunk:
+                decision = self._decide(entry, state)
+                if decision.action is Action.REDRIVE and not dry_run:
+                    self._redrive(entry, decision, state)
+                if decision.action is Action.HOLD:
+                    held.append((entry, decision))
+                result.add(decision, self._label(entry))
+            result.alerted += self._alert(held, dry_run)
         log.info("dlq_reprocessed", dry_run=dry_run, **{str(a): result.actions[a] for a in Action})
         return result
 
-    def _entries(self, batch: int = 500) -> Iterator[DeadLetter]:
-        """Every entry, oldest failure first: the ids first (redrives remove entries while
-        the run goes on, which would shift a paged read), then their envelopes by batch."""
+    def _entries(self, batch: int = 500) -> Iterator[list[DeadLetter]]:
+        """Every entry, oldest failure first, by batch: the ids first (redrives remove
+        entries while the run goes on, which would shift a paged read)."""
         keys = self.store.keys
         ids: list[Any] = self.store.call("dlq ids", lambda c: list(c.zrange(keys.dlq_index, 0, -1)))
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             raws = self.store.call("dlq read", lambda c: c.hmget(keys.dlq, chunk))  # noqa: B023
-            yield from (DeadLetter.from_json(raw) for raw in raws if raw)
+            yield [DeadLetter.from_json(raw) for raw in raws if raw]
 
     def _decide(self, entry: DeadLetter, state: _Run) -> Decision:
         def verdict(action: Action, reason: str) -> Decision:
@@ -258,20 +261,31 @@ class Reprocessor:
         error = self.masker.text(entry.exception_message or entry.reason)
         return self.masker.text(label(entry.exception_type, error))
 
-    def _alert(self, entry: DeadLetter, decision: Decision, dry_run: bool) -> bool:
-        """Alert once per held entry, fleet-wide; whether this run alerted (would alert)."""
-        marker = f"{self.store.keys.prefix}:dlq:alerted:{key_token(entry.id)}"
-        if dry_run:
-            return not self.store.call("dlq alerted", lambda c: c.exists(marker))
-        seconds = max(1, int(self.policy.alert_marker_seconds))
-        first = self.store.call("dlq alert", lambda c: c.set(marker, self.by, nx=True, ex=seconds))
-        if not first:
-            return False
-        context = asdict(decision) | {
-            "task_id": entry.task_id,
-            "error": self._label(entry),
-            "redrives": entry.redrive_count,
-        }
-        message = f"DLQ entry {entry.id} ({entry.task_name}) held: {decision.reason}"
-        self.hooks.emit(ALERT_EVENT, self.masker.text(message), self.masker.data(context))
-        return True
+    def _alert(self, held: list[tuple[DeadLetter, Decision]], dry_run: bool) -> int:
+        """Alert once per held entry, fleet-wide (a marker per entry, set in one pipeline
+        per batch before the hooks run); how many this run alerted (would alert)."""
+        if not held:
+            return 0
+        prefix, seconds = self.store.keys.prefix, max(1, int(self.policy.alert_marker_seconds))
+        markers = [f"{prefix}:dlq:alerted:{key_token(entry.id)}" for entry, _ in held]
+
+        def mark(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for marker in markers:
+                if dry_run:
+                    pipe.exists(marker)
+                else:
+                    pipe.set(marker, self.by, nx=True, ex=seconds)
+            return list(pipe.execute())
+
+        firsts = [not r if dry_run else bool(r) for r in self.store.call("dlq alert", mark)]
+        for (entry, decision), first in zip(held, firsts, strict=True):
+            if first and not dry_run:
+                context = asdict(decision) | {
+                    "task_id": entry.task_id,
+                    "error": self._label(entry),
+                    "redrives": entry.redrive_count,
+                }
+                message = f"DLQ entry {entry.id} ({entry.task_name}) held: {decision.reason}"
+                self.hooks.emit(ALERT_EVENT, self.masker.text(message), self.masker.data(context))
+        return sum(firsts)

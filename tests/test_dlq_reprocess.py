@@ -8,16 +8,19 @@ provider, the beat job) is ``tests/test_dlq_reprocess_fleet.py``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from config import SettingsError, load_settings
 from reliability.alerts import AlertHooks
 from reliability.breaker import BreakerMode, BreakerRegistry
 from reliability.dlq import DeadLetter, DeadLetterQueue, Filter
@@ -318,3 +321,23 @@ def test_a_breaker_that_never_refuses_does_not_hold_redrives_back(
     breaker.set_mode(mode)
     gates = lambda name: TaskGates(breaker="payment")  # noqa: E731
     assert build(bare_store, Recorder(), gates=gates).run(now=T0 + 3600).actions["redrive"] == 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RELIABLE_REPROCESS__MAX_PER_RUN", "0"),
+        ("RELIABLE_REPROCESS__BACKOFF_BASE_SECONDS", "-1"),
+        ("RELIABLE_REPROCESS__CLAIM_SECONDS", "soon"),
+    ],
+)
+def test_a_bad_reprocess_setting_is_refused_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
+) -> None:
+    for name in [n for n in os.environ if n.upper().startswith("RELIABLE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert f"{variable}: " in str(refused.value) and f"(got '{value}')" in str(refused.value)
