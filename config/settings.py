@@ -224,6 +224,21 @@ class MaintenanceSettings(BaseModel):
     beat_lock_timeout_seconds: float = Field(30.0, ge=5)
 
 
+class ReprocessSettings(BaseModel):
+    """DLQ reprocessing by policy (beat job ``dlq-reprocess``, ``reliable dlq reprocess``).
+
+    A ``transient`` or ``retry_budget_exhausted`` entry is redriven no earlier than
+    ``backoff_base_seconds * 2**redrives`` (at most ``backoff_max_seconds``) after its
+    last failure; a run redrives at most ``max_per_run`` entries; a claim on an entry
+    being redriven lapses after ``claim_seconds`` (its redriver died mid-way).
+    """
+
+    backoff_base_seconds: float = Field(60.0, ge=0)
+    backoff_max_seconds: float = Field(3600.0, ge=0)
+    max_per_run: int = Field(100, ge=1)
+    claim_seconds: float = Field(60.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -260,6 +275,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    reprocess: ReprocessSettings = ReprocessSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     DEFERRED = "deferred"  # parked without spending an attempt (key in progress, ...)
     DUPLICATE_DELIVERY = "duplicate_delivery"  # another copy of this delivery already ran
     REQUEUED = "requeued"  # the pool child died; the broker redelivers the message
+    REDRIVEN = "redriven"  # a DLQ entry re-enqueued (detail: dlq <entry id>)
 
 
 FINAL = frozenset(

@@ -18,6 +18,7 @@ from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs
 from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
+from worker.reprocess import reprocessor
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -58,3 +59,10 @@ def breaker_monitor_of_process() -> BreakerMonitor:
 def breaker_monitor(slot: int | None = None) -> dict[str, Any]:
     """Snapshot every breaker (with history); alert once per open-too-long or flapping episode."""
     return run_job("breaker-monitor", lambda: breaker_monitor_of_process().run(), slot)
+
+
+@app.task(name="maintenance.dlq_reprocess")
+def dlq_reprocess(slot: int | None = None) -> dict[str, Any]:
+    """Redrive the DLQ by policy; hold, and alert once on, what needs an operator."""
+    work = reprocessor(app, runtime, settings, by=f"job:dlq-reprocess@{jobs.identity}")
+    return run_job("dlq-reprocess", lambda: work.run().summary(), slot)

@@ -32,6 +32,7 @@ class Job:
 JOBS: tuple[Job, ...] = (
     Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
     Job("breaker-monitor", "maintenance.breaker_monitor", lambda m: m.breaker_monitor_seconds),
+    Job("dlq-reprocess", "maintenance.dlq_reprocess", lambda m: m.dlq_reprocess_seconds),
 )
 
 
