@@ -39,6 +39,12 @@ class Outcome(StrEnum):
     REQUEUED = "requeued"  # the pool child died; the broker redelivers the message
 
 
+def ran_for(seconds: float) -> str:
+    """A ledger record's ``duration`` argument: the seconds the body ran, or '' when it
+    did not run (a delivery's duration stays 0 until its body returns)."""
+    return f"{seconds:.6f}" if seconds > 0 else ""
+
+
 FINAL = frozenset(
     {
         Outcome.SUCCEEDED,

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from reliability.dlq import Filter
-from reliability.jobs import JobResult, Jobs
+from reliability.jobs import JobResult, Jobs, slot_of
+from reliability.reports import DAY, HOUR
 from worker.app import app, runtime, settings
+from worker.reporting import every, report_for_slot
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -39,3 +41,22 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+@app.task(name="maintenance.report_hourly")
+def report_hourly(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete hour (the period that ended
+    when this run's slot began)."""
+    slot = slot_of(time.time(), every(settings, HOUR)) if slot is None else slot
+    return run_job(
+        "report-hourly", lambda: report_for_slot(app, runtime.store, settings, HOUR, slot), slot
+    )
+
+
+@app.task(name="maintenance.report_daily")
+def report_daily(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete day (UTC)."""
+    slot = slot_of(time.time(), every(settings, DAY)) if slot is None else slot
+    return run_job(
+        "report-daily", lambda: report_for_slot(app, runtime.store, settings, DAY, slot), slot
+    )
