@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from config.settings import SettingsError, load_settings
 from reliability.breaker import BreakerConfig, CircuitBreaker
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
@@ -27,6 +28,7 @@ from reliability.reports.sources import Transition
 from reliability.reports.totals import percentile, slo_burn
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, delete_prefix
+from worker.schedule import beat_schedule
 
 S = 1_699_999_200.0  # an hour boundary (UTC)
 E = S + 3600
@@ -327,3 +329,17 @@ def test_reliable_report_prints_the_latest_as_markdown_or_json(
         assert not EPOCH.search(out), "every time is ISO-8601"
     bad = reliable(cli_env, "report", "--period", "week")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_beat_schedules_both_reports_from_settings() -> None:
+    settings = load_settings(maintenance={"report_hourly_seconds": 600})
+    schedule = beat_schedule(settings)
+    assert schedule["report-hourly"] == {"task": "maintenance.report_hourly", "schedule": 600.0}
+    assert schedule["report-daily"] == {"task": "maintenance.report_daily", "schedule": 86400.0}
+
+
+def test_a_bad_objective_or_spike_window_is_refused_naming_the_variable() -> None:
+    with pytest.raises(SettingsError, match=r"RELIABLE_REPORTS__OBJECTIVES: .*between 0 and 1"):
+        load_settings(reports={"objectives": {"payments.charge": 99}})
+    with pytest.raises(SettingsError, match="SPIKE_BASELINE_SECONDS must exceed"):
+        load_settings(reports={"spike_window_seconds": 900, "spike_baseline_seconds": 60})

@@ -124,11 +124,10 @@ def build_report(
     state = _Pass(config, period, moment)
     read = LedgerRead()
     _read_ledger(store, state, read)
+    rates = RetryAnomalyDetector(config.anomalies)
     for task, totals in state.tasks.items():
         ran = totals.outcomes["succeeded"] + totals.failed
-        rate = RetryAnomalyDetector(config.anomalies).check_rate(
-            task, ran, totals.outcomes["retried"], at=period.end
-        )
+        rate = rates.check_rate(task, ran, totals.outcomes["retried"], at=period.end)
         if rate is not None:
             state.anomaly(rate)
     breakers = breaker_stats(breaker_transitions(store, period.end), period.start, period.end)
