@@ -205,7 +205,8 @@ def test_breaker_stats_from_transitions() -> None:
     stats = breaker_stats(transitions, 0.0, 100.0)
     assert sorted(stats) == ["x", "y"]
     x = stats["x"]
-    assert (x.open_seconds, x.half_open_seconds, x.flaps, x.transitions) == (20.0, 2.0, 2, 5)
+    # One trip (closed -> open); the failed trial re-opening it is no new flap.
+    assert (x.open_seconds, x.half_open_seconds, x.flaps, x.transitions) == (20.0, 2.0, 1, 5)
     assert (stats["y"].open_seconds, stats["y"].state_at_end) == (100.0, "open")
 
 

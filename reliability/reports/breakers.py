@@ -11,8 +11,8 @@ from reliability.reports.sources import Transition
 
 @dataclass
 class BreakerStats:
-    """One breaker over a period. ``flaps``: the times it opened (closed or half-open ->
-    open) in the period; ``open_seconds``: the time it spent open in it."""
+    """One breaker over a period. ``flaps``: the times it tripped (closed -> open, as the
+    breaker monitor counts them) in the period; ``open_seconds``: the time it spent open."""
 
     breaker: str
     state_at_start: str = "closed"
@@ -57,7 +57,7 @@ def breaker_stats(
         s.state_at_end = t.target
         since[t.breaker] = t.at
         s.transitions += 1
-        if t.target == "open":
+        if t.source == "closed" and t.target == "open":
             s.flaps += 1
     for s in stats.values():
         spend(s, end)
