@@ -176,9 +176,32 @@ class RateLimitSettings(BaseModel):
 
 
 class AlertSettings(BaseModel):
-    # Breaker transitions are POSTed here as JSON (a secret: it may carry a token).
+    """Alert hooks (worker/alerting.py): every alert is logged, counted, appended to the
+    stream ``P:alerts`` and, with a URL, POSTed as JSON."""
+
+    # A secret: it may carry a token. Each alert is retried on a transport error or a
+    # 408/425/429/5xx answer, at most webhook_attempts times and webhook_max_seconds in all.
     webhook_url: SecretStr | None = None
     webhook_timeout_seconds: float = Field(5.0, gt=0)
+    webhook_attempts: int = Field(3, ge=1)
+    webhook_max_seconds: float = Field(10.0, gt=0)
+    webhook_backoff_seconds: float = Field(0.5, ge=0)
+    # Alerts kept in the stream P:alerts (the newest).
+    stream_max_len: int = Field(10_000, ge=100)
+
+
+class MonitorSettings(BaseModel):
+    """The breaker monitor (beat job ``breaker-monitor``): alert thresholds and history."""
+
+    # A breaker that has not closed for this long (open, or half-open failing its
+    # trials) raises one alert per episode.
+    open_alert_seconds: float = Field(600.0, gt=0)
+    # More trips (closed -> open) than this in the last hour is flapping: one alert,
+    # then none until the count has fallen below it.
+    flaps_per_hour: int = Field(3, ge=1)
+    # Snapshot history: older entries are trimmed, and never more than the cap.
+    history_seconds: float = Field(7 * 86400.0, gt=0)
+    history_max_entries: int = Field(100_000, ge=100)
 
 
 class MaintenanceSettings(BaseModel):
@@ -282,6 +305,7 @@ class Settings(BaseSettings):
     # {"kind": "gcra", "rate": 50, "burst": 10}}'
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     alerts: AlertSettings = AlertSettings()
+    monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     reports: ReportSettings = ReportSettings()
     log: LogSettings = LogSettings()

@@ -192,6 +192,33 @@ def breakers(service: Any, action: str, name: str | None, mode: str | None) -> i
     return 0
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def monitor(service: Any, as_json: bool) -> int:
+    """The breaker monitor's latest snapshot of each breaker (``reliable monitor``)."""
+    from reliability.breaker.monitor import latest_snapshots
+
+    snaps = latest_snapshots(service.runtime.store)
+    if as_json:
+        times = ("at", "down_since", "open_until")
+        shown = [{k: iso(v) if k in times and v else v for k, v in s.items()} for s in snaps]
+        print(json.dumps(shown, indent=2))
+        return 0
+    for s in snaps:
+        print(
+            f"{s['breaker']:<16} {s['state']:<10} mode={s['mode']:<12} "
+            f"in_state={_seconds(s['time_in_state_seconds'])} "
+            f"down={_seconds(s['down_seconds'])} failure_rate={s['failure_rate']:.2f} "
+            f"slow_rate={s['slow_call_rate']:.2f} calls={s['window_calls']} "
+            f"consecutive={s['failure_count']} transitions/h={s['transitions_last_hour']} "
+            f"flaps/h={s['flaps_last_hour']}  at={iso(s['at'])}"
+        )
+    print(f"-- {len(snaps)} breaker(s) as the breaker-monitor job last saw them")
+    return 0
+
+
 def _num(value: float) -> str:
     """A number as an operator writes it: 20, 0.5, 1000000 (never 1e+06)."""
     return str(int(value)) if float(value).is_integer() else f"{value:.6f}".rstrip("0")
@@ -317,6 +344,8 @@ def _parser() -> argparse.ArgumentParser:
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
     p_cb.add_argument("mode", nargs="?", choices=BREAKER_MODES)
+    p_mon = sub.add_parser("monitor", help="the breaker monitor's latest snapshots")
+    p_mon.add_argument("--json", action="store_true")
     p_rl = sub.add_parser("limits", help="list rate limits, change one at runtime, reset one")
     p_rl.add_argument("action", choices=["list", "set", "reset"])
     p_rl.add_argument("name", nargs="?")
@@ -376,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operate(PROG, lambda service: show_report(service, args.period, args.json))
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
+    if args.command == "monitor":
+        return operate(PROG, lambda service: monitor(service, args.json))
     if args.command == "limits":
         values = {
             k: v

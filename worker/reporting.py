@@ -1,23 +1,20 @@
 """The reliability report's wiring: its settings, its tasks' dependencies, its store.
 
 The library (:mod:`reliability.reports`) reads no settings and no tasks; this module
-hands it the report configuration from ``settings.reports``, the map of task name ->
-the breaker it declares (the task's dependency), and the alert hooks.
+hands it the report configuration from ``settings.reports`` and the map of task name ->
+the breaker it declares (the task's dependency).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import structlog
-
 from config import Settings
-from reliability.alerts import AlertHooks
 from reliability.analytics import AnomalyThresholds
 from reliability.reports import DAY, HOUR, Period, ReportConfig, ReportStore, write_report
+from reliability.runtime import Runtime
 from reliability.store import Store
-
-log = structlog.get_logger("worker.reporting")
+from worker.alerting import alert_hooks
 
 
 def report_config(settings: Settings) -> ReportConfig:
@@ -56,38 +53,21 @@ def dependencies(app: Any) -> dict[str, str]:
     return found
 
 
-def alert_hooks(settings: Settings) -> AlertHooks:
-    """A log hook (``retry_anomaly`` / ``retry_spike`` warnings), plus the webhook when
-    one is configured."""
-    hooks = AlertHooks()
-
-    def to_log(event_type: str, message: str, context: dict[str, Any]) -> None:
-        log.warning(
-            event_type, alert=message, **{k: v for k, v in context.items() if k != "message"}
-        )
-
-    hooks.add_log_hook(to_log)
-    if settings.alerts.webhook_url is not None:
-        hooks.add_webhook_url(
-            settings.alerts.webhook_url.get_secret_value(), settings.alerts.webhook_timeout_seconds
-        )
-    return hooks
-
-
 def every(settings: Settings, period: str) -> float:
     m = settings.maintenance
     return m.report_hourly_seconds if period == HOUR else m.report_daily_seconds
 
 
 def report_for_slot(
-    app: Any, store: Store, settings: Settings, period: str, slot: int
+    app: Any, runtime: Runtime, settings: Settings, period: str, slot: int
 ) -> dict[str, Any]:
-    """Write the report of the period that ended when ``slot`` began."""
+    """Write the report of the period that ended when ``slot`` began; its anomalies and
+    spikes go to the service's alert hooks (:mod:`worker.alerting`)."""
     return write_report(
-        store,
-        report_store(store, settings),
+        runtime.store,
+        report_store(runtime.store, settings),
         Period.of_slot(period, every(settings, period), slot),
         dependencies=dependencies(app),
         config=report_config(settings),
-        hooks=alert_hooks(settings),
+        hooks=alert_hooks(settings, runtime),
     )

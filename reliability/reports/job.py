@@ -36,7 +36,11 @@ def write_report(
             hooks.emit(
                 "retry_anomaly",
                 anomaly["message"],
-                {"period": period.name, "start": report["start"], **anomaly},
+                {
+                    "period": period.name,
+                    "start": report["start"],
+                    **{k: v for k, v in anomaly.items() if k != "message"},
+                },
             )
         for spike in report["spikes"]:
             hooks.emit(
