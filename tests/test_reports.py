@@ -19,10 +19,18 @@ from typing import Any
 import pytest
 
 from config.settings import SettingsError, load_settings
+from reliability.alerts import AlertHooks
 from reliability.breaker import BreakerConfig, CircuitBreaker
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
-from reliability.reports import Period, ReportConfig, ReportStore, build_report, render
+from reliability.reports import (
+    Period,
+    ReportConfig,
+    ReportStore,
+    build_report,
+    render,
+    write_report,
+)
 from reliability.reports.breakers import breaker_stats
 from reliability.reports.sources import Transition
 from reliability.reports.totals import percentile, slo_burn
@@ -210,7 +218,7 @@ def test_breaker_stats_from_transitions() -> None:
     assert (stats["y"].open_seconds, stats["y"].state_at_end) == (100.0, "open")
 
 
-def test_anomalies_and_spikes_show_in_the_report(bare_store: Store) -> None:
+def test_anomalies_and_spikes_show_in_the_report_and_alert_once(bare_store: Store) -> None:
     # 30 tasks each retried 6 times within 10 s: a spike, excessive attempts, a high rate.
     rows = []
     for n in range(30):
@@ -219,7 +227,21 @@ def test_anomalies_and_spikes_show_in_the_report(bare_store: Store) -> None:
         rows.append((S + 110 + n * 0.01, f"s{n}", "succeeded", 7))
     for at, task_id, outcome, attempt in sorted(rows):
         write(bare_store, at, "storm", task_id, outcome, attempt, duration=0.01)
-    report = build_report(bare_store, Period("hour", S, E), now=E)
+    alerts: list[tuple[str, str, dict[str, Any]]] = []
+    hooks = AlertHooks()
+    hooks.add_log_hook(lambda event, message, context: alerts.append((event, message, context)))
+    summary = write_report(
+        bare_store, ReportStore(bare_store), Period("hour", S, E), hooks=hooks, now=E
+    )
+    report = ReportStore(bare_store).latest("hour")
+    assert report is not None
+    assert (summary["anomalies"], summary["spikes"], summary["received"]) == (2, 1, 210)
+    # Raised once each, through the alert hooks.
+    assert sorted((event, message) for event, message, _ in alerts) == [
+        ("retry_anomaly", "storm: attempts 7 above 5"),
+        ("retry_anomaly", "storm: share of attempts retried 0.8571 above 0.2"),
+        ("retry_spike", "storm: 10 retries in 60 s (threshold 10)"),
+    ]
     kinds = {(a["kind"], a["count"]) for a in report["anomalies"]}
     assert kinds == {("excessive_attempts", 30), ("high_retry_rate", 1)}
     assert len(report["spikes"]) == 1
