@@ -44,7 +44,7 @@ class FailureClass(StrEnum):
 
 # KEYS idem (or ''), leases, dlv, ledger, budget (or ''), dlq, dlq_index
 # ARGV owner (or ''), fence, budget window, entry id, envelope, max entries, dlv ttl (ms),
-#      ledger max, task id, name, attempt, failure class
+#      ledger max, task id, name, attempt, failure class, duration (or '': not run)
 DEAD_LETTER = script(
     "idempotency",
     "delivery",
@@ -65,6 +65,7 @@ DEAD_LETTER = script(
         "name",
         "attempt",
         "failure_class",
+        "duration",
     ),
     body=f"""
 {FRAGMENTS}
@@ -72,7 +73,8 @@ if @idem ~= '' and $owner ~= '' then idem_release(@idem, @leases, $owner, $fence
 if @budget ~= '' then budget_count_call(@budget, tonumber($budget_window)) end
 local evicted = dlq_add(@dlq, @dlq_index, $entry_id, $envelope, $max_entries)
 if @dlv ~= '' then delivery_finish(@dlv, 'dead_lettered', tonumber($dlv_ttl_ms)) end
-ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $failure_class)
+ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $failure_class,
+  $duration)
 return evicted
 """,
 )

@@ -40,6 +40,12 @@ class Outcome(StrEnum):
     REDRIVEN = "redriven"  # a DLQ entry re-enqueued (detail: dlq <entry id>)
 
 
+def ran_for(seconds: float) -> str:
+    """A ledger record's ``duration`` argument: the seconds the body ran, or '' when it
+    did not run (a delivery's duration stays 0 until its body returns)."""
+    return f"{seconds:.6f}" if seconds > 0 else ""
+
+
 FINAL = frozenset(
     {
         Outcome.SUCCEEDED,

@@ -15,9 +15,11 @@ from typing import Any
 
 from reliability.breaker.monitor import BreakerMonitor, MonitorPolicy
 from reliability.dlq import Filter
-from reliability.jobs import JobResult, Jobs
+from reliability.jobs import JobResult, Jobs, slot_of
+from reliability.reports import DAY, HOUR
 from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
+from worker.reporting import every, report_for_slot
 from worker.reprocess import reprocessor
 from worker.schedule import job_named
 
@@ -66,3 +68,20 @@ def dlq_reprocess(slot: int | None = None) -> dict[str, Any]:
     """Redrive the DLQ by policy; hold, and alert once on, what needs an operator."""
     work = reprocessor(app, runtime, settings, by=f"job:dlq-reprocess@{jobs.identity}")
     return run_job("dlq-reprocess", lambda: work.run().summary(), slot)
+
+
+@app.task(name="maintenance.report_hourly")
+def report_hourly(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete hour (the period that ended
+    when this run's slot began)."""
+    slot = slot_of(time.time(), every(settings, HOUR)) if slot is None else slot
+    return run_job(
+        "report-hourly", lambda: report_for_slot(app, runtime, settings, HOUR, slot), slot
+    )
+
+
+@app.task(name="maintenance.report_daily")
+def report_daily(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete day (UTC)."""
+    slot = slot_of(time.time(), every(settings, DAY)) if slot is None else slot
+    return run_job("report-daily", lambda: report_for_slot(app, runtime, settings, DAY, slot), slot)
