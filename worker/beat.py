@@ -15,9 +15,12 @@ from typing import Any
 
 from reliability.breaker.monitor import BreakerMonitor, MonitorPolicy
 from reliability.dlq import Filter
-from reliability.jobs import JobResult, Jobs
+from reliability.jobs import JobResult, Jobs, slot_of
+from reliability.reports import DAY, HOUR
 from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
+from worker.reporting import every, report_for_slot
+from worker.reprocess import reprocessor
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -58,3 +61,27 @@ def breaker_monitor_of_process() -> BreakerMonitor:
 def breaker_monitor(slot: int | None = None) -> dict[str, Any]:
     """Snapshot every breaker (with history); alert once per open-too-long or flapping episode."""
     return run_job("breaker-monitor", lambda: breaker_monitor_of_process().run(), slot)
+
+
+@app.task(name="maintenance.dlq_reprocess")
+def dlq_reprocess(slot: int | None = None) -> dict[str, Any]:
+    """Redrive the DLQ by policy; hold, and alert once on, what needs an operator."""
+    work = reprocessor(app, runtime, settings, by=f"job:dlq-reprocess@{jobs.identity}")
+    return run_job("dlq-reprocess", lambda: work.run().summary(), slot)
+
+
+@app.task(name="maintenance.report_hourly")
+def report_hourly(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete hour (the period that ended
+    when this run's slot began)."""
+    slot = slot_of(time.time(), every(settings, HOUR)) if slot is None else slot
+    return run_job(
+        "report-hourly", lambda: report_for_slot(app, runtime, settings, HOUR, slot), slot
+    )
+
+
+@app.task(name="maintenance.report_daily")
+def report_daily(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete day (UTC)."""
+    slot = slot_of(time.time(), every(settings, DAY)) if slot is None else slot
+    return run_job("report-daily", lambda: report_for_slot(app, runtime, settings, DAY, slot), slot)

@@ -8,8 +8,9 @@ Ctrl-C (or SIGTERM) is a warm shutdown of everything it started, then of the emb
 Redis it started; a second Ctrl-C is a cold shutdown.
 
 ``reliable dlq ...`` is the dead-letter queue CLI, ``reliable ledger`` tails the outcome
-ledger, ``reliable breakers`` and ``reliable limits`` show and change the fleet's circuit
-breakers and rate limits. Errors are one line on stderr (:mod:`worker.console`).
+ledger, ``reliable report`` prints the latest reliability report, ``reliable breakers``
+and ``reliable limits`` show and change the fleet's circuit breakers and rate limits.
+Errors are one line on stderr (:mod:`worker.console`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from config import Environment, Settings, load_settings
 from reliability.errors import ConfigurationError
 from reliability.jobs import Jobs
 from reliability.ratelimit import RateLimit, RateLimiter
+from reliability.reports import HOUR, PERIODS
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
 from worker.console import (
@@ -41,6 +43,7 @@ from worker.console import (
     positive_float,
     positive_int,
 )
+from worker.report_cli import show_report
 from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
@@ -334,6 +337,9 @@ def _parser() -> argparse.ArgumentParser:
     p_jobs.add_argument("--job", help="only this job (dlq-cleanup, health-poll, ...)")
     p_jobs.add_argument("-n", "--count", type=positive_int, default=20)
     p_jobs.add_argument("--json", action="store_true")
+    p_report = sub.add_parser("report", help="the latest reliability report (Markdown or JSON)")
+    p_report.add_argument("--period", choices=PERIODS, default=HOUR)
+    p_report.add_argument("--json", action="store_true")
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
@@ -395,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operate(PROG, lambda service: tail_ledger(service, args.count))
     if args.command == "jobs":
         return operate(PROG, lambda service: job_runs(service, args.job, args.count, args.json))
+    if args.command == "report":
+        return operate(PROG, lambda service: show_report(service, args.period, args.json))
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
     if args.command == "monitor":
