@@ -12,9 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from config import Settings
+from reliability.alerts import AlertHooks
+from reliability.degradation import DegradationState, breaker_snapshots
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs
 from worker.app import app, runtime, settings
+from worker.celeryconfig import degradation_rules
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -39,3 +43,30 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+def alert_hooks(settings: Settings) -> AlertHooks:
+    """The hooks a job raises its alerts through: the webhook, when one is configured
+    (the library logs its own events)."""
+    hooks = AlertHooks()
+    if settings.alerts.webhook_url is not None:
+        hooks.add_webhook_url(
+            settings.alerts.webhook_url.get_secret_value(), settings.alerts.webhook_timeout_seconds
+        )
+    return hooks
+
+
+@app.task(name="maintenance.degradation_evaluate")
+def degradation_evaluate(slot: int | None = None) -> dict[str, Any]:
+    """Compute the degradation level from health and breaker states; write it, and log
+    and alert a change."""
+    state = DegradationState(runtime.store, alert_hooks(settings))
+    return run_job(
+        "degradation-evaluate",
+        lambda: state.evaluate(
+            degradation_rules(settings),
+            breaker_snapshots(runtime.breakers),
+            max_age=settings.degradation.health_max_age_seconds,
+        ),
+        slot,
+    )

@@ -31,6 +31,9 @@ class Job:
 # Each job's task lives in worker/beat.py (or a module it imports).
 JOBS: tuple[Job, ...] = (
     Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
+    Job(
+        "degradation-evaluate", "maintenance.degradation_evaluate", lambda m: m.health_poll_seconds
+    ),
 )
 
 
