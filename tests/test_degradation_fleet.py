@@ -74,9 +74,14 @@ def test_a_degraded_level_changes_exactly_the_tasks_that_declared_it(
 
     set_health(shared_store, "unhealthy")
     assert evaluate(producer, 1) == {
-        "ran": True, "slot": 1, "status": "ok", "level": "SEVERE", "computed": "SEVERE",
-        "changed": True, "reason": "provider:payment unhealthy",
-    }  # fmt: skip
+        "ran": True,
+        "slot": 1,
+        "status": "ok",
+        "level": "SEVERE",
+        "computed": "SEVERE",
+        "changed": True,
+        "reason": "provider:payment unhealthy",
+    }
     sent = {
         "defer": [send("test.deg_defer", f"d{i}") for i in range(N)],
         "skip": [send("test.deg_skip", f"s{i}") for i in range(N)],

@@ -139,9 +139,15 @@ def admitted_level(store: Store, now: float) -> str:
     """What the admission script decides for a task that skips at every degraded level."""
     part = Part(ADMISSION, [degradation_key(store), ""], ["rssss"])
     script, keys, args = admission.layout(
-        [part], ledger=f"{store.keys.prefix}:ledger", ledger_max=100, task_id="t", name="n",
-        attempt=1, dlv_ttl_ms=1000, now=now,
-    )  # fmt: skip
+        [part],
+        ledger=f"{store.keys.prefix}:ledger",
+        ledger_max=100,
+        task_id="t",
+        name="n",
+        attempt=1,
+        dlv_ttl_ms=1000,
+        now=now,
+    )
     reply = store.run(script.source, keys, args, "admission")
     return "NORMAL" if reply[0] == "run" else str(reply[1])
 
@@ -161,8 +167,11 @@ def test_evaluation_writes_the_level_and_alerts_only_on_a_change(bare_store: Sto
     assert state.evaluate(DEFAULT_RULES, {}, max_age=300, now=NOW + 60)["changed"] is False
     status = state.status(NOW + 61)
     assert (status.level, status.computed, status.since, status.evaluated_at) == (
-        Level.MODERATE, Level.MODERATE, NOW, NOW + 60,
-    )  # fmt: skip
+        Level.MODERATE,
+        Level.MODERATE,
+        NOW,
+        NOW + 60,
+    )
     assert [(event, message) for event, message, _ in recorder.alerts] == [
         ("degradation_level_changed", "degradation level NORMAL -> MODERATE")
     ]
@@ -184,8 +193,11 @@ def test_an_override_holds_until_it_expires_then_the_rules_level_applies(bare_st
     assert (status.override.expires, status.override.by) == (NOW + 61, "ops")
     # An evaluation while it holds keeps the override's level.
     assert state.evaluate(DEFAULT_RULES, {"payment": OPEN}, max_age=300, now=NOW + 30) == {
-        "level": "SEVERE", "computed": "MINOR", "changed": False, "reason": "1 breaker(s) open: payment",
-    }  # fmt: skip
+        "level": "SEVERE",
+        "computed": "MINOR",
+        "changed": False,
+        "reason": "1 breaker(s) open: payment",
+    }
     # Up to its expiry, on the script's clock, status and admission both see SEVERE ...
     assert state.status(NOW + 60.9).level is Level.SEVERE
     assert admitted_level(bare_store, NOW + 60.9) == "SEVERE"
@@ -200,9 +212,12 @@ def test_an_override_holds_until_it_expires_then_the_rules_level_applies(bare_st
     assert state.status(NOW + 62).override is None
     assert [alert[2]["to"] for alert in recorder.alerts] == ["MINOR", "SEVERE", "MINOR"]
     assert recorder.alerts[1][2] == {
-        "from": "MINOR", "to": "SEVERE", "reason": "override: provider outage", "by": "ops",
+        "from": "MINOR",
+        "to": "SEVERE",
+        "reason": "override: provider outage",
+        "by": "ops",
         "override": True,
-    }  # fmt: skip
+    }
     assert recorder.alerts[2][2]["reason"] == "1 breaker(s) open: payment; override SEVERE expired"
 
 

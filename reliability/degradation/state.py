@@ -209,14 +209,18 @@ class DegradationState:
         before, after, _ = self._run(
             OVERRIDE, [wanted.value, reason, seconds, by], now, "degradation override"
         )
-        self._announce(before, after, reason=f"override: {reason}", by=by, override=True)
+        self._announce(
+            before, after, operator=True, reason=f"override: {reason}", by=by, override=True
+        )
         return self.status(now)
 
     def clear_override(self, now: float | None = None) -> Status:
         """Drop the override: the rules' level applies again at once."""
         before, after, had = self._run(CLEAR, [], now, "degradation clear")
         if had:
-            self._announce(before, after, reason=f"override {had} cleared", override=False)
+            self._announce(
+                before, after, operator=True, reason=f"override {had} cleared", override=False
+            )
         return self.status(now)
 
     def evaluate(
@@ -238,7 +242,9 @@ class DegradationState:
             EVALUATE, [computed.level.value, computed.reason], now, "degradation evaluate"
         )
         reason = computed.reason + (f"; override {expired} expired" if expired else "")
-        self._announce(before, after, reason=reason, override=after != computed.level)
+        self._announce(
+            before, after, operator=False, reason=reason, override=after != computed.level
+        )
         return {
             "level": after,
             "computed": computed.level.value,
@@ -246,10 +252,12 @@ class DegradationState:
             "reason": computed.reason,
         }
 
-    def _announce(self, before: str, after: str, **context: Any) -> None:
+    def _announce(self, before: str, after: str, *, operator: bool, **context: Any) -> None:
+        """Log and alert a change: a warning when the rules raised the level (what an
+        operator did is information)."""
         if before == after:
             return
-        up = Level(after).rank > Level(before).rank
+        up = Level(after).rank > Level(before).rank and not operator
         context = {"from": before, "to": after, **context}
         (log.warning if up else log.info)(EVENT, **context)
         if self.hooks is not None:
