@@ -50,6 +50,7 @@ def spec_of(**options: Any) -> TaskSpec:
         ({"degradation": {"SEVER": "skip"}}, "level 'SEVER' .* did you mean 'SEVERE'"),
         ({"degradation": {"severe": "skip"}}, "level 'severe' .* did you mean 'SEVERE'"),
         ({"degradation": {"SEVERE": "skp"}}, "action 'skp' at SEVERE .* did you mean 'skip'"),
+        ({"degradation": {"SEVERE": ["skip"]}}, r"action \['skip'\] at SEVERE is not one of"),
         ({"degradation": {"NORMAL": "defer"}}, "at NORMAL a task runs"),
         ({"degradation": ["SEVERE"]}, "must map levels to actions"),
         ({"degradation": {}}, "must map levels to actions"),

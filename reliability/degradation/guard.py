@@ -108,7 +108,7 @@ def check_plan(task: str, plan: Any) -> str:
             f"degradation level {level!r} is not one of {levels}{_suggest(str(level), levels)}",
         )
         require(
-            action in ACTIONS,
+            action in actions,
             task,
             f"degradation action {action!r} at {level} is not one of {actions}"
             f"{_suggest(str(action), actions)}",
