@@ -286,6 +286,36 @@ class ReportSettings(BaseModel):
         return self
 
 
+class DegradationRuleSettings(BaseModel):
+    """One degradation rule: ``level`` when its one condition holds — ``component`` (a
+    health component or a glob, ``provider:*``) at ``status`` or worse, ``breaker`` (a
+    name or glob) open, or at least ``breakers_open`` breakers open."""
+
+    level: Literal["MINOR", "MODERATE", "SEVERE", "CRITICAL"]
+    component: str | None = None
+    status: Literal["degraded", "unhealthy"] = "unhealthy"
+    breaker: str | None = None
+    breakers_open: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> DegradationRuleSettings:
+        if sum(x is not None for x in (self.component, self.breaker, self.breakers_open)) != 1:
+            raise ValueError("a rule takes exactly one of component, breaker, breakers_open")
+        return self
+
+
+class DegradationSettings(BaseModel):
+    """Degradation levels (README "Degradation levels"): the rules (None: the built-in
+    defaults; a list replaces them, highest matching level wins), how long a task
+    deferred by its plan waits before it looks again, and how old a health result may
+    be before the rules ignore it. RELIABLE_DEGRADATION__RULES='[{"breaker": "payment",
+    "level": "MODERATE"}]'"""
+
+    rules: list[DegradationRuleSettings] | None = None
+    recheck_seconds: float = Field(30.0, gt=0)
+    health_max_age_seconds: float = Field(300.0, gt=0)
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -324,6 +354,7 @@ class Settings(BaseSettings):
     maintenance: MaintenanceSettings = MaintenanceSettings()
     reprocess: ReprocessSettings = ReprocessSettings()
     reports: ReportSettings = ReportSettings()
+    degradation: DegradationSettings = DegradationSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

@@ -35,6 +35,9 @@ JOBS: tuple[Job, ...] = (
     Job("dlq-reprocess", "maintenance.dlq_reprocess", lambda m: m.dlq_reprocess_seconds),
     Job("report-hourly", "maintenance.report_hourly", lambda m: m.report_hourly_seconds),
     Job("report-daily", "maintenance.report_daily", lambda m: m.report_daily_seconds),
+    Job(
+        "degradation-evaluate", "maintenance.degradation_evaluate", lambda m: m.health_poll_seconds
+    ),
 )
 
 
