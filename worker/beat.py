@@ -14,6 +14,7 @@ from typing import Any
 
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs
+from worker import health
 from worker.app import app, runtime, settings
 from worker.schedule import job_named
 
@@ -39,3 +40,9 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+@app.task(name="maintenance.health_poll")
+def health_poll(slot: int | None = None) -> dict[str, Any]:
+    """Check every component and store the results (``P:health`` and its history)."""
+    return run_job("health-poll", lambda: health.poll(settings, runtime), slot)
