@@ -259,6 +259,24 @@ def test_a_poll_with_everything_up_is_healthy_and_stopped_processes_go_stale(
         wait_until(lambda: probe_passes(worker_file), 10, 0.2, "the worker file fresh again")
 
 
+def test_a_standby_beat_keeps_its_file_fresh_while_it_waits_for_the_lock(
+    env: Environment, tmp_path: Path
+) -> None:
+    env.extra["RELIABLE_MAINTENANCE__BEAT_LOCK_TIMEOUT_SECONDS"] = "5"
+    standby_file = tmp_path / "standby-alive"
+    with BeatProcess(env, name="active") as active:
+        wait_until(lambda: "Acquired lock" in active.log_text(), 20, message="active beat")
+        with BeatProcess(
+            env, name="standby", RELIABLE_HEALTH__BEAT_FILE=str(standby_file)
+        ) as standby:
+            started = time.monotonic()
+            # Longer than the probe's threshold: a file touched only by ticks would be stale.
+            wait_until(lambda: time.monotonic() - started > STALE_AFTER + 1, 10, 0.2, "a while")
+            assert probe_passes(standby_file)
+            assert "Acquired lock" not in standby.log_text()
+            assert probe_passes(tmp_path / "beat-alive")  # the active beat's, from its ticks
+
+
 def test_a_provider_down_is_unhealthy_the_others_fine_and_the_job_ok(
     env: Environment, sandbox: SandboxProvider
 ) -> None:
