@@ -176,9 +176,32 @@ class RateLimitSettings(BaseModel):
 
 
 class AlertSettings(BaseModel):
-    # Breaker transitions are POSTed here as JSON (a secret: it may carry a token).
+    """Alert hooks (worker/alerting.py): every alert is logged, counted, appended to the
+    stream ``P:alerts`` and, with a URL, POSTed as JSON."""
+
+    # A secret: it may carry a token. Each alert is retried on a transport error or a
+    # 408/425/429/5xx answer, at most webhook_attempts times and webhook_max_seconds in all.
     webhook_url: SecretStr | None = None
     webhook_timeout_seconds: float = Field(5.0, gt=0)
+    webhook_attempts: int = Field(3, ge=1)
+    webhook_max_seconds: float = Field(10.0, gt=0)
+    webhook_backoff_seconds: float = Field(0.5, ge=0)
+    # Alerts kept in the stream P:alerts (the newest).
+    stream_max_len: int = Field(10_000, ge=100)
+
+
+class MonitorSettings(BaseModel):
+    """The breaker monitor (beat job ``breaker-monitor``): alert thresholds and history."""
+
+    # A breaker that has not closed for this long (open, or half-open failing its
+    # trials) raises one alert per episode.
+    open_alert_seconds: float = Field(600.0, gt=0)
+    # More trips (closed -> open) than this in the last hour is flapping: one alert,
+    # then none until the count has fallen below it.
+    flaps_per_hour: int = Field(3, ge=1)
+    # Snapshot history: older entries are trimmed, and never more than the cap.
+    history_seconds: float = Field(7 * 86400.0, gt=0)
+    history_max_entries: int = Field(100_000, ge=100)
 
 
 class MaintenanceSettings(BaseModel):
@@ -199,6 +222,68 @@ class MaintenanceSettings(BaseModel):
     # A second beat process waits on this lock and takes over when its holder stops
     # renewing it (celery-redbeat).
     beat_lock_timeout_seconds: float = Field(30.0, ge=5)
+
+
+class ReprocessSettings(BaseModel):
+    """DLQ reprocessing by policy (beat job ``dlq-reprocess``, ``reliable dlq reprocess``).
+
+    A ``transient`` or ``retry_budget_exhausted`` entry is redriven no earlier than
+    ``backoff_base_seconds * 2**redrives`` (at most ``backoff_max_seconds``) after its
+    last failure; a run redrives at most ``max_per_run`` entries; a claim on an entry
+    being redriven lapses after ``claim_seconds`` (its redriver died mid-way).
+    """
+
+    backoff_base_seconds: float = Field(60.0, ge=0)
+    backoff_max_seconds: float = Field(3600.0, ge=0)
+    max_per_run: int = Field(100, ge=1)
+    claim_seconds: float = Field(60.0, gt=0)
+
+
+class ReportSettings(BaseModel):
+    """The reliability report (hourly and daily) and its retry analytics (seed 004).
+
+    ``RELIABLE_REPORTS__OBJECTIVES='{"payments.charge": 0.99}'``: a task's success-rate
+    objective; the report shows how fast each period burns its error budget.
+    """
+
+    # Reports kept per period (7 days of hourly ones, 90 daily ones).
+    hourly_retention: int = Field(168, ge=1)
+    daily_retention: int = Field(90, ge=1)
+    # Ledger read before the period: retry windows that close in it started there, and
+    # the spike detector's baseline.
+    lookback_seconds: float = Field(3600.0, ge=0)
+    top_fingerprints: int = Field(10, ge=1)
+    # Anomalies: retried share of attempts (over at least min attempts), window length,
+    # attempts of one logical task.
+    anomaly_retry_rate: float = Field(0.2, gt=0, le=1)
+    anomaly_min_attempts: int = Field(20, ge=1)
+    anomaly_window_seconds: float = Field(300.0, gt=0)
+    anomaly_attempts: int = Field(5, ge=1)
+    # Spikes: retries in a sliding window >= max(min retries, multiplier x baseline).
+    spike_window_seconds: float = Field(60.0, gt=0)
+    spike_baseline_seconds: float = Field(900.0, gt=0)
+    spike_multiplier: float = Field(3.0, ge=1)
+    spike_min_retries: int = Field(10, ge=1)
+    objectives: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_are_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        wrong = sorted(name for name, rate in value.items() if not 0 < rate < 1)
+        if wrong:
+            raise ValueError(
+                f"a success-rate objective is a number between 0 and 1 (e.g. 0.99): {wrong}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_longer_than_window(self) -> ReportSettings:
+        if self.spike_baseline_seconds <= self.spike_window_seconds:
+            raise ValueError(
+                "RELIABLE_REPORTS__SPIKE_BASELINE_SECONDS must exceed"
+                " RELIABLE_REPORTS__SPIKE_WINDOW_SECONDS"
+            )
+        return self
 
 
 # Components a health check may name (reliability.health); providers by their settings.
@@ -308,8 +393,11 @@ class Settings(BaseSettings):
     # {"kind": "gcra", "rate": 50, "burst": 10}}'
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     alerts: AlertSettings = AlertSettings()
+    monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     health: HealthSettings = HealthSettings()
+    reprocess: ReprocessSettings = ReprocessSettings()
+    reports: ReportSettings = ReportSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

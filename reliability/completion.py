@@ -22,7 +22,7 @@ import structlog
 from reliability import metrics
 from reliability.delivery import delivery_key, delivery_ttl_ms
 from reliability.idempotency import idem_key, result_ttl
-from reliability.ledger import Outcome
+from reliability.ledger import Outcome, ran_for
 from reliability.runtime import Runtime
 from reliability.scripts import FRAGMENTS, Part, Script, script
 
@@ -46,6 +46,7 @@ _ARGS = (
     "name",
     "attempt",
     "budget_window",
+    "duration",
 )
 _BODY = f"""
 {FRAGMENTS}
@@ -56,7 +57,7 @@ if @idem ~= '' and idem_complete(@idem, @leases, $owner, $fence, $result,
 end
 delivery_finish(@dlv, outcome, tonumber($dlv_ttl_ms))
 if @budget ~= '' then budget_count_call(@budget, tonumber($budget_window)) end
-ledger_add(@ledger, $ledger_max, $task_id, $name, outcome, $attempt, '')
+ledger_add(@ledger, $ledger_max, $task_id, $name, outcome, $attempt, '', $duration)
 """
 _LIBRARIES = ("idempotency", "delivery", "ledger", "budget")
 
@@ -139,6 +140,7 @@ class Completion:
                 "name": d.name,
                 "attempt": d.attempt,
                 "budget_window": rt.config.budget_window_seconds,
+                "duration": ran_for(d.duration),
             },
             parts=parts,
             store=store,

@@ -194,6 +194,7 @@ PARK = script(
         "attempt",
         "outcome",
         "detail",
+        "duration",
     ),
     body=f"""
 {FRAGMENTS}
@@ -209,7 +210,7 @@ local due = now + tonumber($delay)
 park(@parked, @parked_msgs, $park_id, due, $envelope)
 defer_issue(@defer, math.ceil(tonumber($delay) * 1000) + tonumber($dlv_ttl_ms))
 delivery_finish(@dlv, $outcome, tonumber($dlv_ttl_ms))
-ledger_add(@ledger, $ledger_max, $task_id, $name, $outcome, $attempt, $detail)
+ledger_add(@ledger, $ledger_max, $task_id, $name, $outcome, $attempt, $detail, $duration)
 return {{'parked', string.format('%.6f', due)}}
 """,
 )

@@ -3,9 +3,9 @@
 Entries live in Redis (a hash of JSON envelopes plus an index by failure time), written
 in the same script that settles the delivery and records the ledger outcome. The size
 is bounded by policy (``max_entries``; the oldest are evicted, logged and counted).
-Redrive re-enqueues the same logical work (:mod:`reliability.republish`: idempotency
-key, correlation id, routing, expiry, time limits, workflow ids) under a new task id,
-removes the entry only after the publish succeeded, and is capped per entry.
+Redrive (:mod:`reliability.redrive`) claims the entry, re-enqueues the same logical
+work (:mod:`reliability.republish`) under a new task id, removes the entry only after
+the publish succeeded and records it (audit trail, ledger); it is capped per entry.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import redis
+import structlog
 
-from reliability.delivery import CORRELATION_ID, PRODUCER_HEADERS, REDRIVE_COUNT
 from reliability.errors import RedriveRefused
-from reliability.republish import Copy, Publisher, republish
+from reliability.fingerprint import fingerprint
+from reliability.redrive import DEFAULT_CLAIM_SECONDS, Redrives, redriven, refusal
+from reliability.republish import Publisher, republish
 from reliability.scripts import FRAGMENTS, script
 from reliability.store import Store
 
 T = TypeVar("T")
+log = structlog.get_logger("reliability.dlq")
 
 
 class FailureClass(StrEnum):
@@ -41,7 +44,7 @@ class FailureClass(StrEnum):
 
 # KEYS idem (or ''), leases, dlv, ledger, budget (or ''), dlq, dlq_index
 # ARGV owner (or ''), fence, budget window, entry id, envelope, max entries, dlv ttl (ms),
-#      ledger max, task id, name, attempt, failure class
+#      ledger max, task id, name, attempt, failure class, duration (or '': not run)
 DEAD_LETTER = script(
     "idempotency",
     "delivery",
@@ -62,6 +65,7 @@ DEAD_LETTER = script(
         "name",
         "attempt",
         "failure_class",
+        "duration",
     ),
     body=f"""
 {FRAGMENTS}
@@ -69,7 +73,8 @@ if @idem ~= '' and $owner ~= '' then idem_release(@idem, @leases, $owner, $fence
 if @budget ~= '' then budget_count_call(@budget, tonumber($budget_window)) end
 local evicted = dlq_add(@dlq, @dlq_index, $entry_id, $envelope, $max_entries)
 if @dlv ~= '' then delivery_finish(@dlv, 'dead_lettered', tonumber($dlv_ttl_ms)) end
-ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $failure_class)
+ledger_add(@ledger, $ledger_max, $task_id, $name, 'dead_lettered', $attempt, $failure_class,
+  $duration)
 return evicted
 """,
 )
@@ -113,6 +118,11 @@ class DeadLetter:
     masked_args: list[str] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @property
+    def fingerprint(self) -> str:
+        """The failure's kind (:mod:`reliability.fingerprint`): exception type + message."""
+        return fingerprint(self.exception_type, self.exception_message or self.reason)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)
 
@@ -131,10 +141,12 @@ class Filter:
     task_name: str | None = None
     since: float | None = None
     until: float | None = None
+    fingerprint: str | None = None
 
     def matches(self, entry: DeadLetter) -> bool:
         return (
             (self.failure_class is None or entry.failure_class == self.failure_class)
+            and (self.fingerprint is None or entry.fingerprint == self.fingerprint)
             and (self.task_name is None or entry.task_name == self.task_name)
             and (self.since is None or entry.last_failure_at >= self.since)
             and (self.until is None or entry.last_failure_at <= self.until)
@@ -148,10 +160,18 @@ Read = Callable[[redis.Redis], T]
 class DeadLetterQueue:
     """Read and administer the DLQ (writes happen in the settle scripts)."""
 
-    def __init__(self, store: Store, *, max_entries: int = 100_000, max_redrives: int = 3) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_entries: int = 100_000,
+        max_redrives: int = 3,
+        ledger_max_len: int = 1_000_000,
+    ) -> None:
         self.store = store
         self.max_entries = max_entries
         self.max_redrives = max_redrives
+        self.redrives = Redrives(store, ledger_max_len=ledger_max_len, audit_max=max_entries)
 
     def add(self, entry: DeadLetter, ledger: Any, attempt: int = 1) -> int:
         """Write an entry for work that never reached a task; returns evictions."""
@@ -236,34 +256,39 @@ class DeadLetterQueue:
 
         return self.store.call("dlq remove", _remove)
 
-    def redrive(self, entry_id: str, app: Publisher) -> str:
+    def redrive(
+        self,
+        entry_id: str,
+        app: Publisher,
+        by: str = "operator",
+        claim_seconds: float = DEFAULT_CLAIM_SECONDS,
+    ) -> str:
         """Re-enqueue one entry through ``app``; returns the new task id. The entry is
-        removed only after the publish returned."""
-        entry = self.get(entry_id)
-        if entry is None:
-            raise RedriveRefused(f"no DLQ entry {entry_id}")
-        if entry.masked_args:
-            raise RedriveRefused(
-                f"entry {entry_id} keeps {', '.join(entry.masked_args)} masked (secrets never"
-                " reach the DLQ): redriving would run the work with *** in their place;"
-                " the producer must send it again"
-            )
-        if entry.redrive_count >= self.max_redrives:
-            raise RedriveRefused(
-                f"entry {entry_id} was redriven {entry.redrive_count} times"
-                f" (max {self.max_redrives})"
-            )
-        new_task_id = republish(app, redriven(entry))
-        self.remove(entry_id)
+        claimed first, removed only after the publish returned, and the redrive recorded
+        by ``by`` (audit trail, outcome ledger): :mod:`reliability.redrive`."""
+        token = self.redrives.claim(entry_id, claim_seconds)  # or RedriveRefused
+        try:
+            entry = self.get(entry_id)
+            why = refusal(entry, entry_id, self.max_redrives)
+            if why is not None or entry is None:
+                raise RedriveRefused(why or entry_id)
+            new_task_id = republish(app, redriven(entry))
+        except BaseException:
+            self.redrives.release(entry_id, token)
+            raise
+        if not self.redrives.confirm(entry, token, new_task_id, by):
+            log.warning("dlq_redrive_claim_lapsed", entry_id=entry_id, task_id=new_task_id)
         return new_task_id
 
-    def redrive_matching(self, where: Filter, app: Publisher) -> tuple[list[str], list[str]]:
+    def redrive_matching(
+        self, where: Filter, app: Publisher, by: str = "operator"
+    ) -> tuple[list[str], list[str]]:
         """Redrive every matching entry: (new task ids, refused entry ids)."""
         done: list[str] = []
         refused: list[str] = []
         for entry in list(self.iter(where)):
             try:
-                done.append(self.redrive(entry.id, app))
+                done.append(self.redrive(entry.id, app, by))
             except RedriveRefused:
                 refused.append(entry.id)
         return done, refused
@@ -271,27 +296,3 @@ class DeadLetterQueue:
     def purge(self, where: Filter | None = None) -> int:
         ids = [entry.id for entry in self.iter(where)]
         return sum(1 for entry_id in ids if self.remove(entry_id))
-
-
-def redriven(entry: DeadLetter) -> Copy:
-    """The copy a redrive publishes: the entry's work as a new task (new id, attempt 1).
-
-    The producer's headers carry its idempotency key as sent (a derived key is derived
-    again from the same arguments), so the redriven task keys the same; of our internal
-    headers only the redrive count applies (a redrive is no parked copy nor a retry).
-    """
-    headers = {k: v for k, v in entry.headers.items() if k in PRODUCER_HEADERS}
-    if entry.correlation_id:
-        headers[CORRELATION_ID] = entry.correlation_id
-    headers[REDRIVE_COUNT] = entry.redrive_count + 1
-    return Copy(
-        task=entry.task_name,
-        args=entry.args,
-        kwargs=entry.kwargs,
-        headers=headers,
-        routing=entry.routing,
-        expires=entry.expires,
-        time_limits=entry.time_limits,
-        parent_id=entry.parent_id,
-        root_id=entry.root_id,
-    )

@@ -37,6 +37,13 @@ class Outcome(StrEnum):
     DEFERRED = "deferred"  # parked without spending an attempt (key in progress, ...)
     DUPLICATE_DELIVERY = "duplicate_delivery"  # another copy of this delivery already ran
     REQUEUED = "requeued"  # the pool child died; the broker redelivers the message
+    REDRIVEN = "redriven"  # a DLQ entry re-enqueued (detail: dlq <entry id>)
+
+
+def ran_for(seconds: float) -> str:
+    """A ledger record's ``duration`` argument: the seconds the body ran, or '' when it
+    did not run (a delivery's duration stays 0 until its body returns)."""
+    return f"{seconds:.6f}" if seconds > 0 else ""
 
 
 FINAL = frozenset(

@@ -91,6 +91,7 @@ class Runtime:
             store,
             max_entries=self.config.dlq_max_entries,
             max_redrives=self.config.dlq_max_redrives,
+            ledger_max_len=self.config.ledger_max_len,
         )
 
     def tracked_cache(self) -> TrackedCache:

@@ -30,7 +30,7 @@ from reliability.dlq import DEAD_LETTER, FailureClass
 from reliability.errors import BackendUnavailable, PermanentError
 from reliability.guard import Call, Ending, Guard
 from reliability.idempotency import RELEASE, idem_key
-from reliability.ledger import Outcome
+from reliability.ledger import Outcome, ran_for
 from reliability.scripts import Part, Script
 
 log = structlog.get_logger("reliability.pipeline")
@@ -183,6 +183,7 @@ class Settlement:
                 "attempt": d.attempt,
                 "outcome": str(outcome),
                 "detail": detail,
+                "duration": ran_for(d.duration),
             },
             "park",
             self.tails(call, ending) if ending is not None else (),
@@ -228,6 +229,7 @@ class Settlement:
                 "name": d.name,
                 "attempt": d.attempt,
                 "failure_class": str(failure),
+                "duration": ran_for(d.duration),
             },
             "dead_letter",
             parts,

@@ -79,6 +79,7 @@ EXPECTED = {
     ("dlq", "retry"): r"re-enqueued",
     ("dlq", "purge"): r"deleted \d+",
     ("dlq", "count"): r"^\d+$",
+    ("dlq", "reprocess"): r"^reprocess \(dry run\): \d+ entries|^\{",
     ("ledger",): rf"^{ISO}  (succeeded|dead_lettered)",
 }
 

@@ -8,14 +8,20 @@ running a job by hand for a given slot; beat sends none (the current slot is use
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
+from reliability.breaker.monitor import BreakerMonitor, MonitorPolicy
 from reliability.dlq import Filter
-from reliability.jobs import JobResult, Jobs
+from reliability.jobs import JobResult, Jobs, slot_of
+from reliability.reports import DAY, HOUR
 from worker import health
+from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
+from worker.reporting import every, report_for_slot
+from worker.reprocess import reprocessor
 from worker.schedule import job_named
 
 jobs = Jobs(runtime.store, runtime.masker, settings.maintenance.job_history)
@@ -40,6 +46,46 @@ def dlq_cleanup(max_age_days: int | None = None, slot: int | None = None) -> dic
         return {"purged": runtime.dlq.purge(Filter(until=time.time() - days * 86400))}
 
     return run_job("dlq-cleanup", work, slot)
+
+
+@functools.cache
+def breaker_monitor_of_process() -> BreakerMonitor:
+    """The process's breaker monitor, over every breaker the runtime knows."""
+    m = settings.monitor
+    policy = MonitorPolicy(
+        m.open_alert_seconds, m.flaps_per_hour, m.history_seconds, m.history_max_entries
+    )
+    return BreakerMonitor(runtime.store, runtime.breakers, alert_hooks(settings, runtime), policy)
+
+
+@app.task(name="maintenance.breaker_monitor")
+def breaker_monitor(slot: int | None = None) -> dict[str, Any]:
+    """Snapshot every breaker (with history); alert once per open-too-long or flapping episode."""
+    return run_job("breaker-monitor", lambda: breaker_monitor_of_process().run(), slot)
+
+
+@app.task(name="maintenance.dlq_reprocess")
+def dlq_reprocess(slot: int | None = None) -> dict[str, Any]:
+    """Redrive the DLQ by policy; hold, and alert once on, what needs an operator."""
+    work = reprocessor(app, runtime, settings, by=f"job:dlq-reprocess@{jobs.identity}")
+    return run_job("dlq-reprocess", lambda: work.run().summary(), slot)
+
+
+@app.task(name="maintenance.report_hourly")
+def report_hourly(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete hour (the period that ended
+    when this run's slot began)."""
+    slot = slot_of(time.time(), every(settings, HOUR)) if slot is None else slot
+    return run_job(
+        "report-hourly", lambda: report_for_slot(app, runtime, settings, HOUR, slot), slot
+    )
+
+
+@app.task(name="maintenance.report_daily")
+def report_daily(slot: int | None = None) -> dict[str, Any]:
+    """Write the reliability report of the previous complete day (UTC)."""
+    slot = slot_of(time.time(), every(settings, DAY)) if slot is None else slot
+    return run_job("report-daily", lambda: report_for_slot(app, runtime, settings, DAY, slot), slot)
 
 
 @app.task(name="maintenance.health_poll")

@@ -8,8 +8,9 @@ Ctrl-C (or SIGTERM) is a warm shutdown of everything it started, then of the emb
 Redis it started; a second Ctrl-C is a cold shutdown.
 
 ``reliable dlq ...`` is the dead-letter queue CLI, ``reliable ledger`` tails the outcome
-ledger, ``reliable breakers`` and ``reliable limits`` show and change the fleet's circuit
-breakers and rate limits. Errors are one line on stderr (:mod:`worker.console`).
+ledger, ``reliable report`` prints the latest reliability report, ``reliable breakers``
+and ``reliable limits`` show and change the fleet's circuit breakers and rate limits.
+Errors are one line on stderr (:mod:`worker.console`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from config import Environment, Settings, load_settings
 from reliability.errors import ConfigurationError
 from reliability.jobs import Jobs
 from reliability.ratelimit import RateLimit, RateLimiter
+from reliability.reports import HOUR, PERIODS
 from worker import embedded
 from worker.celeryconfig import embedded_data_dir
 from worker.console import (
@@ -41,6 +43,7 @@ from worker.console import (
     positive_float,
     positive_int,
 )
+from worker.report_cli import show_report
 from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
@@ -189,6 +192,33 @@ def breakers(service: Any, action: str, name: str | None, mode: str | None) -> i
     return 0
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def monitor(service: Any, as_json: bool) -> int:
+    """The breaker monitor's latest snapshot of each breaker (``reliable monitor``)."""
+    from reliability.breaker.monitor import latest_snapshots
+
+    snaps = latest_snapshots(service.runtime.store)
+    if as_json:
+        times = ("at", "down_since", "open_until")
+        shown = [{k: iso(v) if k in times and v else v for k, v in s.items()} for s in snaps]
+        print(json.dumps(shown, indent=2))
+        return 0
+    for s in snaps:
+        print(
+            f"{s['breaker']:<16} {s['state']:<10} mode={s['mode']:<12} "
+            f"in_state={_seconds(s['time_in_state_seconds'])} "
+            f"down={_seconds(s['down_seconds'])} failure_rate={s['failure_rate']:.2f} "
+            f"slow_rate={s['slow_call_rate']:.2f} calls={s['window_calls']} "
+            f"consecutive={s['failure_count']} transitions/h={s['transitions_last_hour']} "
+            f"flaps/h={s['flaps_last_hour']}  at={iso(s['at'])}"
+        )
+    print(f"-- {len(snaps)} breaker(s) as the breaker-monitor job last saw them")
+    return 0
+
+
 def _num(value: float) -> str:
     """A number as an operator writes it: 20, 0.5, 1000000 (never 1e+06)."""
     return str(int(value)) if float(value).is_integer() else f"{value:.6f}".rstrip("0")
@@ -307,6 +337,9 @@ def _parser() -> argparse.ArgumentParser:
     p_jobs.add_argument("--job", help="only this job (dlq-cleanup, health-poll, ...)")
     p_jobs.add_argument("-n", "--count", type=positive_int, default=20)
     p_jobs.add_argument("--json", action="store_true")
+    p_report = sub.add_parser("report", help="the latest reliability report (Markdown or JSON)")
+    p_report.add_argument("--period", choices=PERIODS, default=HOUR)
+    p_report.add_argument("--json", action="store_true")
     p_health = sub.add_parser(
         "health", help="check every component now; exit 1 when not ready (a critical one down)"
     )
@@ -315,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
     p_cb.add_argument("mode", nargs="?", choices=BREAKER_MODES)
+    p_mon = sub.add_parser("monitor", help="the breaker monitor's latest snapshots")
+    p_mon.add_argument("--json", action="store_true")
     p_rl = sub.add_parser("limits", help="list rate limits, change one at runtime, reset one")
     p_rl.add_argument("action", choices=["list", "set", "reset"])
     p_rl.add_argument("name", nargs="?")
@@ -370,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operate(PROG, lambda service: tail_ledger(service, args.count))
     if args.command == "jobs":
         return operate(PROG, lambda service: job_runs(service, args.job, args.count, args.json))
+    if args.command == "report":
+        return operate(PROG, lambda service: show_report(service, args.period, args.json))
     if args.command == "health":
         from worker import health
 
@@ -378,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
+    if args.command == "monitor":
+        return operate(PROG, lambda service: monitor(service, args.json))
     if args.command == "limits":
         values = {
             k: v

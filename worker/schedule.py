@@ -40,6 +40,10 @@ class Job:
 # Each job's task lives in worker/beat.py (or a module it imports).
 JOBS: tuple[Job, ...] = (
     Job("dlq-cleanup", "maintenance.dlq_cleanup", lambda m: m.dlq_cleanup_seconds),
+    Job("breaker-monitor", "maintenance.breaker_monitor", lambda m: m.breaker_monitor_seconds),
+    Job("dlq-reprocess", "maintenance.dlq_reprocess", lambda m: m.dlq_reprocess_seconds),
+    Job("report-hourly", "maintenance.report_hourly", lambda m: m.report_hourly_seconds),
+    Job("report-daily", "maintenance.report_daily", lambda m: m.report_daily_seconds),
     Job("health-poll", "maintenance.health_poll", lambda m: m.health_poll_seconds),
 )
 

@@ -6,6 +6,9 @@ errors) — gating is the task class's job. Closures are connected with ``weak=F
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -13,7 +16,7 @@ from celery import Celery, signals
 
 from config import Settings
 from reliability import delivery
-from reliability.breaker.alerts import BreakerEvents, default_hooks
+from reliability.breaker.alerts import BreakerEvents
 from reliability.deadline import format_deadline
 from reliability.deferral import Mover
 from reliability.endings import running_deliveries
@@ -21,14 +24,20 @@ from reliability.heartbeat import Heartbeat
 from reliability.lease import LeaseKeeper
 from reliability.logs import clear_task_context, configure_logging
 from reliability.maintenance import Maintenance
+from reliability.periodic import Periodic
 from reliability.reaper import Reaper, kombu_restorer
 from reliability.runtime import Runtime
 from reliability.sensitive import clear_delivery_values
 from reliability.transport import TRANSPORT_PATH, restore_owned, sweep_orphans
 from worker import embedded, preflight
+from worker.alerting import alert_hooks
 from worker.celeryconfig import embedded_data_dir
 
 log = structlog.get_logger("worker")
+
+
+# How often each worker looks for breaker transitions to alert on.
+ALERT_INTERVAL_SECONDS = 0.5
 
 
 def propagate_context(headers: dict[str, Any] | None) -> None:
@@ -96,14 +105,17 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
             claim_seconds=settings.deferral.claim_timeout_seconds,
             batch_size=settings.deferral.batch_size,
         )
-        hooks = default_hooks()
-        if settings.alerts.webhook_url is not None:
-            hooks.add_webhook_url(
-                settings.alerts.webhook_url.get_secret_value(),
-                settings.alerts.webhook_timeout_seconds,
-            )
-        events = BreakerEvents(runtime.store, hooks)
-        sweepers = [events.deliver]
+        # Breaker transitions reach the alert hooks on their own thread (a webhook may
+        # take seconds); the consumer group gives each transition to one worker.
+        events = BreakerEvents(
+            runtime.store,
+            alert_hooks(settings, runtime),
+            consumer=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        alerts = Periodic("reliable-breaker-alerts", events.deliver, ALERT_INTERVAL_SECONDS)
+        alerts.start()
+        state["alerts"] = alerts
+        sweepers: list[Callable[[], int]] = []
         if app.conf.broker_transport == TRANSPORT_PATH:
             sweepers.append(lambda: sweep_orphans(app))
         maintenance = Maintenance(
@@ -117,6 +129,9 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         state["maintenance"] = maintenance
 
     def on_worker_shutdown(**_: Any) -> None:
+        alerts = state.pop("alerts", None)
+        if alerts is not None:
+            alerts.stop()
         maintenance = state.pop("maintenance", None)
         if maintenance is not None:
             maintenance.stop()

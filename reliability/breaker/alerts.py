@@ -5,8 +5,8 @@ by time, inside whichever admission first notices) to one Redis stream, exactly 
 The maintenance leader reads it through a consumer group and acknowledges each entry
 after its hooks ran, so every transition is logged (``circuit_breaker_opened``,
 ``_half_open``, ``_closed``) and alerted once, and a leader that dies mid-way leaves its
-pending entries to the next one (``XAUTOCLAIM``). Hooks follow seed 004: log, metric and
-webhook hooks, each ``(event_type, message, context)``.
+pending entries to the next one (``XAUTOCLAIM``). Hooks follow seed 004: log, metric,
+event and webhook hooks, each ``(event_type, message, context)``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-import structlog
 from prometheus_client import Counter, Gauge
 
-from reliability.alerts import AlertHooks
+from reliability.alerts import AlertHooks, log_hook
 from reliability.breaker.config import EVENTS_STREAM
 from reliability.errors import BackendUnavailable
 from reliability.metrics import PREFIX
 from reliability.store import Store
-
-log = structlog.get_logger("reliability.breaker.alerts")
 
 EVENT_NAMES = {
     "open": "circuit_breaker_opened",
@@ -48,19 +45,24 @@ STATE = Gauge(
 )
 
 
+# Transitions back towards health are logged at info; opening (and any other alert) warns.
+LOG_LEVELS = {"circuit_breaker_half_open": "info", "circuit_breaker_closed": "info"}
+TRANSITION_EVENTS = frozenset(EVENT_NAMES.values())
+
+
+def count_transition(event_type: str, _message: str, context: dict[str, Any]) -> None:
+    """Metric hook: transitions counted and the state gauge set (other alerts ignored)."""
+    if event_type not in TRANSITION_EVENTS:
+        return
+    TRANSITIONS.labels(context["breaker"], context["to"]).inc()
+    STATE.labels(context["breaker"]).set(STATE_VALUES.get(context["to"], 0))
+
+
 def default_hooks() -> AlertHooks:
+    """Log and metric hooks only (the worker builds the full set: ``worker/alerting.py``)."""
     hooks = AlertHooks()
-
-    def to_log(event_type: str, message: str, context: dict[str, Any]) -> None:
-        level = log.warning if context.get("to") == "open" else log.info
-        level(event_type, message=message, **context)
-
-    def to_metrics(_event_type: str, _message: str, context: dict[str, Any]) -> None:
-        TRANSITIONS.labels(context["breaker"], context["to"]).inc()
-        STATE.labels(context["breaker"]).set(STATE_VALUES.get(context["to"], 0))
-
-    hooks.add_log_hook(to_log)
-    hooks.add_metric_hook(to_metrics)
+    hooks.add_log_hook(log_hook(LOG_LEVELS))
+    hooks.add_metric_hook(count_transition)
     return hooks
 
 

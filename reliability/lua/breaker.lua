@@ -1,5 +1,6 @@
 -- Circuit breaker shared by the fleet (semantics after resilience4j).
--- Keys per breaker: H (hash: state, mode, open_until, consec, half_ok, since),
+-- Keys per breaker: H (hash: state, mode, open_until, consec, half_ok, since, down_since:
+-- when it last left closed, so a monitor can tell one open episode from the next),
 -- W (window: a list for count windows, a hash of per-second buckets for time windows),
 -- T (zset of half-open trial leases: owner -> expiry), E (stream of transitions).
 -- cfg: threshold (consecutive failures, 0 = off), rate (failure-rate threshold 0..1,
@@ -19,6 +20,9 @@ local CB_CFG_ARGS = 11
 
 local function cb_transition(H, W, T, E, name, from, to, reason, mode, cfg)
   redis.call('HSET', H, 'state', to, 'since', string.format('%.6f', now))
+  if to ~= 'closed' and (from == 'closed' or not redis.call('HGET', H, 'down_since')) then
+    redis.call('HSET', H, 'down_since', string.format('%.6f', now))
+  end
   if to == 'open' then
     redis.call('HSET', H, 'open_until', string.format('%.6f', now + cfg.recovery), 'half_ok', 0)
     redis.call('DEL', T)
