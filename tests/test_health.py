@@ -31,10 +31,13 @@ from reliability.health import (
 )
 from reliability.jobs import Jobs
 from reliability.probes import BeatPulse, beat_probe, http_probe, workers_probe
+from reliability.runtime import Runtime
 from reliability.security import Masker
 from reliability.store import Store
 from tests.support.fleet import ROOT, BeatProcess, Environment, WorkerProcess, wait_until
+from worker.health import checks
 from worker.sandbox import SandboxProvider
+from worker.schedule import beat_schedule
 
 COMPONENTS = [
     "redis",
@@ -168,6 +171,26 @@ def test_a_critical_provider_must_be_checked(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("RELIABLE_HEALTH__EXPORT_PROBE_PATH", "")
     with pytest.raises(SettingsError, match="EXPORT_PROBE_PATH is empty"):
         load_settings()
+
+
+def test_the_schedule_and_the_checks_come_from_settings() -> None:
+    settings = load_settings(
+        maintenance={"health_poll_seconds": 15}, health={"export_probe_path": ""}
+    )
+    assert beat_schedule(settings)["health-poll"] == {
+        "task": "maintenance.health_poll",
+        "schedule": 15.0,
+    }
+    runtime = Runtime(Store("redis://127.0.0.1:1/0", "unused"))
+    built = {c.name: c.timeout for c in checks(settings, runtime)}
+    assert built == {
+        "redis": 2.0,
+        "broker": 3.0,
+        "workers": 2.0,
+        "beat": 2.0,
+        "provider:payment": 3.0,
+        "provider:notification": 3.0,
+    }
 
 
 def test_the_sandbox_probe_endpoint_is_down_during_an_outage(sandbox: SandboxProvider) -> None:
