@@ -18,6 +18,7 @@ from reliability.degradation import DegradationState, breaker_snapshots
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs, slot_of
 from reliability.reports import DAY, HOUR
+from worker import health
 from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
 from worker.celeryconfig import degradation_rules
@@ -103,3 +104,9 @@ def degradation_evaluate(slot: int | None = None) -> dict[str, Any]:
         ),
         slot,
     )
+
+
+@app.task(name="maintenance.health_poll")
+def health_poll(slot: int | None = None) -> dict[str, Any]:
+    """Check every component and store the results (``P:health`` and its history)."""
+    return run_job("health-poll", lambda: health.poll(settings, runtime), slot)

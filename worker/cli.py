@@ -346,6 +346,10 @@ def _parser() -> argparse.ArgumentParser:
     p_report = sub.add_parser("report", help="the latest reliability report (Markdown or JSON)")
     p_report.add_argument("--period", choices=PERIODS, default=HOUR)
     p_report.add_argument("--json", action="store_true")
+    p_health = sub.add_parser(
+        "health", help="check every component now; exit 1 when not ready (a critical one down)"
+    )
+    p_health.add_argument("--json", action="store_true", help="seed 002's readiness body")
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
@@ -413,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operate(PROG, lambda service: job_runs(service, args.job, args.count, args.json))
     if args.command == "report":
         return operate(PROG, lambda service: show_report(service, args.period, args.json))
+    if args.command == "health":
+        from worker import health
+
+        return operate(
+            PROG, lambda service: health.show(service.settings, service.runtime, args.json)
+        )
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
     if args.command == "monitor":
