@@ -18,6 +18,13 @@ ARG CA_IMAGE=${BASE}
 
 FROM ${CA_IMAGE} AS ca
 
+# The dependencies (and the [flower] extra) as a requirements file. Docker caches a COPY by
+# content: an edit of pyproject.toml that leaves them alone reuses the install layer below.
+FROM ${BASE} AS requirements
+COPY pyproject.toml /src/
+RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['flower']))" > /requirements.txt
+
 FROM ${BASE} AS build
 COPY --from=ca /etc/ssl/certs/ca-certificates.crt /tmp/build-ca.crt
 ENV PIP_CERT=/tmp/build-ca.crt \
@@ -25,13 +32,11 @@ ENV PIP_CERT=/tmp/build-ca.crt \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --upgrade pip
+# Dependencies first: a source change reuses this layer.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN /opt/venv/bin/pip install --quiet --requirement /tmp/requirements.txt
 WORKDIR /src
-# Dependencies first, read from pyproject.toml alone: a source change reuses this layer.
-COPY pyproject.toml ./
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['flower']))" > /tmp/requirements.txt \
-    && /opt/venv/bin/pip install --quiet --requirement /tmp/requirements.txt
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY config config
 COPY reliability reliability
 COPY worker worker
@@ -55,6 +60,7 @@ USER 10001:10001
 WORKDIR /home/reliable
 # The worker answers a ping addressed to its own node name (celery@<hostname>, Celery's
 # default). A container running beat, Flower or the sandbox turns it off or replaces it.
+# To become a check of the heartbeat file once the worker writes one (RELIABLE_HEALTH__*).
 HEALTHCHECK --interval=30s --timeout=20s --start-period=30s --retries=3 \
     CMD celery -A worker.app inspect ping --destination "celery@$(hostname)" --timeout 10 \
         > /dev/null || exit 1
