@@ -134,8 +134,14 @@ def test_scaled_compose_workers_have_their_own_identity_and_turn_healthy(
     client = redis.Redis.from_url(env.redis_url, decode_responses=True)
     identities = client.hkeys(f"{env.prefix}:workers")
     assert len(identities) == 2 and len(set(identities)) == 2, identities
-    replies = env.producer().control.ping(timeout=2)
-    nodes = sorted(node for reply in replies for node in reply)
-    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    producer = env.producer()
+
+    def nodes_answering() -> list[str]:
+        # Healthy (the liveness file) can come before the consumer answers control.
+        replies = producer.control.ping(timeout=1)
+        return sorted(node for reply in replies for node in reply)
+
+    nodes = wait_until(lambda: len(nodes_answering()) == 2 and nodes_answering(), 30)
+    assert len(set(nodes)) == 2, nodes
     assert all(node.startswith("worker-") for node in nodes), nodes
     assert docker("network", "ls", "-q").stdout.split() == networks  # no network created
