@@ -9,7 +9,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint typecheck bench demo
+.PHONY: install run test test-image lint typecheck bench demo
 install: $(BIN)/.installed
 
 run: install  ## worker + beat (+ sandbox provider) on an embedded Redis unless RELIABLE_REDIS__URL is set
@@ -17,6 +17,10 @@ run: install  ## worker + beat (+ sandbox provider) on an embedded Redis unless 
 
 test: install  ## the whole test suite (real Redis if one answers, else an embedded one)
 	$(BIN)/python -m pytest
+
+test-image: install  ## build the Docker image on a local base and run it (tests/image; root: starts dockerd)
+	tests/image/prepare.sh
+	$(BIN)/python -m pytest -s tests/image
 
 lint: install  ## ruff, ruff format --check, mypy --strict (reliability/, config/)
 	$(BIN)/ruff check .

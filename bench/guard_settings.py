@@ -18,6 +18,8 @@ BREAKER = "bench-breaker"
 LIMIT = "bench-limit"
 LIMIT_RATE = 1_000_000.0
 LIMIT_BURST = 1000
+# A degradation plan (issue 8): read at every admission; at NORMAL the task runs.
+DEGRADATION = {"SEVERE": "defer", "CRITICAL": "skip"}
 # The global limit whose utilisation is measured (rate per second, burst), by default.
 UTILISATION_LIMIT = "bench-global"
 UTILISATION_RATE = 100.0

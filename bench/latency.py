@@ -3,16 +3,18 @@
 From the bench process, in one tight loop that rotates through the series (so all see
 the same server and machine load), time client-side:
 
-- the admission the pipeline runs for a task with idempotency + breaker + limit (the
-  judged series): the script :func:`reliability.admission.assemble` builds from the same
-  fragments in the same order, called through :class:`reliability.store.Store`
-  (``EVALSHA``), with the same keys and arguments the pipeline passes (the bench's
-  breaker and never-delaying limit, the testing environment's lease and result TTLs).
-  Every call has a fresh idempotency key, so every call takes a lease, checks the
-  breaker and reserves a token;
+- the admission the pipeline runs for a task with idempotency + degradation level +
+  breaker + limit (the judged series): the script
+  :func:`reliability.admission.assemble` builds from the same fragments in the same
+  order, called through :class:`reliability.store.Store` (``EVALSHA``), with the same
+  keys and arguments the pipeline passes (the bench's breaker and never-delaying limit,
+  the testing environment's lease and result TTLs). Every call has a fresh idempotency
+  key, so every call takes a lease, reads the degradation level (NORMAL: it runs),
+  checks the breaker and reserves a token;
 - ``SET`` of one small key on the same client;
-- references showing where the time goes: the admission with idempotency only and with
-  idempotency + breaker, and an ``EVALSHA`` of a script that only reads the clock.
+- references showing where the time goes: the admission with idempotency only, with
+  idempotency + breaker and with idempotency + breaker + limit (no degradation plan), and
+  an ``EVALSHA`` of a script that only reads the clock.
 
 Percentiles in microseconds; the target is admission p99 <= 1.5 x the SET's p99.
 """
@@ -30,6 +32,9 @@ from bench.stack import delete_prefix
 from config import Settings
 from reliability import admission, idempotency, ratelimit, scripts
 from reliability.breaker.guard import ADMISSION
+from reliability.degradation import guard as degradation
+from reliability.degradation.guard import check_plan
+from reliability.degradation.state import degradation_key
 from reliability.runtime import Runtime
 from reliability.scripts import Part
 from reliability.store import Store
@@ -44,8 +49,9 @@ GUARDS = {
     "idempotency": ("idempotency",),
     "idempotency+breaker": ("idempotency", "breaker"),
     "idempotency+breaker+limits": ("idempotency", "breaker", "limits"),
+    "idempotency+degradation+breaker+limits": ("idempotency", "degradation", "breaker", "limits"),
 }
-JUDGED = "admission(idempotency+breaker+limits)"
+JUDGED = "admission(idempotency+degradation+breaker+limits)"
 NOOP_SCRIPT = scripts.compose(body="return 1")
 
 
@@ -109,7 +115,8 @@ def _admission_call(
     rt: Runtime, n: int, guards: tuple[str, ...]
 ) -> tuple[str, list[str], list[Any]]:
     """Script, KEYS and ARGV of delivery ``n`` of a task declaring ``guards``, built as
-    ``Pipeline._admit`` builds them (in its order: idempotency, breaker, limits)."""
+    ``Pipeline._admit`` builds them (in its order: idempotency, degradation, breaker,
+    limits)."""
     keys, cfg, tag = rt.store.keys, rt.config, guard_settings.BREAKER
     # Each series keys its own calls (a key shared with another series would be busy).
     arguments = {"i": n, "series": "+".join(guards)}
@@ -136,6 +143,11 @@ def _admission_call(
         ),
         "breaker": Part(ADMISSION, breaker_keys, breaker_args),
         "limits": Part(ratelimit.fragment(1), limit_keys, limit_args),
+        "degradation": Part(
+            degradation.ADMISSION,
+            [degradation_key(rt.store), ""],
+            [check_plan(TASK, guard_settings.DEGRADATION)],
+        ),
     }
     parts = [every[g] for g in guards]
     script, all_keys, all_args = admission.layout(
@@ -154,7 +166,7 @@ def measure_latency(redis_url: str, iterations: int, warmup: int) -> Latency:
     prefix = "b" + uuid.uuid4().hex[:10]
     rt = _runtime(redis_url, prefix)
     store = rt.store
-    script, _, _ = _admission_call(rt, -1, GUARDS["idempotency+breaker+limits"])
+    script, _, _ = _admission_call(rt, -1, GUARDS[JUDGED[len("admission(") : -1]])
     result = Latency(iterations, warmup, store.script(script).sha)
     set_key = f"{prefix}:bench:set"
     client = store.client

@@ -3,9 +3,10 @@
 ``bench.reliable_noop`` declares idempotency (keyed by the SHA-256 of its arguments, so
 each distinct ``i`` is a distinct key and none is skipped) and takes the default retry
 policy from settings: the guards a typical task declares. ``bench.guarded_noop``
-declares every guard (issue 3): idempotency, a retry policy, a circuit breaker and a
-rate limit that never delays. ``bench.limited_noop`` only has a global rate limit and
-stamps its admission time, Redis time (the utilisation bench).
+declares every guard (issue 3): idempotency, a retry policy, a degradation plan (the
+level is NORMAL: it runs), a circuit breaker and a rate limit that never delays.
+``bench.limited_noop`` only has a global rate limit and stamps its admission time, Redis
+time (the utilisation bench).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ def reliable_noop(i: int) -> None:
     retry_policy=RetryPolicy(max_attempts=5),
     breaker=guard_settings.BREAKER,
     rate_limits=(guard_settings.LIMIT,),
+    degradation=guard_settings.DEGRADATION,
 )
 def guarded_noop(i: int) -> None:
-    """The no-op under all guards: one admission script checks idempotency, the breaker
-    and the limit; one completion script records the result and settles the breaker."""
+    """The no-op under all guards: one admission script checks idempotency, the
+    degradation level, the breaker and the limit; one completion script records the
+    result and settles the breaker."""
     return None
 
 

@@ -218,6 +218,7 @@ def script_names() -> dict[str, str]:
     )
     from reliability.breaker import guard as breaker_guard
     from reliability.deferral import DEFER
+    from reliability.degradation import guard as degradation_guard
     from reliability.delivery import REDELIVERY
 
     sources: dict[str, str] = {}
@@ -235,11 +236,12 @@ def script_names() -> dict[str, str]:
         for attr, value in vars(module).items():
             if isinstance(value, str) and "redis.call" in value:
                 sources[f"{module.__name__.rsplit('.', 1)[-1]}.{attr}"] = value
-    # In the pipeline's order: delivery, defer, idempotency, breaker, limits.
+    # In the pipeline's order: delivery, defer, idempotency, degradation, breaker, limits.
     fragments = {
         "delivery": REDELIVERY,
         "defer": DEFER,
         "idempotency": idempotency.FRAGMENT,
+        "degradation": degradation_guard.ADMISSION,
         "breaker": breaker_guard.ADMISSION,
         "limits": ratelimit.fragment(1),
         "limits x2": ratelimit.fragment(2),

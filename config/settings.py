@@ -312,6 +312,109 @@ class ReportSettings(BaseModel):
         return self
 
 
+class DegradationRuleSettings(BaseModel):
+    """One degradation rule: ``level`` when its one condition holds — ``component`` (a
+    health component or a glob, ``provider:*``) at ``status`` or worse, ``breaker`` (a
+    name or glob) open, or at least ``breakers_open`` breakers open."""
+
+    level: Literal["MINOR", "MODERATE", "SEVERE", "CRITICAL"]
+    component: str | None = None
+    status: Literal["degraded", "unhealthy"] = "unhealthy"
+    breaker: str | None = None
+    breakers_open: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> DegradationRuleSettings:
+        if sum(x is not None for x in (self.component, self.breaker, self.breakers_open)) != 1:
+            raise ValueError("a rule takes exactly one of component, breaker, breakers_open")
+        return self
+
+
+class DegradationSettings(BaseModel):
+    """Degradation levels (README "Degradation levels"): the rules (None: the built-in
+    defaults; a list replaces them, highest matching level wins), how long a task
+    deferred by its plan waits before it looks again, and how old a health result may
+    be before the rules ignore it. RELIABLE_DEGRADATION__RULES='[{"breaker": "payment",
+    "level": "MODERATE"}]'"""
+
+    rules: list[DegradationRuleSettings] | None = None
+    recheck_seconds: float = Field(30.0, gt=0)
+    health_max_age_seconds: float = Field(300.0, gt=0)
+
+
+# Components a health check may name (reliability.health); providers by their settings.
+HEALTH_COMPONENTS = (
+    "redis",
+    "broker",
+    "workers",
+    "beat",
+    "provider:payment",
+    "provider:notification",
+    "provider:export",
+)
+
+
+class HealthSettings(BaseModel):
+    """Health checks (beat's ``health-poll`` job, ``reliable health``) and the liveness
+    files the Kubernetes exec probes read (README, "Health and Kubernetes probes")."""
+
+    # Each check's own timeout: a check still running then is unhealthy ("timed out").
+    redis_timeout_seconds: float = Field(2.0, gt=0)
+    broker_timeout_seconds: float = Field(3.0, gt=0)
+    provider_timeout_seconds: float = Field(3.0, gt=0)
+    # GET <provider base URL><path> is each downstream API's probe; "" = not checked.
+    payment_probe_path: str = "/health"
+    notification_probe_path: str = "/health"
+    export_probe_path: str = "/health"
+    # A check answering slower than this is degraded.
+    slow_ms: float = Field(1000.0, gt=0)
+    # Fewer live workers (heartbeats) than this is degraded; none is unhealthy.
+    min_workers: int = Field(1, ge=1)
+    # Beat sets its pulse on every tick; no tick for this long = beat unhealthy.
+    beat_stale_seconds: float = Field(30.0, gt=0)
+    # Not ready (reliable health exits 1, readiness 503) when one of these is unhealthy.
+    critical: list[str] = Field(default_factory=lambda: ["redis", "broker"])
+    # Polls kept in the history stream (P:health:history).
+    history: int = Field(10_000, ge=10)
+    # Liveness files for exec probes ("" = none): the worker's, touched by its event loop
+    # every worker_file_touch_seconds; beat's, touched on every scheduler tick.
+    worker_file: str = "/tmp/reliable-worker-alive"
+    worker_file_touch_seconds: float = Field(5.0, gt=0)
+    beat_file: str = "/tmp/reliable-beat-alive"
+
+    @field_validator("payment_probe_path", "notification_probe_path", "export_probe_path")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise PydanticCustomError(
+                "probe_path", "a path on the provider's base URL, starting with '/' (or empty)"
+            )
+        return value
+
+    @field_validator("critical")
+    @classmethod
+    def _known_components(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(HEALTH_COMPONENTS))
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_component",
+                "unknown health component(s) {unknown}; known: {known}",
+                {"unknown": ", ".join(unknown), "known": ", ".join(HEALTH_COMPONENTS)},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _critical_is_checked(self) -> HealthSettings:
+        for name in self.critical:
+            provider = name.removeprefix("provider:")
+            if provider != name and not getattr(self, f"{provider}_probe_path"):
+                raise ValueError(
+                    f"{name} is critical but RELIABLE_HEALTH__{provider.upper()}_PROBE_PATH is"
+                    " empty: it would never be checked"
+                )
+        return self
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_output: bool = True
@@ -349,8 +452,10 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     ops: OpsSettings = OpsSettings()
+    health: HealthSettings = HealthSettings()
     reprocess: ReprocessSettings = ReprocessSettings()
     reports: ReportSettings = ReportSettings()
+    degradation: DegradationSettings = DegradationSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="before")

@@ -54,12 +54,14 @@ class Call:
 
 @dataclass(frozen=True)
 class Ending:
-    """How a call that ran ended, for the settle tails: ``success``, ``failure`` (with the
-    error), or ``ignore`` (it ended without a judgement: lost child, superseded, given up)."""
+    """How a call that ran ended, for the settle tails: ``success`` (with the result),
+    ``failure`` (with the error), or ``ignore`` (it ended without a judgement: lost child,
+    superseded, given up)."""
 
     kind: str
     error: BaseException | None = None
     duration: float = 0.0
+    result: Any = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -40,10 +41,23 @@ DEFAULT_TTL_SECONDS = 4.0
 REFRESH_SECONDS = 0.1
 
 
+# One random part per process (by pid: a forked child gets its own).
+_NONCES: dict[int, str] = {}
+
+
 def identity() -> str:
-    """This worker's identity: ``<hostname>:<pid>`` of the process calling it (the main
-    process, where the consumer and the heartbeat run)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This worker's identity: ``<hostname>:<pid>:<nonce>`` of the process calling it (the
+    main process, where the consumer and the heartbeat run).
+
+    The nonce makes it unique where hostname and pid are not: containers sharing the
+    host's network (and so its hostname) each run their worker as pid 1; two of them
+    must never share a heartbeat, unacked messages or leases (revival would take one
+    for the other)."""
+    pid = os.getpid()
+    nonce = _NONCES.get(pid)
+    if nonce is None:
+        nonce = _NONCES[pid] = uuid.uuid4().hex[:8]
+    return f"{socket.gethostname()}:{pid}:{nonce}"
 
 
 class Heartbeat(threading.Thread):

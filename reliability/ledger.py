@@ -27,6 +27,7 @@ class Outcome(StrEnum):
 
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"  # duplicate of a completed idempotency key: stored result returned
+    SKIPPED_DEGRADED = "skipped_degraded"  # not run: its degradation plan skips this level
     DEAD_LETTERED = "dead_lettered"
     REVOKED = "revoked"
     FALLBACK = "fallback"  # the breaker was open; the task's fallback served the call
@@ -50,6 +51,7 @@ FINAL = frozenset(
     {
         Outcome.SUCCEEDED,
         Outcome.SKIPPED,
+        Outcome.SKIPPED_DEGRADED,
         Outcome.DEAD_LETTERED,
         Outcome.REVOKED,
         Outcome.FALLBACK,

@@ -29,6 +29,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from reliability import admission, checks, completion
 from reliability.breaker import Breaker
 from reliability.deferral import Deferral, ParkedMessage
+from reliability.degradation import Degradation
 from reliability.delivery import (
     RESERVED,
     Delivery,
@@ -51,7 +52,8 @@ from reliability.spec import TaskSpec
 log = structlog.get_logger("reliability.pipeline")
 
 # The guards, in the order they decide. Adding a guard is one class and one entry here.
-GUARDS: tuple[Guard, ...] = (Redelivery(), Deferral(), Idempotency(), Breaker(), RateLimits())
+# Degradation after the idempotency check, before any commit, breaker or limit (its module).
+GUARDS = (Redelivery(), Deferral(), Idempotency(), Degradation(), Breaker(), RateLimits())
 
 
 class RetryRequested(Exception):

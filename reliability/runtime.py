@@ -53,6 +53,8 @@ class RuntimeConfig:
     budget_min_retries_per_second: float = DEFAULT_BUDGET_MIN_RETRIES_PER_SECOND
     budget_window_seconds: int = DEFAULT_BUDGET_WINDOW_SECONDS
     recheck_seconds: float = 1.0
+    # A delivery deferred by its degradation plan looks at the level again after this.
+    degradation_recheck_seconds: float = 30.0
     dlq_max_entries: int = 100_000
     dlq_max_redrives: int = 3
     # How long a task waits for an unreachable store before handing its message back.

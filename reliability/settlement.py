@@ -78,7 +78,7 @@ class Settlement:
     # -- success ------------------------------------------------------------------------
 
     def completion(self, call: Call, result: Any) -> Completion:
-        ending = Ending("success", None, call.d.duration)
+        ending = Ending("success", None, call.d.duration, result)
         return Completion.of(
             call, result, self.tails(call, ending), lambda op, fn: self.store(call, op, fn)
         )

@@ -14,12 +14,15 @@ from reliability.breaker.alerts import LOG_LEVELS, count_transition
 from reliability.runtime import Runtime
 
 
-def alert_hooks(settings: Settings, runtime: Runtime) -> AlertHooks:
+def alert_hooks(settings: Settings, runtime: Runtime, *, log: bool = True) -> AlertHooks:
     """Log, metric (alerts by event type; breaker transitions and state), the event stream
-    ``P:alerts`` and, when ``RELIABLE_ALERTS__WEBHOOK_URL`` is set, the webhook."""
+    ``P:alerts`` and, when ``RELIABLE_ALERTS__WEBHOOK_URL`` is set, the webhook.
+
+    ``log=False`` for CLI commands, which print what they did themselves."""
     config = settings.alerts
     hooks = AlertHooks(runtime.masker)
-    hooks.add_log_hook(log_hook(LOG_LEVELS))
+    if log:
+        hooks.add_log_hook(log_hook(LOG_LEVELS))
     hooks.add_metric_hook(count_alert)
     hooks.add_metric_hook(count_transition)
     hooks.add_event_hook(event_stream_hook(runtime.store, config.stream_max_len))

@@ -26,6 +26,7 @@ from worker.celeryconfig import (
     runtime_config,
     state_url,
 )
+from worker.liveness import LivenessFile
 from worker.shutdown import ShutdownDeadline
 
 
@@ -36,6 +37,7 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     app = Celery("reliable", amqp="reliability.reprs:ReliableAMQP")
     app.conf.update(celery_config(settings, url))
     app.steps["worker"].add(ShutdownDeadline)  # warm and cold shutdowns always end
+    app.steps["worker"].add(LivenessFile)  # the exec liveness probe's file
     store = Store(
         url, settings.redis.key_prefix, socket_timeout=settings.redis.socket_timeout_seconds
     )

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from reliability.breaker.monitor import BreakerMonitor, MonitorPolicy
+from reliability.degradation import DegradationState, breaker_snapshots
 from reliability.dlq import Filter
 from reliability.jobs import JobResult, Jobs, slot_of
 from reliability.reports import DAY, HOUR
+from worker import health
 from worker.alerting import alert_hooks
 from worker.app import app, runtime, settings
+from worker.celeryconfig import degradation_rules
 from worker.reporting import every, report_for_slot
 from worker.reprocess import reprocessor
 from worker.schedule import job_named
@@ -85,3 +88,25 @@ def report_daily(slot: int | None = None) -> dict[str, Any]:
     """Write the reliability report of the previous complete day (UTC)."""
     slot = slot_of(time.time(), every(settings, DAY)) if slot is None else slot
     return run_job("report-daily", lambda: report_for_slot(app, runtime, settings, DAY, slot), slot)
+
+
+@app.task(name="maintenance.degradation_evaluate")
+def degradation_evaluate(slot: int | None = None) -> dict[str, Any]:
+    """Compute the degradation level from health and breaker states; write it, and log
+    and alert a change."""
+    state = DegradationState(runtime.store, alert_hooks(settings, runtime))
+    return run_job(
+        "degradation-evaluate",
+        lambda: state.evaluate(
+            degradation_rules(settings),
+            breaker_snapshots(runtime.breakers),
+            max_age=settings.degradation.health_max_age_seconds,
+        ),
+        slot,
+    )
+
+
+@app.task(name="maintenance.health_poll")
+def health_poll(slot: int | None = None) -> dict[str, Any]:
+    """Check every component and store the results (``P:health`` and its history)."""
+    return run_job("health-poll", lambda: health.poll(settings, runtime), slot)

@@ -10,6 +10,7 @@ from typing import Any
 
 from config import Settings
 from reliability.breaker import BreakerConfig
+from reliability.degradation import DEFAULT_RULES, Level, Rule
 from reliability.ratelimit import RateLimit
 from reliability.retry import RetryPolicy
 from reliability.runtime import RuntimeConfig
@@ -61,6 +62,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         budget_min_retries_per_second=r.budget_min_retries_per_second,
         budget_window_seconds=r.budget_window_seconds,
         recheck_seconds=settings.deferral.in_progress_recheck_seconds,
+        degradation_recheck_seconds=settings.degradation.recheck_seconds,
         dlq_max_entries=settings.dlq.max_entries,
         dlq_max_redrives=settings.dlq.max_redrives,
         store_wait_seconds=settings.redis.unavailable_wait_seconds,
@@ -166,3 +168,20 @@ def rate_limits(settings: Settings) -> dict[str, RateLimit]:
         name: RateLimit(name=name, **limit.model_dump())
         for name, limit in settings.rate_limits.items()
     }
+
+
+def degradation_rules(settings: Settings) -> tuple[Rule, ...]:
+    """The degradation rules: the settings' list, else the built-in defaults."""
+    rules = settings.degradation.rules
+    if rules is None:
+        return DEFAULT_RULES
+    return tuple(
+        Rule(
+            Level(r.level),
+            component=r.component,
+            status=r.status,
+            breaker=r.breaker,
+            breakers_open=r.breakers_open,
+        )
+        for r in rules
+    )

@@ -7,9 +7,10 @@ a child that exits is restarted with backoff, one that keeps dying stops the lot
 Ctrl-C (or SIGTERM) is a warm shutdown of everything it started, then of the embedded
 Redis it started; a second Ctrl-C is a cold shutdown.
 
-``reliable dlq ...`` is the dead-letter queue CLI, ``reliable ledger`` tails the outcome
-ledger, ``reliable report`` prints the latest reliability report, ``reliable breakers``
-and ``reliable limits`` show and change the fleet's circuit breakers and rate limits.
+``reliable dlq ...`` is the dead-letter queue CLI, ``reliable degradation`` shows and
+overrides the degradation level, ``reliable ledger`` tails the outcome ledger,
+``reliable report`` prints the latest reliability report, ``reliable breakers`` and
+``reliable limits`` show and change the fleet's circuit breakers and rate limits.
 Errors are one line on stderr (:mod:`worker.console`).
 """
 
@@ -331,6 +332,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "dlq", help="the dead-letter queue CLI (see reliable dlq --help)", add_help=False
     )
+    sub.add_parser(
+        "degradation",
+        help="show, set or clear the degradation level (see reliable degradation --help)",
+        add_help=False,
+    )
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=positive_int, default=50)
     p_jobs = sub.add_parser("jobs", help="the maintenance job runs beat sent (newest first)")
@@ -340,6 +346,10 @@ def _parser() -> argparse.ArgumentParser:
     p_report = sub.add_parser("report", help="the latest reliability report (Markdown or JSON)")
     p_report.add_argument("--period", choices=PERIODS, default=HOUR)
     p_report.add_argument("--json", action="store_true")
+    p_health = sub.add_parser(
+        "health", help="check every component now; exit 1 when not ready (a critical one down)"
+    )
+    p_health.add_argument("--json", action="store_true", help="seed 002's readiness body")
     p_cb = sub.add_parser("breakers", help="list, reset or set the mode of circuit breakers")
     p_cb.add_argument("action", choices=["list", "reset", "mode"])
     p_cb.add_argument("name", nargs="?")
@@ -386,6 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker.dlq_cli import main as dlq_main
 
         return dlq_main(rest)
+    if args.command == "degradation":
+        from worker.degradation_cli import main as degradation_main
+
+        return degradation_main(rest)
     _check(parser, args, rest)
     if args.command == "run":
         if args.max_deaths < 1 or args.window <= 0:
@@ -403,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operate(PROG, lambda service: job_runs(service, args.job, args.count, args.json))
     if args.command == "report":
         return operate(PROG, lambda service: show_report(service, args.period, args.json))
+    if args.command == "health":
+        from worker import health
+
+        return operate(
+            PROG, lambda service: health.show(service.settings, service.runtime, args.json)
+        )
     if args.command == "breakers":
         return operate(PROG, lambda service: breakers(service, args.action, args.name, args.mode))
     if args.command == "monitor":

@@ -175,7 +175,7 @@ def _reprocess(service: Any, args: argparse.Namespace) -> int:
     """One run of the reprocessing policy (the beat job's), or a dry run of it."""
     # The tasks' declarations (breaker, rate limits) gate their entries: register them.
     service.app.loader.import_default_modules()
-    work = reprocessor(service.app, service.runtime, service.settings, by=_operator())
+    work = reprocessor(service.app, service.runtime, service.settings, by=_operator(), log=False)
     result = work.run(dry_run=args.dry_run)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

@@ -31,7 +31,9 @@ def policy(settings: Settings) -> ReprocessPolicy:
     )
 
 
-def reprocessor(app: Celery, runtime: Runtime, settings: Settings, by: str) -> Reprocessor:
+def reprocessor(
+    app: Celery, runtime: Runtime, settings: Settings, by: str, *, log: bool = True
+) -> Reprocessor:
     """A reprocessor publishing through ``app``, recording its redrives as done ``by``."""
 
     def gates(task_name: str) -> TaskGates:
@@ -43,7 +45,7 @@ def reprocessor(app: Celery, runtime: Runtime, settings: Settings, by: str) -> R
         runtime.breakers,
         app,
         gates=gates,
-        hooks=alert_hooks(settings, runtime),
+        hooks=alert_hooks(settings, runtime, log=log),
         masker=runtime.masker,
         policy=policy(settings),
         by=by,

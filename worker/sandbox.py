@@ -160,7 +160,9 @@ class SandboxProvider:
         ):
             return self._call(parts[0], url.path, headers, raw)
         route = (method, url.path.rstrip("/") or "/")
-        if route == ("GET", "/health"):
+        if route == ("GET", "/health"):  # the provider's probe endpoint: down in an outage
+            if self.faults()["outage"]:
+                return 503, {"status": "outage"}, {}
             return 200, {"status": "ok"}, {}
         if route == ("GET", "/effects"):
             endpoint = parse_qs(url.query).get("endpoint", [None])[0]

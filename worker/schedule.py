@@ -9,14 +9,23 @@ does its work once.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from redbeat import RedBeatScheduler
 
 from config.settings import MaintenanceSettings, Settings
+from reliability.errors import BackendUnavailable
+from reliability.probes import BeatPulse, touch
 from worker import embedded
+
+log = structlog.get_logger("worker.schedule")
+
+# A standby beat (waiting on redbeat's lock) touches its liveness file this often.
+STANDBY_TOUCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,10 @@ JOBS: tuple[Job, ...] = (
     Job("dlq-reprocess", "maintenance.dlq_reprocess", lambda m: m.dlq_reprocess_seconds),
     Job("report-hourly", "maintenance.report_hourly", lambda m: m.report_hourly_seconds),
     Job("report-daily", "maintenance.report_daily", lambda m: m.report_daily_seconds),
+    Job(
+        "degradation-evaluate", "maintenance.degradation_evaluate", lambda m: m.health_poll_seconds
+    ),
+    Job("health-poll", "maintenance.health_poll", lambda m: m.health_poll_seconds),
 )
 
 
@@ -73,11 +86,17 @@ def redbeat_config(settings: Settings, state_url: str) -> dict[str, Any]:
 
 
 class Scheduler(RedBeatScheduler):  # type: ignore[misc]
-    """celery-redbeat's scheduler, after the embedded Redis it needs is up.
+    """celery-redbeat's scheduler, after the embedded Redis it needs is up, that shows it
+    is alive on every tick.
 
     Celery builds the scheduler (which reads and writes its schedule in Redis) before it
     sends ``beat_init``; a standalone beat with no Redis URL must own the embedded
     server first (it stops the server when it exits, as a standalone worker does).
+
+    Each tick touches the beat liveness file (``RELIABLE_HEALTH__BEAT_FILE``, for an exec
+    probe) and sets beat's pulse in Redis (the health check's ``beat`` component). A
+    standby beat waits on redbeat's lock in ``beat_init`` and does not tick: until its
+    first tick a thread touches its file, so the probe does not restart a healthy standby.
     """
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
@@ -85,3 +104,24 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]
         if settings.redis.url is None:
             embedded.own_for_process(settings.redis.data_dir)
         super().__init__(app, *args, **kwargs)
+        self._beat_file = settings.health.beat_file
+        self._pulse = BeatPulse(app.reliability.store, settings.health.beat_stale_seconds)
+        self._ticking = threading.Event()
+        if self._beat_file:
+            touch(self._beat_file)
+            threading.Thread(target=self._standby, name="beat-standby", daemon=True).start()
+
+    def _standby(self) -> None:
+        while not self._ticking.wait(STANDBY_TOUCH_SECONDS):
+            touch(self._beat_file)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        delay: float = super().tick(*args, **kwargs)
+        self._ticking.set()
+        if self._beat_file:
+            touch(self._beat_file)
+        try:
+            self._pulse.beat()
+        except BackendUnavailable as exc:
+            log.warning("beat_pulse_failed", error=str(exc))
+        return delay

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from reliability import PermanentError, ReliableTask, RetryPolicy, TransientError
+from reliability.degradation import LastGood
 from reliability.delivery import current
 from tasks.provider import post
 from worker.app import app, runtime, settings
@@ -320,3 +321,45 @@ def shape(key: str, fail_times: int, permanent: bool = False) -> int:
     if n <= fail_times:
         raise (PermanentError if permanent else TransientError)(f"shape failure {n}")
     return n
+
+
+# -- degradation levels (tests/test_degradation_fleet.py) --------------------------------
+
+
+def degraded_default(key: str) -> dict[str, Any]:
+    """The second link of test.deg_fallback's chain: a default answer (none for keys
+    starting with "none": the chain is then exhausted and the delivery deferred)."""
+    if key.startswith("none"):
+        raise LookupError(f"no default for {key}")
+    return {"default": key}
+
+
+@app.task(base=ReliableTask, name="test.deg_defer", degradation={"SEVERE": "defer"})
+def deg_defer(key: str) -> dict[str, Any]:
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(
+    base=ReliableTask,
+    name="test.deg_skip",
+    idempotency_key_args=("key",),
+    degradation={"SEVERE": "skip", "CRITICAL": "skip"},
+)
+def deg_skip(key: str) -> dict[str, Any]:
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(
+    base=ReliableTask,
+    name="test.deg_fallback",
+    degradation={"SEVERE": "fallback"},
+    degradation_fallback=(LastGood(key_args=("key",)), degraded_default),
+)
+def deg_fallback(key: str) -> dict[str, Any]:
+    return post(f"{_sandbox()}/webhooks", {"key": key})
+
+
+@app.task(base=ReliableTask, name="test.deg_other", degradation={"CRITICAL": "skip"})
+def deg_other(key: str) -> dict[str, Any]:
+    """Declares only CRITICAL: it runs at every other level."""
+    return post(f"{_sandbox()}/webhooks", {"key": key})
