@@ -8,8 +8,8 @@ print; :func:`load_settings` turns a bad value into a message naming the variabl
 
 from __future__ import annotations
 
-import re
 import os
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 

@@ -67,11 +67,15 @@ def _python(*args: str) -> list[str]:
 
 
 def service_programs(
-    settings: Settings, concurrency: int | None, with_beat: bool, with_sandbox: bool
+    settings: Settings,
+    concurrency: int | None,
+    with_beat: bool,
+    with_sandbox: bool,
+    with_ops: bool = False,
 ) -> list[Program]:
     """What ``reliable run`` supervises: the sandbox provider (development, when the
-    providers point at it), a worker and beat. The sandbox and beat stop only after the
-    worker exited: tasks finishing in its grace still call the sandbox."""
+    providers point at it), a worker, beat and the ops service. The sandbox and beat stop
+    only after the worker exited: tasks finishing in its grace still call the sandbox."""
     programs: list[Program] = []
     if (
         with_sandbox
@@ -91,6 +95,8 @@ def service_programs(
                 "beat", _python("celery", "-A", "worker.app", "beat", "-l", "INFO"), stops_last=True
             )
         )
+    if with_ops:
+        programs.append(Program("ops", _python("worker.ops"), stops_last=True))
     return programs
 
 
@@ -99,12 +105,13 @@ def run(
     with_beat: bool,
     with_sandbox: bool,
     *,
+    with_ops: bool = True,
     max_deaths: int = MAX_DEATHS,
     window_seconds: float = WINDOW_SECONDS,
 ) -> int:
     settings = load_settings()
     env = dict(os.environ)
-    programs = service_programs(settings, concurrency, with_beat, with_sandbox)
+    programs = service_programs(settings, concurrency, with_beat, with_sandbox, with_ops)
     supervisor = Supervisor(
         programs,
         env,
@@ -315,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="worker + beat (+ embedded redis and sandbox), supervised")
     p_run.add_argument("-c", "--concurrency", type=positive_int)
     p_run.add_argument("--no-beat", action="store_true")
+    p_run.add_argument("--no-ops", action="store_true", help="without the ops HTTP service")
     p_run.add_argument("--no-sandbox", action="store_true")
     p_run.add_argument(
         "--max-deaths",
@@ -336,6 +344,9 @@ def _parser() -> argparse.ArgumentParser:
         "degradation",
         help="show, set or clear the degradation level (see reliable degradation --help)",
         add_help=False,
+    )
+    sub.add_parser(
+        "ops", help="the ops HTTP service: health, metrics, admin API, dashboard (RELIABLE_OPS__*)"
     )
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=positive_int, default=50)
@@ -408,9 +419,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.concurrency,
             not args.no_beat,
             not args.no_sandbox,
+            with_ops=not args.no_ops,
             max_deaths=args.max_deaths,
             window_seconds=args.window,
         )
+    if args.command == "ops":
+        from worker.ops.__main__ import main as ops_main
+
+        ops_main()
+        return 0
     if args.command == "ledger":
         return operate(PROG, lambda service: tail_ledger(service, args.count))
     if args.command == "jobs":

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
 from reliability.breaker import BreakerMode
+from reliability.degradation import DegradationState, Level
 from reliability.dlq import Filter
 from reliability.errors import ConfigurationError
 from reliability.ratelimit import RateLimiter
@@ -205,7 +206,9 @@ def set_limit(request: Request, who: Who, name: Name, change: RateChange) -> dic
     allowed = SETTABLE[limit.kind]
     wrong = sorted(set(values) - set(allowed))
     if wrong or not values:
-        raise HTTPException(422, f"rate limit {name} is {limit.kind}: set {' and/or '.join(allowed)}")
+        raise HTTPException(
+            422, f"rate limit {name} is {limit.kind}: set {' and/or '.join(allowed)}"
+        )
     limiter = RateLimiter(ops.runtime.store, limit)
     try:
         wanted = dataclasses.replace(limiter.current(), **values)
@@ -244,3 +247,64 @@ def audit(
     request: Request, who: Who, count: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     return {"entries": _ops(request).audit.recent(count)}
+
+
+# -- degradation ---------------------------------------------------------------------------
+
+
+@router.get("/degradation", summary="The degradation level in force, computed, override")
+def show_degradation(request: Request, who: Who) -> dict[str, Any]:
+    return views.degradation(_ops(request).runtime)
+
+
+@router.post("/degradation/set-level", summary="Hold the fleet at a level (reason, expiry)")
+def set_level(
+    request: Request,
+    who: Who,
+    level: Annotated[Level, Query(description="NORMAL, MINOR, MODERATE, SEVERE or CRITICAL")],
+    reason: Annotated[str, Query(min_length=1, max_length=500)],
+    expires_minutes: Annotated[float, Query(gt=0, le=7 * 24 * 60)] = 60,
+) -> dict[str, Any]:
+    ops = _ops(request)
+    if not reason.strip():
+        raise HTTPException(422, "a degradation override needs a reason")
+    state = DegradationState(ops.runtime.store, ops.hooks)
+    status = state.set_override(level, reason, expires_minutes * 60, f"ops:{who}")
+    ops.audit.record(who, "degradation.set", level.value, reason=reason, minutes=expires_minutes)
+    found: dict[str, Any] = status.as_dict()
+    return found
+
+
+@router.post("/degradation/clear", summary="Drop the override: the rules' level applies")
+def clear_level(request: Request, who: Who) -> dict[str, Any]:
+    ops = _ops(request)
+    status = DegradationState(ops.runtime.store, ops.hooks).clear_override()
+    ops.audit.record(who, "degradation.clear", "override")
+    found: dict[str, Any] = status.as_dict()
+    return found
+
+
+# -- reports -------------------------------------------------------------------------------
+
+Period = Literal["hour", "day"]
+
+
+@router.get("/reports/reliability", summary="The latest hourly reliability report (seed 003)")
+def latest_report(request: Request, who: Who) -> dict[str, Any]:
+    return report(request, who, "hour")
+
+
+@router.get("/reports/{period}", summary="The latest report of a period (hour or day)")
+def report(request: Request, who: Who, period: Period) -> dict[str, Any]:
+    found = _ops(request).reports.latest(period)
+    if found is None:
+        raise HTTPException(404, f"no {period} report yet (beat's report job writes one)")
+    result: dict[str, Any] = found
+    return result
+
+
+@router.get("/reports/{period}/recent", summary="The newest reports of a period")
+def recent_reports(
+    request: Request, who: Who, period: Period, count: Annotated[int, Query(ge=1, le=200)] = 24
+) -> dict[str, Any]:
+    return {"reports": _ops(request).reports.recent(period, count)}

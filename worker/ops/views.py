@@ -11,12 +11,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from reliability.dlq import DeadLetter, Filter
-from reliability.fingerprint import fingerprint, label
+from reliability.degradation import DegradationState
+from reliability.dlq import DeadLetter
+from reliability.fingerprint import label
 from reliability.ratelimit import RateLimiter
 from reliability.runtime import Runtime
-
-LEVELS = ("NORMAL", "MINOR", "MODERATE", "SEVERE", "CRITICAL")
 
 
 def breakers(rt: Runtime) -> list[dict[str, Any]]:
@@ -84,7 +83,7 @@ def dlq_summary(rt: Runtime) -> dict[str, Any]:
     oldest = None
     for entry in rt.dlq.iter():
         by_class[entry.failure_class] += 1
-        key = fingerprint(entry.exception_type, entry.exception_message or entry.reason)
+        key = entry.fingerprint
         group = groups.setdefault(
             key,
             {
@@ -111,36 +110,11 @@ def dlq_summary(rt: Runtime) -> dict[str, Any]:
 
 def dlq_entry(entry: DeadLetter) -> dict[str, Any]:
     data = json.loads(entry.to_json())
-    data["fingerprint"] = fingerprint(entry.exception_type, entry.exception_message or entry.reason)
+    data["fingerprint"] = entry.fingerprint
     return data
 
 
-def dlq_filter(
-    failure_class: str | None, task: str | None, since: float | None, until: float | None
-) -> Filter:
-    return Filter(failure_class=failure_class, task_name=task, since=since, until=until)
-
-
 def degradation(rt: Runtime) -> dict[str, Any]:
-    """The fleet's degradation level (NORMAL when none was ever computed or set)."""
-    key = f"{rt.store.keys.prefix}:degradation"
-    raw: dict[str, str] = rt.store.call("degradation", lambda c: c.hgetall(key))
-    override = raw.get("override_level")
-    expires = float(raw.get("override_expires") or 0)
-    active = bool(override) and (not expires or expires > time.time())
-    return {
-        "level": (override if active else raw.get("level")) or "NORMAL",
-        "computed": raw.get("computed") or raw.get("level") or "NORMAL",
-        "reason": (raw.get("override_reason") if active else raw.get("reason")) or "",
-        "since": float(raw["since"]) if raw.get("since") else None,
-        "override": (
-            {
-                "level": override,
-                "reason": raw.get("override_reason", ""),
-                "expires": expires or None,
-                "by": raw.get("override_by", ""),
-            }
-            if active
-            else None
-        ),
-    }
+    """The fleet's degradation level in force (override and expiry on Redis time)."""
+    found: dict[str, Any] = DegradationState(rt.store).status().as_dict()
+    return found
