@@ -308,3 +308,30 @@ class BeatProcess(WorkerProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO"]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class OpsProcess(WorkerProcess):
+    """``python -m worker.ops`` (the ops HTTP service) on a free port."""
+
+    ready_marker = "Application startup complete"
+
+    def __init__(self, environment: Environment, **env: str) -> None:
+        self.port = free_port()
+        super().__init__(environment, RELIABLE_OPS__PORT=str(self.port), **env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "worker.ops"]
