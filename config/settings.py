@@ -239,6 +239,12 @@ class OpsSettings(BaseModel):
     # Admin actions kept in the audit stream.
     audit_max_len: int = Field(10_000, ge=100)
 
+    @field_validator("admin_tokens", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # An unset compose variable arrives as "": no token, the admin API closed.
+        return {} if value == "" else value
+
     @field_validator("admin_tokens")
     @classmethod
     def _strong_tokens(cls, tokens: dict[str, SecretStr]) -> dict[str, SecretStr]:

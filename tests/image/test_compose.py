@@ -50,7 +50,7 @@ def services() -> dict[str, dict[str, Any]]:
 
 def test_the_compose_file_is_valid_and_every_service_uses_the_host_network() -> None:
     found = services()
-    assert {"redis", "worker", "beat", "flower", "sandbox"} <= set(found)
+    assert {"redis", "worker", "beat", "ops", "flower", "sandbox"} <= set(found)
     for name, service in found.items():
         assert service.get("network_mode") == "host", name
         assert "networks" not in service and "ports" not in service, name

@@ -18,7 +18,7 @@ from celery.result import AsyncResult
 
 from tests.image.conftest import container_env, new_environment
 from tests.image.containers import Containers, docker
-from tests.support.fleet import Environment, delete_prefix, wait_until
+from tests.support.fleet import Environment, delete_prefix, free_port, wait_until
 
 CHARGES = 6
 NON_ROOT_UID = "10001"
@@ -150,3 +150,28 @@ def test_docker_stop_is_a_warm_shutdown_that_loses_nothing(
     replies = [result.get(timeout=90) for result in results]
     assert [reply["status"] for reply in replies] == ["charged"] * CHARGES
     assert charged_ids(image_env) == sorted(ids)  # nothing lost, nothing twice
+
+
+def test_the_ops_service_runs_from_the_image(stack: Stack) -> None:
+    """``reliable ops`` in the image: ready against the stack's Redis, admin behind a token."""
+    port = free_port()
+    token = "image-test-admin-token-0123"
+    stack.containers.run(
+        "ops",
+        ["reliable", "ops"],
+        RELIABLE_OPS__PORT=str(port),
+        RELIABLE_OPS__ADMIN_TOKENS=f'{{"ci": "{token}"}}',
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> int:
+        try:
+            return httpx.get(f"{url}/health/ready", timeout=5).status_code
+        except httpx.HTTPError:
+            return 0
+
+    assert wait_until(lambda: ready() == 200 and 200, 90, interval=0.5, message="ops ready")
+    admin = f"{url}/admin/reliability/circuit-breakers"
+    assert httpx.get(admin, timeout=10).status_code == 401
+    breakers = httpx.get(admin, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert breakers.status_code == 200 and "payment" in breakers.text
