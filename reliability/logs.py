@@ -81,6 +81,13 @@ _DUMPS: dict[str, Callable[[str, EventDict], str]] = {
 }
 
 
+def drop_color_message(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """uvicorn passes its message again with terminal colour codes (``color_message``) as
+    an extra: noise in a structured line."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def cut_message_dumps(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """Celery's consumer logs the whole body and headers of a message it drops (unknown
     task, invalid message, undecodable body, unknown format): a ``password`` argument or
@@ -133,7 +140,7 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), drop_color_message],
         processors=[
             cut_message_dumps,
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
