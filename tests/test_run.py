@@ -57,6 +57,7 @@ def test_ctrl_c_stops_the_worker_beat_and_the_embedded_redis_it_started(tmp_path
     ) as run:
         run.wait_log(" ready.")
         run.wait_log("beat: Starting")
+        run.wait_log("ops_service_starting")
         worker, beat = run.child("worker"), run.child("beat")
         assert len(worker.children()) == 1 and len(servers_on(data_dir)) == 1
         # Children run in their own process groups: the terminal's Ctrl-C reaches only
@@ -69,7 +70,7 @@ def test_ctrl_c_stops_the_worker_beat_and_the_embedded_redis_it_started(tmp_path
     assert "reliable run: warm shutdown on request" in log
     assert "reliable run: embedded redis stopped" in log
     assert "restarting" not in log
-    assert len(started) == 4  # worker, its pool child, beat, redis-server
+    assert len(started) == 5  # worker, its pool child, beat, the ops service, redis-server
     assert alive(list(run.seen.values())) == []
     assert not embedded.is_running(data_dir)
 

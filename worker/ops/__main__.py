@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 import uvicorn
 
 from reliability.logs import configure_logging
@@ -16,6 +17,9 @@ def main() -> None:
     configure_logging(settings.log.level, settings.log.json_output, service.runtime.masker)
     # With no Redis URL: the embedded server (started for this process if none runs).
     with serving(embedded_data_dir(settings)):
+        structlog.get_logger("worker.ops").info(
+            "ops_service_starting", host=settings.ops.host, port=settings.ops.port
+        )
         uvicorn.run(
             create_app(service),
             host=settings.ops.host,
