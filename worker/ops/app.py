@@ -27,6 +27,7 @@ from worker.health import service_version
 from worker.ops import admin, health
 from worker.ops.audit import Audit
 from worker.ops.auth import Auth
+from worker.ops.body_limit import BodyLimit
 from worker.reporting import report_store
 
 log = structlog.get_logger("worker.ops")
@@ -73,6 +74,7 @@ def create_app(service: Any) -> FastAPI:
         description="Health, metrics and the admin API of the reliable Celery worker fleet.",
     )
     app.state.ops = ops
+    app.add_middleware(BodyLimit)
     app.include_router(health.router)
     app.include_router(admin.router)
 
