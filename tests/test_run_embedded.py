@@ -46,12 +46,7 @@ def celery(program: str, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
         env["RELIABLE_OPS__PORT"] = str(free_port())
     with open(log, "ab") as out:
         return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
