@@ -206,7 +206,11 @@
     const level = $("degradation-level");
     level.textContent = d.level;
     level.className = `level level-${String(d.level).toLowerCase()}`;
-    $("degradation-reason").textContent = d.reason ? `— ${d.reason}` : "";
+    $("degradation-reason").textContent = d.reason
+      ? `— ${d.reason}`
+      : d.evaluated_at
+        ? `— the rules' level, evaluated ${when(d.evaluated_at)}`
+        : "— no evaluation recorded yet (beat runs the degradation rules)";
     const o = d.override;
     $("degradation-override").textContent =
       o && o.active
@@ -230,7 +234,7 @@
         pct(b.failure_rate),
         num(b.window_calls),
         num(b.failure_count),
-        b.open_until ? when(b.open_until) : "–",
+        b.state !== "closed" && b.open_until ? when(b.open_until) : "–",
         cell(reset),
       ]);
       tr.dataset.breaker = b.name;
@@ -271,7 +275,7 @@
   }
 
   function drawDlqTotals(summary) {
-    $("dlq-total").textContent = `${summary.total} entries`;
+    $("dlq-total").textContent = `${summary.total} ${summary.total === 1 ? "entry" : "entries"}`;
     const classes = Object.entries(summary.by_class || {})
       .map(([k, v]) => `${k} ${v}`)
       .join(", ");
@@ -329,7 +333,7 @@
     const first = page.entries.length ? page.offset + 1 : 0;
     const last = page.offset + page.entries.length;
     $("page-info").textContent =
-      `entries ${first}–${last}` + (filtered ? " matching the filter" : ` of ${page.total}`);
+      `entries ${first} to ${last}` + (filtered ? " matching the filter" : ` of ${page.total}`);
     $("page-prev").disabled = page.offset === 0;
     $("page-next").disabled = !page.has_more;
   }
@@ -358,7 +362,9 @@
     const top = max !== undefined ? max : Math.max(1, ...all);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart-svg" });
     root.appendChild(svg("title", {}, series.map((s) => s.label).join(", ")));
-    const x = (i) => L + (times.length <= 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (times.length - 1));
+    // One slot per report, the point or bar at its middle (bars stay inside the frame).
+    const slot = (W - L - R) / Math.max(1, times.length);
+    const x = (i) => L + slot * (i + 0.5);
     const y = (v) => T + (H - T - B) * (1 - (v - min) / (top - min || 1));
     root.appendChild(svg("line", { x1: L, y1: y(min), x2: W - R, y2: y(min), class: "axis" }));
     root.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: y(min), class: "axis" }));
@@ -366,15 +372,17 @@
     root.appendChild(svg("text", { x: L - 4, y: T + 4, class: "tick", "text-anchor": "end" }, fmt(top)));
     root.appendChild(svg("text", { x: L - 4, y: y(min), class: "tick", "text-anchor": "end" }, fmt(min)));
     if (times.length) {
-      root.appendChild(svg("text", { x: L, y: H - 6, class: "tick" }, clock(times[0]).slice(0, 5)));
-      root.appendChild(
-        svg("text", { x: W - R, y: H - 6, class: "tick", "text-anchor": "end" }, clock(times[times.length - 1]).slice(0, 5)),
-      );
+      const first = clock(times[0]).slice(0, 5);
+      const last = clock(times[times.length - 1]).slice(0, 5);
+      root.appendChild(svg("text", { x: x(0), y: H - 6, class: "tick", "text-anchor": "middle" }, first));
+      if (times.length > 1) {
+        root.appendChild(svg("text", { x: x(times.length - 1), y: H - 6, class: "tick", "text-anchor": "middle" }, last));
+      }
     }
     if (!times.length) {
       root.appendChild(svg("text", { x: W / 2, y: H / 2, class: "tick", "text-anchor": "middle" }, "no reports yet"));
     }
-    const barWidth = Math.max(2, Math.min(16, (W - L - R) / Math.max(1, times.length) - 2));
+    const barWidth = Math.max(2, Math.min(16, slot - 2));
     series.forEach((s, index) => {
       const group = svg("g", { class: `series series-${index} ${s.kind}`, "data-label": s.label });
       let path = "";
