@@ -28,6 +28,7 @@
     again: false,
     timer: null,
     refused: null, // the ApiError that refused the current token, if any
+    groupCounts: new Map(), // fingerprint -> entries, from the last groups read
     throttledUntil: 0,
   };
 
@@ -285,6 +286,7 @@
   }
 
   function drawGroups(groups, canAct) {
+    state.groupCounts = new Map(groups.map((g) => [g.fingerprint, g.count]));
     const rows = groups.map((g) => {
       const show = button("Show", () => {
         state.filter = { failure_class: "", task: "", fingerprint: g.fingerprint };
@@ -332,8 +334,12 @@
     fill($("dlq-entries"), rows, filtered ? "no entry matches the filter" : "the DLQ is empty");
     const first = page.entries.length ? page.offset + 1 : 0;
     const last = page.offset + page.entries.length;
+    // A fingerprint alone: its group says how many match (other filters would need a scan).
+    const f = state.filter;
+    const known = f.fingerprint && !f.task && !f.failure_class ? state.groupCounts.get(f.fingerprint) : undefined;
     $("page-info").textContent =
-      `entries ${first} to ${last}` + (filtered ? " matching the filter" : ` of ${page.total}`);
+      `entries ${first} to ${last}` +
+      (!filtered ? ` of ${page.total}` : known !== undefined ? ` of ${known} with fingerprint ${f.fingerprint}` : " matching the filter");
     $("page-prev").disabled = page.offset === 0;
     $("page-next").disabled = !page.has_more;
   }
