@@ -236,6 +236,19 @@ def test_the_page_stays_usable_on_three_thousand_entries(
     try:
         store = Store(env.redis_url, env.prefix)
         dlq, ledger = DeadLetterQueue(store), Ledger(store)
+        # A small group, older than the rest, for the group's "Retry all" button.
+        for _ in range(3):
+            dlq.add(
+                DeadLetter(
+                    task_name="exports.run",
+                    task_id=uuid.uuid4().hex,
+                    failure_class="transient",
+                    kwargs={"export_id": uuid.uuid4().hex},
+                    exception_type="TimeoutError",
+                    exception_message="export storage timed out",
+                ),
+                ledger,
+            )
         added = []
         for i in range(3000):
             message = "answered 503" if i % 3 else "answered 400"
@@ -257,10 +270,24 @@ def test_the_page_stays_usable_on_three_thousand_entries(
             expect(rows.first).to_have_attribute("data-entry-id", newest_first[0], timeout=WAIT_MS)
             first_ms = (time.perf_counter() - started) * 1000
             expect(rows).to_have_count(50)
-            expect(page.locator("#page-info")).to_have_text("entries 1 to 50 of 3000")
-            expect(page.locator("#dlq-total")).to_have_text("3000 entries")
+            expect(page.locator("#page-info")).to_have_text("entries 1 to 50 of 3003")
+            expect(page.locator("#dlq-total")).to_have_text("3003 entries")
             counts = page.locator("#dlq-groups tbody tr td:nth-child(3)")
+            expect(counts).to_have_text(["2000", "1000", "3"])
+
+            # "Retry all" on a group redrives its entries (after the confirmation) and
+            # only them: published to the queue (no worker here), gone from the DLQ.
+            timeouts = fingerprint("TimeoutError", "export storage timed out")
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator(f'#dlq-groups tr[data-fingerprint="{timeouts}"]').get_by_role(
+                "button", name="Retry all"
+            ).click()
+            expect(page.locator("#notice")).to_have_text(
+                f"fingerprint {timeouts}: 3 redriven, 0 refused", timeout=WAIT_MS
+            )
             expect(counts).to_have_text(["2000", "1000"])
+            expect(page.locator("#dlq-total")).to_have_text("3000 entries")
+            expect(page.locator("#page-info")).to_have_text("entries 1 to 50 of 3000")
 
             # The 60th (last) page: 59 clicks on "older" would do; a later offset is the
             # same request, so the test jumps by the group's Show button and one "older".
