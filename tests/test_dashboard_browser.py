@@ -152,6 +152,9 @@ def scenario(
     use_token(page, TOKEN)
     expect(page.locator("#auth-state")).to_have_text("admin token in use", timeout=WAIT_MS)
     expect(page.locator("#banner")).to_be_hidden()
+    # Kept for this tab only, and not left in the field.
+    assert page.evaluate("sessionStorage.getItem('reliable-ops-admin-token')") == TOKEN
+    assert page.input_value("#token") == ""
     expect(page.locator('#limits tr[data-limit="payment-gateway"]')).to_have_count(1)
 
     # Hostile text in an entry is shown as text: no script ran, no element was made.
@@ -225,6 +228,9 @@ def scenario(
     )
     expect(page.locator("#updated")).not_to_have_text("never")
     screenshot(page, artifacts, "dashboard-after-retry.png")
+    page.click("#token-clear")
+    expect(page.locator("#auth-state")).to_have_text("no token: health only")
+    assert page.evaluate("sessionStorage.getItem('reliable-ops-admin-token')") is None
     assert problems == []
     page.close()
 
