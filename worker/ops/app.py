@@ -24,7 +24,7 @@ from reliability.reports.storage import ReportStore
 from reliability.runtime import Runtime
 from worker.alerting import alert_hooks
 from worker.health import service_version
-from worker.ops import admin, health
+from worker.ops import admin, dashboard, health
 from worker.ops.audit import Audit
 from worker.ops.auth import Auth
 from worker.ops.body_limit import BodyLimit
@@ -77,6 +77,7 @@ def create_app(service: Any) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.include_router(health.router)
     app.include_router(admin.router)
+    dashboard.mount(app)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus exposition")
     def metrics() -> Response:
