@@ -120,6 +120,7 @@ ERRORS = [
     (["dlq", "retry", "0123abcd"], 1, r"^reliable dlq: error: no DLQ entry 0123abcd$"),
     (["dlq", "retry"], 2, r"^reliable dlq: error: retry needs an entry id or --all"),
     (["dlq", "list", "--class", "bogus"], 2, r"argument --class: invalid choice: 'bogus'"),
+    (["jobs", "--job", "nope"], 2, r"argument --job: invalid choice: 'nope'"),
     (["dlq", "frobnicate"], 2, r"^reliable dlq: error: argument command: invalid choice"),
 ]
 

@@ -176,7 +176,8 @@ def test_repeated_failures_from_one_client_are_throttled_fleet_wide(env: Environ
 
 def test_breaker_actions_change_the_fleets_breaker(ops: OpsProcess) -> None:
     base = "/admin/reliability/circuit-breakers/payment"
-    assert post(ops, f"{base}/force-open", headers=ALICE).json()["mode"] == "forced_open"
+    forced = post(ops, f"{base}/force-open", headers=ALICE).json()
+    assert (forced["state"], forced["mode"]) == ("open", "forced_open")  # as the list shows it
     states = {
         b["name"]: b["state"] for b in get(ops, "/health/circuit-breakers").json()["breakers"]
     }
@@ -288,7 +289,8 @@ def test_reports_and_the_ledger(ops: OpsProcess, store: Store) -> None:
     assert len(recent["reports"]) == 1
     Ledger(store).record("t-ops", "payments.charge", "succeeded", 1, "")
     rows = get(ops, "/admin/reliability/ledger", headers=ALICE, params={"task": "payments.charge"})
-    assert any(r["task_id"] == "t-ops" for r in rows.json()["entries"])
+    [row] = [r for r in rows.json()["entries"] if r["task_id"] == "t-ops"]
+    assert (row["outcome"], row["attempt"], type(row["at"])) == ("succeeded", 1, float)
 
 
 # -- hostile input and secrets -------------------------------------------------------------

@@ -337,6 +337,12 @@ def test_reliable_report_prints_the_latest_as_markdown_or_json(
         True,
         "",
     )
+    empty_json = reliable(cli_env, "report", "--period", "day", "--json")
+    assert (empty_json.returncode, json.loads(empty_json.stdout), empty_json.stderr) == (
+        0,
+        None,
+        "",
+    )
     report = build_report(history, Period("hour", S, E), dependencies=DEPENDENCIES, now=E)
     ReportStore(Store(cli_env.redis_url, cli_env.prefix)).save(Period("hour", S, E), report)
     shown = reliable(cli_env, "report", "--json")

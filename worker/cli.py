@@ -45,6 +45,7 @@ from worker.console import (
     positive_int,
 )
 from worker.report_cli import show_report
+from worker.schedule import JOBS
 from worker.supervisor import MAX_DEATHS, WINDOW_SECONDS, Program, Supervisor
 
 PROG = "reliable"
@@ -351,7 +352,9 @@ def _parser() -> argparse.ArgumentParser:
     p_ledger = sub.add_parser("ledger", help="the last outcomes")
     p_ledger.add_argument("-n", "--count", type=positive_int, default=50)
     p_jobs = sub.add_parser("jobs", help="the maintenance job runs beat sent (newest first)")
-    p_jobs.add_argument("--job", help="only this job (dlq-cleanup, health-poll, ...)")
+    p_jobs.add_argument(
+        "--job", choices=[job.name for job in JOBS], help="only this job (dlq-cleanup, ...)"
+    )
     p_jobs.add_argument("-n", "--count", type=positive_int, default=20)
     p_jobs.add_argument("--json", action="store_true")
     p_report = sub.add_parser("report", help="the latest reliability report (Markdown or JSON)")

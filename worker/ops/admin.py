@@ -70,7 +70,9 @@ def breaker_action(request: Request, who: Who, name: Name, action: BreakerAction
     else:
         breaker.set_mode(MODES[action])
     ops.audit.record(who, f"breaker.{action}", name)
-    return breaker.snapshot()
+    # The same view as the list (a forced-open breaker reads "open" in both).
+    [view] = [b for b in views.breakers(ops.runtime) if b["name"] == name]
+    return view
 
 
 # -- DLQ --------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ def ledger(
     rows = rt.ledger.tail(count if task is None else min(10 * count, 10_000))
     if task is not None:
         rows = [r for r in rows if r.get("task") == task][:count]
-    return {"entries": rows}
+    return {"entries": [views.ledger_row(row) for row in rows]}
 
 
 @router.get("/audit", summary="Recent admin actions, newest first")

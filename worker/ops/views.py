@@ -127,3 +127,15 @@ def degradation(rt: Runtime) -> dict[str, Any]:
     """The fleet's degradation level in force (override and expiry on Redis time)."""
     found: dict[str, Any] = DegradationState(rt.store).status().as_dict()
     return found
+
+
+def ledger_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger record with its numbers as numbers (the stream stores strings)."""
+    typed: dict[str, Any] = dict(row)
+    for name, kind in (("at", float), ("attempt", int)):
+        if name in typed:
+            try:
+                typed[name] = kind(typed[name])
+            except ValueError:
+                pass  # a record written by an older version: shown as stored
+    return typed
