@@ -6,6 +6,7 @@ dashboard share them, so an endpoint and the page never disagree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
@@ -133,9 +134,7 @@ def ledger_row(row: dict[str, Any]) -> dict[str, Any]:
     """A ledger record with its numbers as numbers (the stream stores strings)."""
     typed: dict[str, Any] = dict(row)
     for name, kind in (("at", float), ("attempt", int)):
-        if name in typed:
-            try:
-                typed[name] = kind(typed[name])
-            except ValueError:
-                pass  # a record written by an older version: shown as stored
+        # A record written by an older version is shown as stored.
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            typed[name] = kind(typed[name])
     return typed
