@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from typing import Any, Generic, Literal, TypeVar
 
 import structlog
@@ -89,15 +89,17 @@ class CardinalityGuard:
             self._problem(family, "name", f"label names {bad} are unbounded (ids, timestamps)")
         return not bad
 
-    def check_values(self, family: str, values: Sequence[str], known: int) -> tuple[str, ...]:
-        """The values to record for a new label set (``known`` sets exist already): as
-        given, or with ``other`` for a refused value (strict mode raises instead)."""
+    def check_values(
+        self, family: str, values: Sequence[Any], recorded: Set[tuple[str, ...]]
+    ) -> tuple[str, ...]:
+        """The values to record for a new label set (``recorded``: the family's sets so
+        far): as given, or ``other`` for a refused value (strict mode raises instead)."""
         out = tuple(str(v) for v in values)
         if any(unbounded_value(v) for v in out):
             # Never log the value itself: it may be an id a user would not want in logs.
             self._problem(family, "value", "a label value looks like an id or a timestamp")
             out = tuple(OVERFLOW if unbounded_value(v) else v for v in out)
-        if known >= self.max_values:
+        if out not in recorded and len(recorded) >= self.max_values:
             self._problem(family, "count", f"more than {self.max_values} label sets")
             out = tuple(OVERFLOW for _ in out)
         return out
@@ -106,6 +108,8 @@ class CardinalityGuard:
 GUARD = CardinalityGuard()
 
 M = TypeVar("M")
+# Raw label value sets a family remembers (beyond them, refused values are checked anew).
+CACHED_SETS = 10_000
 
 
 class Labelled(Generic[M]):
@@ -120,6 +124,7 @@ class Labelled(Generic[M]):
         self.name = name
         self.guard = guard
         self._children: dict[tuple[Any, ...], M] = {}
+        self._recorded: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
 
     def labels(self, *values: Any) -> M:
@@ -127,12 +132,15 @@ class Labelled(Generic[M]):
         if child is not None:
             return child
         with self._lock:
-            allowed = self.guard.check_values(self.name, values, len(self._children))
+            allowed = self.guard.check_values(self.name, values, self._recorded)
             found: M = self.metric.labels(*allowed)
-            self._children[values] = found
+            self._recorded.add(allowed)
+            if len(self._children) < CACHED_SETS:  # refused raw values: not kept forever
+                self._children[values] = found
             return found
 
     def clear(self) -> None:
         """Forget the cached children (tests)."""
         with self._lock:
             self._children.clear()
+            self._recorded.clear()

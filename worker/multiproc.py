@@ -4,11 +4,12 @@ prometheus-client picks its value class once, when it is imported: with
 ``PROMETHEUS_MULTIPROC_DIR`` set every process (the worker's main process and each pool
 child it forks) writes its samples to memory-mapped files in that directory, and the
 process that serves ``/metrics`` sums them. So the directory must be set — and emptied
-of a previous run's files, or old counts would be summed in — before anything imports
-prometheus-client. ``worker/__init__.py`` calls :func:`prepare` first thing, which makes
-every entry point (``celery -A worker.app ...``, ``reliable ...``, ``python -m
-worker.ops``) do it. This module imports nothing from ``reliability`` (whose package
-imports prometheus-client).
+of a previous run's files, or old counts would be summed in — before any metric is
+created (prometheus-client reads it at import; see :func:`prepare` for Celery's CLI,
+which imports it earlier through Flower's command plugin). ``worker/__init__.py`` calls
+:func:`prepare` first thing, which makes every entry point (``celery -A worker.app ...``,
+``reliable ...``, ``python -m worker.ops``) do it. This module imports nothing from
+``reliability`` (whose package imports prometheus-client).
 
 Each main process gets its own directory ``<base>/<pid>`` (its forked children share
 it); directories of processes that are gone are removed at the next start. The base is
@@ -42,10 +43,11 @@ def _alive(pid: int) -> bool:
 
 
 def prepare(pid: int | None = None) -> str | None:
-    """Set and wipe this process's multiprocess directory; its path (None when
-    prometheus-client was imported already: this process then stays single-process)."""
-    if "prometheus_client" in sys.modules:
+    """Set and wipe this process's multiprocess directory; its path (None when this
+    service's metric families exist already: this process then stays single-process)."""
+    if "reliability.metrics" in sys.modules:
         return None
+    imported = "prometheus_client" in sys.modules
     pid = os.getpid() if pid is None else pid
     base = os.environ.get(BASE_ENV) or default_base()
     os.makedirs(base, exist_ok=True)
@@ -56,4 +58,13 @@ def prepare(pid: int | None = None) -> str | None:
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     os.environ[ENV] = path
+    if imported:
+        # Celery's CLI loads its command plugins before the -A module, and Flower's
+        # imports prometheus-client (for Flower's own metrics): its value class was
+        # chosen without the directory. Metrics pick the class when they are created,
+        # and ours are not created yet, so choosing it again is enough (Flower's stay
+        # in memory, in Flower's registry).
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
     return path
