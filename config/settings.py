@@ -244,7 +244,8 @@ class MetricsSettings(BaseModel):
     max_label_sets: int = Field(1000, ge=1)
     # Seconds the ops service caches the DLQ's size by failure class between scrapes.
     dlq_cache_seconds: float = Field(10.0, ge=0)
-    # Flower's port when `reliable run --flower` starts it.
+    # Where `reliable run --flower` starts Flower.
+    flower_host: str = "127.0.0.1"
     flower_port: int = Field(5555, ge=1, le=65535)
 
 
