@@ -24,6 +24,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reliability.breaker import BreakerMode, CircuitBreaker
+from reliability.dlq import DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, OpsProcess, WorkerProcess, free_port, wait_until
@@ -247,21 +249,32 @@ def test_a_port_in_use_is_one_log_line_and_the_worker_runs_on(
 def test_ops_metrics_hold_the_fleet_state_once_and_pass_promtool(
     environment: Environment, worker: WorkerProcess
 ) -> None:
+    store = Store(environment.redis_url, environment.prefix)
+    # One dead letter (a permanent failure: no retry), one breaker forced open.
+    failed = environment.producer().send_task("test.flaky", args=["never", "not a number"])
+    ledger = Ledger(store)
+    wait_until(lambda: ledger.reconcile([failed.id]).lost == 0, 30, message="dead-lettered")
+    CircuitBreaker("test-breaker", store).set_mode(BreakerMode.FORCED_OPEN)
     with OpsProcess(environment) as ops:
         text = scrape(f"{ops.url}/metrics")
     checked = promtool_check(text)
     assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
-    store = Store(environment.redis_url, environment.prefix)
-    from reliability.dlq import DeadLetterQueue
 
     assert total(text, "reliable_fleet_store_up") == 1
-    assert total(text, "reliable_dlq_size") == DeadLetterQueue(store).count()
+    by_class = collections.Counter(e.failure_class for e in DeadLetterQueue(store).iter())
+    assert sum(by_class.values()) == 1
+    assert {dict(k)["failure_class"]: v for k, v in samples(text, "reliable_dlq_size").items()} == {
+        c: float(n) for c, n in by_class.items()
+    }
     assert total(text, "reliable_degradation_level") == 0
     assert samples(text, "reliable_parked_messages") == {(): 0.0}
     assert samples(text, "reliable_leases_held") == {(): 0.0}
-    # Every configured breaker once (closed), every fleet-wide limit's tokens.
-    states = samples(text, "reliable_circuit_breaker_state")
-    assert states and set(states.values()) == {0.0}
+    # Every configured breaker once: the forced one open, the others closed.
+    states = {
+        dict(k)["breaker"]: v for k, v in samples(text, "reliable_circuit_breaker_state").items()
+    }
+    assert states["test-breaker"] == 2
+    assert set(v for name, v in states.items() if name != "test-breaker") == {0.0}
     assert samples(text, "reliable_rate_limit_available_tokens")
     for family in text_string_to_metric_families(text):
         assert family.name.startswith("reliable_"), family.name
