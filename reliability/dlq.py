@@ -144,6 +144,14 @@ class Filter:
     until: float | None = None
     fingerprint: str | None = None
 
+    @property
+    def everything(self) -> bool:
+        """True when no condition is set: every entry matches."""
+        return all(
+            v is None
+            for v in (self.failure_class, self.task_name, self.since, self.until, self.fingerprint)
+        )
+
     def matches(self, entry: DeadLetter) -> bool:
         return (
             (self.failure_class is None or entry.failure_class == self.failure_class)
@@ -237,7 +245,15 @@ class DeadLetterQueue:
     def page(
         self, where: Filter | None = None, *, offset: int = 0, limit: int = 50
     ) -> list[DeadLetter]:
-        """Matching entries ``offset`` to ``offset + limit``, newest first."""
+        """Matching entries ``offset`` to ``offset + limit``, newest first.
+
+        Without a filter the page is read straight from the index (one ``ZRANGE`` of
+        ``limit`` ids, whatever the offset); with one, entries are scanned in batches up
+        to the page's end."""
+        if where is None or where.everything:
+            ids = self.store.call("dlq page", self._ids(offset, limit, True))
+            raws = self.store.call("dlq page", self._raws(ids)) if ids else []
+            return [DeadLetter.from_json(raw) for raw in raws if raw]
         out: list[DeadLetter] = []
         for index, entry in enumerate(self.iter(where)):
             if index >= offset + limit:

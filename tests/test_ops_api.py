@@ -308,8 +308,40 @@ def test_bad_input_is_422_and_never_echoes_it(ops: OpsProcess) -> None:
     for method, path, kwargs in cases:
         headers = {**ALICE, "Content-Type": "application/json"}
         response = httpx.request(method, ops.url + path, headers=headers, timeout=30, **kwargs)
-        assert response.status_code in (400, 404, 422), (path, response.status_code)
+        assert response.status_code in (400, 404, 413, 422), (path, response.status_code)
         assert TOKEN not in response.text[:1000] and "xxxxxxxxxx" not in response.text
+
+
+def test_a_body_over_the_cap_is_413_unread_and_a_misspelt_field_is_422(
+    ops: OpsProcess, store: Store
+) -> None:
+    """20 MB bodies (declared or chunked) are refused before they are read; a misspelt
+    condition of a bulk retry is refused, never widened to "every entry"."""
+    dlq = DeadLetterQueue(store)
+    entry = charge_entry()
+    dlq.add(entry, Ledger(store))
+    huge = b'{"rate": 1, "x": "' + b"a" * 20_000_000 + b'"}'
+    headers = {**ALICE, "Content-Type": "application/json"}
+    path = "/admin/reliability/rate-limits/payment-gateway"
+    declared = post(ops, path, content=huge, headers=headers)
+    chunked = post(
+        ops,
+        path,
+        content=iter([huge[i : i + 65536] for i in range(0, len(huge), 65536)]),
+        headers=headers,
+    )
+    assert (declared.status_code, chunked.status_code) == (413, 413)
+    assert "refused unread" in declared.json()["detail"] == chunked.json()["detail"]
+    misspelt = post(
+        ops, "/admin/reliability/dlq/retry", json={"failure_clas": "transient"}, headers=ALICE
+    )
+    assert misspelt.status_code == 422
+    assert misspelt.json()["detail"] == [
+        {"loc": ["body", "failure_clas"], "msg": "Extra inputs are not permitted"}
+    ]
+    assert post(ops, path, json={"rate": 5, "brust": 3}, headers=ALICE).status_code == 422
+    assert dlq.get(entry.id) is not None  # nothing was redriven
+    dlq.remove(entry.id)
 
 
 def test_no_secret_in_any_answer(ops: OpsProcess) -> None:

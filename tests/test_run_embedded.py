@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.support.fleet import ROOT, wait_until
+from tests.support.fleet import ROOT, free_port, wait_until
 from tests.support.lifecycle import alive, no_url_env, servers_on
 from worker import embedded
 
@@ -35,22 +36,24 @@ def test_importing_the_app_with_no_redis_url_starts_nothing(tmp_path: Path) -> N
 
 
 def celery(program: str, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
-    args = ["worker", "-P", "solo", "--without-mingle", "--without-gossip"]
+    command = [sys.executable, "-m", "celery", "-A", "worker.app"]
+    command += ["worker", "-P", "solo", "--without-mingle", "--without-gossip"]
     if program == "beat":
-        args = ["beat", "-s", str(data_dir.parent / "schedule")]
+        command[-5:] = ["beat", "-s", str(data_dir.parent / "schedule")]
+    env = no_url_env(data_dir)
+    if program == "ops":
+        command = [sys.executable, "-m", "worker.ops"]
+        env["RELIABLE_OPS__PORT"] = str(free_port())
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", *args],
-            cwd=ROOT,
-            env=no_url_env(data_dir),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
-def run_until_started(program: str, data_dir: Path, log: Path, banner: str) -> list[psutil.Process]:
-    """Start the program, wait for ``banner`` in its log, SIGTERM it; returns the
+def run_until_started(
+    program: str, data_dir: Path, log: Path, banner: str, sig: int = signal.SIGTERM
+) -> list[psutil.Process]:
+    """Start the program, wait for ``banner`` in its log, signal it; returns the
     redis-servers that ran on the data directory meanwhile."""
     proc = celery(program, data_dir, log)
     try:
@@ -62,7 +65,7 @@ def run_until_started(program: str, data_dir: Path, log: Path, banner: str) -> l
             message=f"{program} started, with a redis-server",
         )
         servers = servers_on(data_dir)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -85,6 +88,20 @@ def test_a_standalone_beat_starts_the_embedded_redis_and_stops_it_at_exit(tmp_pa
     data_dir = tmp_path / "data"
     try:
         servers = run_until_started("beat", data_dir, tmp_path / "b.log", "beat: Starting")
+        assert len(servers) == 1
+        assert alive(servers) == [] and not embedded.is_running(data_dir)
+    finally:
+        embedded.stop_embedded_redis(data_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_ops_service_starts_the_embedded_redis_and_stops_it_at_exit(
+    tmp_path: Path, sig: int
+) -> None:
+    """uvicorn re-raises the signal it caught after its own shutdown: the server still stops."""
+    data_dir = tmp_path / "data"
+    try:
+        servers = run_until_started("ops", data_dir, tmp_path / "o.log", "Application startup", sig)
         assert len(servers) == 1
         assert alive(servers) == [] and not embedded.is_running(data_dir)
     finally:

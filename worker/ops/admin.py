@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from reliability.breaker import BreakerMode
 from reliability.degradation import DegradationState, Level
@@ -78,6 +78,8 @@ def breaker_action(request: Request, who: Who, name: Name, action: BreakerAction
 
 class DlqSelection(BaseModel):
     """Which entries a bulk retry or purge applies to (all given conditions hold)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt condition must not widen the match
 
     failure_class: str | None = Field(None, max_length=64)
     task: str | None = Field(None, max_length=256)
@@ -175,6 +177,8 @@ def purge(request: Request, who: Who, selection: Purge) -> dict[str, Any]:
 
 class RateChange(BaseModel):
     """New values for a limit, fleet-wide (only those its kind has)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     rate: float | None = Field(None, gt=0, le=1e9)
     burst: int | None = Field(None, ge=1, le=1_000_000_000)

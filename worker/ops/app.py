@@ -25,9 +25,10 @@ from reliability.reports.storage import ReportStore
 from reliability.runtime import Runtime
 from worker.alerting import alert_hooks
 from worker.health import service_version
-from worker.ops import admin, health
+from worker.ops import admin, dashboard, health
 from worker.ops.audit import Audit
 from worker.ops.auth import Auth
+from worker.ops.body_limit import BodyLimit
 from worker.reporting import report_store
 
 log = structlog.get_logger("worker.ops")
@@ -74,8 +75,10 @@ def create_app(service: Any) -> FastAPI:
         description="Health, metrics and the admin API of the reliable Celery worker fleet.",
     )
     app.state.ops = ops
+    app.add_middleware(BodyLimit)
     app.include_router(health.router)
     app.include_router(admin.router)
+    dashboard.mount(app)
 
     # This process's counters (multiprocess sum) and the fleet's state read from Redis:
     # the fleet collector is registered here only, so fleet state is exported once.

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from reliability.breaker.monitor import BreakerMonitor
 from reliability.degradation import DegradationState
 from reliability.dlq import DeadLetter
 from reliability.fingerprint import label
@@ -19,10 +20,18 @@ from reliability.runtime import Runtime
 
 
 def breakers(rt: Runtime) -> list[dict[str, Any]]:
+    """Each breaker's state and mode, consecutive failures, and its window's failure and
+    slow-call rates (read as the breaker monitor reads them, without recording anything)."""
     out = []
+    monitor = BreakerMonitor(rt.store, [])
+    moment = rt.store.now()
     for breaker in rt.breakers:
         snap = breaker.snapshot()
+        window = monitor.snapshot(breaker, moment)
         snap["failure_count"] = breaker.failure_count
+        snap["failure_rate"] = window.failure_rate
+        snap["slow_call_rate"] = window.slow_call_rate
+        snap["window_calls"] = window.window_calls
         if snap["mode"] == "forced_open":
             snap["state"] = "open"
         out.append(snap)
