@@ -225,6 +225,30 @@ class MaintenanceSettings(BaseModel):
     beat_lock_timeout_seconds: float = Field(30.0, ge=5)
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (README, Metrics): the worker's own endpoint, multiprocess files,
+    the cardinality guard, and Flower beside ``reliable run --flower``."""
+
+    # The worker's main process serves /metrics here (0 = off; the ops service always
+    # serves /metrics on its own port). Several workers on one host need one port each.
+    port: int = Field(0, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    # Base of the per-process multiprocess directories (<base>/<main pid>). Read from the
+    # environment by the entry point before settings load (worker/multiproc.py);
+    # default <tmp>/reliable-metrics-<uid>.
+    multiproc_dir: str | None = None
+    # Label names and values that look unbounded (ids, uuids, timestamps) or more than
+    # max_label_sets label sets in one family: strict raises, warning logs once and
+    # records the sample under "other".
+    cardinality: Literal["strict", "warning"] = "warning"
+    max_label_sets: int = Field(1000, ge=1)
+    # Seconds the ops service caches the DLQ's size by failure class between scrapes.
+    dlq_cache_seconds: float = Field(10.0, ge=0)
+    # Where `reliable run --flower` starts Flower.
+    flower_host: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+
+
 class OpsSettings(BaseModel):
     """The ops HTTP service (``reliable ops``): health, metrics, admin API, dashboard."""
 
@@ -458,6 +482,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     ops: OpsSettings = OpsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
     reprocess: ReprocessSettings = ReprocessSettings()
     reports: ReportSettings = ReportSettings()

@@ -23,10 +23,9 @@ from typing import Any, cast
 
 import httpx
 import structlog
-from prometheus_client import Counter
 from tenacity import Retrying, retry_if_exception_type
 
-from reliability.metrics import PREFIX
+from reliability.metrics import ALERTS, HOOK_FAILURES
 from reliability.security import Masker
 from reliability.store import Store
 
@@ -39,13 +38,6 @@ ALERTS_STREAM = "alerts"
 DEFAULT_STREAM_MAX_LEN = 10_000
 # Statuses a webhook receiver may answer differently on the next attempt.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-ALERTS = Counter(f"{PREFIX}_alerts_total", "Alerts raised, by event type.", ["event_type"])
-HOOK_FAILURES = Counter(
-    f"{PREFIX}_alert_hook_failures_total",
-    "Alert hooks that failed, by kind (log, metric, event, webhook).",
-    ["kind"],
-)
 
 
 class WebhookFailed(Exception):

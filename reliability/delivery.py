@@ -291,4 +291,5 @@ def duplicate(call: Call, verdict: Verdict) -> Duplicate:
     """Another copy of this delivery already settled it: nothing to do (logged, counted)."""
     log.info("task_duplicate_delivery_skipped", settled_as=verdict.detail)
     metrics.OUTCOMES.labels(call.d.name, "duplicate_delivery").inc()
+    metrics.DEDUPLICATED.labels(call.d.name, "duplicate_delivery").inc()
     return Duplicate()

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import redis
 import structlog
 
+from reliability import metrics
 from reliability.errors import RedriveRefused
 from reliability.fingerprint import fingerprint
 from reliability.redrive import DEFAULT_CLAIM_SECONDS, Redrives, redriven, refusal
@@ -294,6 +295,7 @@ class DeadLetterQueue:
             raise
         if not self.redrives.confirm(entry, token, new_task_id, by):
             log.warning("dlq_redrive_claim_lapsed", entry_id=entry_id, task_id=new_task_id)
+        metrics.DLQ_REDRIVEN.labels(entry.task_name).inc()
         return new_task_id
 
     def redrive_matching(
@@ -311,4 +313,6 @@ class DeadLetterQueue:
 
     def purge(self, where: Filter | None = None) -> int:
         ids = [entry.id for entry in self.iter(where)]
-        return sum(1 for entry_id in ids if self.remove(entry_id))
+        purged = sum(1 for entry_id in ids if self.remove(entry_id))
+        metrics.DLQ_PURGED.inc(purged)
+        return purged

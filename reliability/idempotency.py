@@ -195,6 +195,7 @@ class Idempotency(Guard):
         if verdict.decision == IdempotencyVerdict.DONE:
             log.info("task_skipped_idempotent", idempotency_key=d.idempotency_key)
             metrics.OUTCOMES.labels(d.name, "skipped").inc()
+            metrics.DEDUPLICATED.labels(d.name, "completed_key").inc()
             return Skip(json.loads(verdict.detail) if verdict.detail else None)
         if verdict.decision == IdempotencyVerdict.BUSY:
             delay = min(call.rt.config.recheck_seconds, max(float(verdict.detail), 0.05))

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from reliability import metrics
 from reliability.store import Store
 
 log = structlog.get_logger("reliability.lease")
@@ -170,8 +171,10 @@ class LeaseKeeper:
         for lease, reply in zip(leases, replies, strict=True):
             if reply:
                 lease.held = True
+                metrics.LEASE_RENEWALS.inc()
             elif lease.held:
                 # Renewed before, refused now: the lease lapsed or was taken over.
                 lease.held = False
+                metrics.LEASE_LAPSES.inc()
                 if lease.lost:
                     log.warning(lease.lost, key=lease.keys[0])

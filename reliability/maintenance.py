@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from reliability import metrics
 from reliability.deferral import Mover
 from reliability.errors import BackendUnavailable
 from reliability.reaper import Reaper
@@ -93,8 +92,7 @@ class Maintenance(threading.Thread):
             return self.leader_ttl / 3
         while self.mover.move_due() >= self.mover.batch_size:
             pass
-        pending, next_due = self.mover.outlook()
-        metrics.PARKED.set(pending)
+        _pending, next_due = self.mover.outlook()
         self._since_reap += self.interval
         if self._since_reap >= self.reap_every:
             self._since_reap = 0.0

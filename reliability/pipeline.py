@@ -26,7 +26,7 @@ import structlog
 from celery.app.task import get_actual_ignore_result  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
 
-from reliability import admission, checks, completion
+from reliability import admission, checks, completion, metrics
 from reliability.breaker import Breaker
 from reliability.deferral import Deferral, ParkedMessage
 from reliability.degradation import Degradation
@@ -134,7 +134,7 @@ class Pipeline:
         # (reliability.lease): a body holding the GIL cannot starve them.
         started = time.monotonic()
         try:
-            result = task.run(*d.args, **d.kwargs)
+            result = self._body(task, d)
         except RetryRequested as request:
             d.duration = time.monotonic() - started
             return self._failed(
@@ -156,6 +156,16 @@ class Pipeline:
             return self._failed(call, exc)
         d.duration = time.monotonic() - started
         return self._succeeded(task, call, result)
+
+    @staticmethod
+    def _body(task: Body, d: Delivery) -> Any:
+        """Run the body, counted in ``reliable_tasks_running`` while it runs."""
+        running = metrics.RUNNING.labels(d.name)
+        running.inc()
+        try:
+            return task.run(*d.args, **d.kwargs)
+        finally:
+            running.dec()
 
     # -- local checks ---------------------------------------------------------------------
 

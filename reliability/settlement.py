@@ -127,9 +127,11 @@ class Settlement:
             ending=ending,
         )
         if reply[0] == "refused":
+            metrics.BUDGET_REFUSALS.labels(d.name).inc()
             self.dead_letter(call, FailureClass.RETRY_BUDGET_EXHAUSTED, exc=exc, ran=False)
             return Outcome.DEAD_LETTERED, None
         metrics.OUTCOMES.labels(d.name, Outcome.RETRIED).inc()
+        metrics.RETRIES.labels(d.name).inc()
         log.warning(
             "task_retry_scheduled",
             delay_seconds=round(delay, 3),
@@ -188,6 +190,11 @@ class Settlement:
             "park",
             self.tails(call, ending) if ending is not None else (),
         )
+        if mode == "defer":
+            # A deferral's reason is its verdict ("breaker_open", "in_progress", ...);
+            # "degraded MINOR" counts as "degraded" (a bounded label).
+            metrics.OUTCOMES.labels(d.name, outcome).inc()
+            metrics.DEFERRALS.labels(d.name, detail.split(" ", 1)[0]).inc()
         return reply
 
     def dead_letter(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ import redis
 from redis.commands.core import Script
 
 from reliability.errors import BackendUnavailable
+from reliability.metrics import STORE_LATENCY
 from reliability.security import key_token
 
 T = TypeVar("T")
@@ -142,13 +144,21 @@ class Store:
 
     def run(self, lua: str, keys: Sequence[str], args: Sequence[Any], action: str) -> Any:
         """Run a script in one round trip; store outages become :class:`BackendUnavailable`."""
-        with wrap_errors(action):
-            return self.script(lua)(keys=list(keys), args=list(args))
+        started = time.perf_counter()
+        try:
+            with wrap_errors(action):
+                return self.script(lua)(keys=list(keys), args=list(args))
+        finally:
+            STORE_LATENCY.labels(action).observe(time.perf_counter() - started)
 
     def call(self, action: str, fn: Callable[[redis.Redis], T]) -> T:
         """Run ``fn(client)`` with driver errors wrapped."""
-        with wrap_errors(action):
-            return fn(self.client)
+        started = time.perf_counter()
+        try:
+            with wrap_errors(action):
+                return fn(self.client)
+        finally:
+            STORE_LATENCY.labels(action).observe(time.perf_counter() - started)
 
     def now(self) -> float:
         """The store's clock (``TIME``): the one clock every process agrees on."""

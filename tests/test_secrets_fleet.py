@@ -12,25 +12,17 @@ must show every task, so the scan is not vacuous.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
 from reliability.dlq import DeadLetterQueue
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
+from tests.support.fleet import Environment, FlowerProcess, WorkerProcess, wait_until
 from worker.sandbox import SandboxProvider
 
 CONFIGURED_KEY = "sk_live_fleetconfigured_0123456789"
@@ -56,67 +48,6 @@ USER_ID = "u-SENTINEL-user"
 EVENT_ID = "evt-SENTINEL-1"
 EXPORT_ID = "exp-SENTINEL-1"
 KEY_NAME_VALUES = (*SECRETS, USER_ID, EVENT_ID, EXPORT_ID, "pay-")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class FlowerProcess:
-    """``celery -A worker.app flower`` on a free port, its API open (no auth: a test)."""
-
-    def __init__(self, environment: Environment) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{environment.name}-flower.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "flower",
-            f"--port={self.port}",
-            "--address=127.0.0.1",
-        ]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=environment.env(FLOWER_UNAUTHENTICATED_API="true"),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def tasks(self) -> dict[str, Any]:
-        try:
-            reply = httpx.get(f"{self.url}/api/tasks", timeout=5)
-        except httpx.HTTPError:
-            return {}
-        return reply.json() if reply.status_code == 200 else {}
-
-    def wait_ready(self) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"flower exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{self.url}/api/tasks", timeout=2).status_code == 200
-            return False
-
-        wait_until(up, 60, interval=0.2, message="flower serving its API")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-        self._log.close()
 
 
 @pytest.fixture

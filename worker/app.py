@@ -16,6 +16,7 @@ from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 
 from config import Settings, load_settings
+from reliability.cardinality import GUARD
 from reliability.runtime import Runtime, set_runtime
 from reliability.security import Masker
 from reliability.store import Store
@@ -27,6 +28,7 @@ from worker.celeryconfig import (
     state_url,
 )
 from worker.liveness import LivenessFile
+from worker.metrics_endpoint import MetricsEndpoint
 from worker.shutdown import ShutdownDeadline
 
 
@@ -38,6 +40,8 @@ def build(settings: Settings) -> tuple[Celery, Runtime]:
     app.conf.update(celery_config(settings, url))
     app.steps["worker"].add(ShutdownDeadline)  # warm and cold shutdowns always end
     app.steps["worker"].add(LivenessFile)  # the exec liveness probe's file
+    app.steps["worker"].add(MetricsEndpoint)  # /metrics of the main process (port 0: off)
+    GUARD.configure(settings.metrics.cardinality, settings.metrics.max_label_sets)
     store = Store(
         url, settings.redis.key_prefix, socket_timeout=settings.redis.socket_timeout_seconds
     )

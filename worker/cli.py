@@ -73,10 +73,12 @@ def service_programs(
     with_beat: bool,
     with_sandbox: bool,
     with_ops: bool = False,
+    with_flower: bool = False,
 ) -> list[Program]:
     """What ``reliable run`` supervises: the sandbox provider (development, when the
-    providers point at it), a worker, beat and the ops service. The sandbox and beat stop
-    only after the worker exited: tasks finishing in its grace still call the sandbox."""
+    providers point at it), a worker, beat, the ops service and (``--flower``) Flower.
+    The sandbox and beat stop only after the worker exited: tasks finishing in its grace
+    still call the sandbox."""
     programs: list[Program] = []
     if (
         with_sandbox
@@ -98,6 +100,11 @@ def service_programs(
         )
     if with_ops:
         programs.append(Program("ops", _python("worker.ops"), stops_last=True))
+    if with_flower:
+        m = settings.metrics
+        flower = _python("celery", "-A", "worker.app", "flower")
+        flower += [f"--port={m.flower_port}", f"--address={m.flower_host}"]
+        programs.append(Program("flower", flower, stops_last=True))
     return programs
 
 
@@ -107,12 +114,15 @@ def run(
     with_sandbox: bool,
     *,
     with_ops: bool = True,
+    with_flower: bool = False,
     max_deaths: int = MAX_DEATHS,
     window_seconds: float = WINDOW_SECONDS,
 ) -> int:
     settings = load_settings()
     env = dict(os.environ)
-    programs = service_programs(settings, concurrency, with_beat, with_sandbox, with_ops)
+    programs = service_programs(
+        settings, concurrency, with_beat, with_sandbox, with_ops, with_flower
+    )
     supervisor = Supervisor(
         programs,
         env,
@@ -326,6 +336,11 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--no-ops", action="store_true", help="without the ops HTTP service")
     p_run.add_argument("--no-sandbox", action="store_true")
     p_run.add_argument(
+        "--flower",
+        action="store_true",
+        help="also start Flower on RELIABLE_METRICS__FLOWER_HOST:__FLOWER_PORT (127.0.0.1:5555)",
+    )
+    p_run.add_argument(
         "--max-deaths",
         type=int,
         default=MAX_DEATHS,
@@ -423,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_beat,
             not args.no_sandbox,
             with_ops=not args.no_ops,
+            with_flower=args.flower,
             max_deaths=args.max_deaths,
             window_seconds=args.window,
         )

@@ -14,12 +14,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
+from reliability import metrics
 from reliability.alerts import AlertHooks, log_hook
 from reliability.breaker.config import EVENTS_STREAM
 from reliability.errors import BackendUnavailable
-from reliability.metrics import PREFIX
 from reliability.store import Store
 
 EVENT_NAMES = {
@@ -27,22 +25,9 @@ EVENT_NAMES = {
     "half_open": "circuit_breaker_half_open",
     "closed": "circuit_breaker_closed",
 }
-STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 GROUP = "alerts"
 # A leader that read entries and died leaves them pending; the next takes them after this.
 CLAIM_IDLE_MS = 30_000
-
-TRANSITIONS = Counter(
-    f"{PREFIX}_circuit_breaker_transitions_total",
-    "Circuit breaker state transitions, fleet-wide.",
-    ["breaker", "to"],
-)
-STATE = Gauge(
-    f"{PREFIX}_circuit_breaker_state",
-    "Circuit breaker state (0 closed, 1 half-open, 2 open).",
-    ["breaker"],
-    multiprocess_mode="max",
-)
 
 
 # Transitions back towards health are logged at info; opening (and any other alert) warns.
@@ -51,11 +36,11 @@ TRANSITION_EVENTS = frozenset(EVENT_NAMES.values())
 
 
 def count_transition(event_type: str, _message: str, context: dict[str, Any]) -> None:
-    """Metric hook: transitions counted and the state gauge set (other alerts ignored)."""
+    """Metric hook: transitions counted once fleet-wide (other alerts ignored). The
+    state itself is read from Redis by the fleet collector (:mod:`reliability.fleet_metrics`)."""
     if event_type not in TRANSITION_EVENTS:
         return
-    TRANSITIONS.labels(context["breaker"], context["to"]).inc()
-    STATE.labels(context["breaker"]).set(STATE_VALUES.get(context["to"], 0))
+    metrics.BREAKER_TRANSITIONS.labels(context["breaker"], context["to"]).inc()
 
 
 def default_hooks() -> AlertHooks:

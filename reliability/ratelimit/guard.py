@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from reliability import scripts
+from reliability import metrics, scripts
 from reliability.guard import Action, Call, Ending, Guard, Park, Unresolved, require
 from reliability.lease import Holding, Lease
 from reliability.ratelimit.limit import RateLimit, limit_keys
@@ -204,11 +204,17 @@ class RateLimits(Guard):
         )
         return Part(fragment(len(limits), d.reserved), keys, args)
 
+    def admitted(self, call: Call, verdict: Verdict) -> None:
+        for limit in limits_of(call):
+            metrics.LIMIT_ADMITTED.labels(limit.name).inc()
+
     def refused(self, call: Call, verdict: Verdict) -> Action:
         # A copy keeps its reserved slot through the start gate and a full concurrency
         # limit; only a first delivery's "busy" reserved nothing.
         reserved = verdict.decision == LimitVerdict.DELAY or call.d.reserved
         delay = float(verdict.detail)
+        if verdict.extra:
+            metrics.LIMIT_LIMITED.labels(verdict.extra[0]).inc()
         log.info(
             "tokens_waiting",
             wait_seconds=round(delay, 3),

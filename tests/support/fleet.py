@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import psutil
 import redis
 from celery import Celery
@@ -335,3 +336,64 @@ class OpsProcess(WorkerProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "worker.ops"]
+
+
+class FlowerProcess:
+    """``celery -A worker.app flower`` on a free port, its API open (no auth: a test)."""
+
+    def __init__(self, environment: Environment) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{environment.name}-flower.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "flower",
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=environment.env(FLOWER_UNAUTHENTICATED_API="true"),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def tasks(self) -> dict[str, Any]:
+        try:
+            reply = httpx.get(f"{self.url}/api/tasks", timeout=5)
+        except httpx.HTTPError:
+            return {}
+        return reply.json() if reply.status_code == 200 else {}
+
+    def api(self, path: str) -> Any:
+        """GET one of Flower's API routes (``/api/workers``, ``/api/task/info/<id>``)."""
+        reply = httpx.get(f"{self.url}{path}", timeout=30)
+        assert reply.status_code == 200, (path, reply.status_code, reply.text[:500])
+        return reply.json()
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"flower exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{self.url}/api/tasks", timeout=2).status_code == 200
+            return False
+
+        wait_until(up, 60, interval=0.2, message="flower serving its API")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self._log.close()

@@ -15,11 +15,12 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from config import Settings
+from reliability import exposition
 from reliability.alerts import AlertHooks
 from reliability.errors import BackendUnavailable, ConfigurationError, RedriveRefused
+from reliability.fleet_metrics import FleetCollector
 from reliability.reports.storage import ReportStore
 from reliability.runtime import Runtime
 from worker.alerting import alert_hooks
@@ -79,9 +80,13 @@ def create_app(service: Any) -> FastAPI:
     app.include_router(admin.router)
     dashboard.mount(app)
 
+    # This process's counters (multiprocess sum) and the fleet's state read from Redis:
+    # the fleet collector is registered here only, so fleet state is exported once.
+    registry = exposition.registry(FleetCollector(runtime, settings.metrics.dlq_cache_seconds))
+
     @app.get("/metrics", tags=["metrics"], summary="Prometheus exposition")
     def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.render(registry), media_type=exposition.CONTENT_TYPE)
 
     def masked(request: Request, status: int, exc: BaseException, what: str) -> JSONResponse:
         detail = runtime.masker.text(f"{what}: {exc}" if what else str(exc))
