@@ -15,13 +15,14 @@ import functools
 from typing import Any
 
 import structlog
+from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.state import active_requests, reserved_requests
 from vine import promise
 
 from reliability import transport
 from reliability.dropped import body_bytes, dead_letter_message, dead_letter_raw
-from reliability.poison import Poison, check_size
+from reliability.poison import Poison, body_shape_problem, check_size
 from reliability.runtime import runtime_of
 
 log = structlog.get_logger("reliability.consumer")
@@ -82,6 +83,10 @@ class ReliableConsumer(Consumer):
                 reason = f"{poison.kind}: {poison.reason}"
                 if self._dead_letter(message, reason, poison, decode=False):
                     message.ack()
+                return None
+            problem = _protocol2_body_problem(message)
+            if problem:
+                self.on_invalid_task(None, message, InvalidTaskError(problem))
                 return None
             try:
                 return handle(message)
@@ -165,3 +170,18 @@ class ReliableConsumer(Consumer):
         reason = "message of unknown format (no task header)"
         if self._dead_letter(message, reason, None):
             super().on_unknown_message(body, message)
+
+
+def _protocol2_body_problem(message: Any) -> str | None:
+    """A protocol-2 message (a ``task`` header) whose body is not ``[args, kwargs, embed]``.
+
+    The body is decoded once either way: kombu caches ``message.payload`` and Celery's
+    handler reads it next. A body that does not decode is left to Celery's decode error."""
+    if "task" not in (message.headers or {}):
+        return None
+    try:
+        payload = message.payload
+    except Exception:
+        return None
+    problem = body_shape_problem(payload)
+    return None if problem is None else f"malformed task message: {problem}"

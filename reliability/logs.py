@@ -92,7 +92,8 @@ def cut_message_dumps(_logger: Any, _method: str, event_dict: EventDict) -> Even
     """Celery's consumer logs the whole body and headers of a message it drops (unknown
     task, invalid message, undecodable body, unknown format): a ``password`` argument or
     a task's ``sensitive_args`` value in clear. Keep the first sentence and replace the
-    dump with :data:`BODY_NOT_LOGGED`; the DLQ entry keeps the message, masked."""
+    dump with :data:`BODY_NOT_LOGGED`; the DLQ entry keeps the message, masked. An
+    invalid message's line carries no traceback."""
     record = event_dict.get("_record")
     template = getattr(record, "msg", None)
     if isinstance(template, str):
@@ -100,6 +101,11 @@ def cut_message_dumps(_logger: Any, _method: str, event_dict: EventDict) -> Even
         event = event_dict.get("event")
         if first is not None and isinstance(event, str):
             event_dict["event"] = f"{first(event, event_dict)} {BODY_NOT_LOGGED}"
+        if template == _consumer.INVALID_TASK_ERROR:
+            # The message is wrong, not the code: its reason is the line; a traceback
+            # through Celery's consumer says nothing more.
+            event_dict.pop("exc_info", None)
+            event_dict.pop("exception", None)
     return event_dict
 
 

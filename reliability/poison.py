@@ -231,3 +231,18 @@ def _signature(value: Any) -> bool:
         and isinstance(value.get("kwargs", {}), dict | None)
         and isinstance(value.get("options", {}), dict | None)
     )
+
+
+def body_shape_problem(payload: Any) -> str | None:
+    """What is wrong with a decoded protocol-2 body that is not ``[args, kwargs, embed]``
+    (Celery would unpack it and fail with a bare ValueError or TypeError)."""
+    if isinstance(payload, list | tuple):
+        if len(payload) == 3:
+            return None
+        return f"the body is a list of {len(payload)}, not [args, kwargs, embed]"
+    return f"the body is a JSON {_json_kind(payload)}, not [args, kwargs, embed]"
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)

@@ -192,6 +192,35 @@ def test_a_body_with_celery_s_embed_runs_once(idle_fleet: Fleet, embed: Any) -> 
     assert fleet.dead_letters(task_id) == []
 
 
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"{}", "the body is a JSON object, not [args, kwargs, embed]"),
+        (b"[]", "the body is a list of 0, not [args, kwargs, embed]"),
+        (b"[[], {}]", "the body is a list of 2, not [args, kwargs, embed]"),
+        (b'"text"', "the body is a JSON string, not [args, kwargs, embed]"),
+        (b"null", "the body is a JSON null, not [args, kwargs, embed]"),
+        (b"7", "the body is a JSON number, not [args, kwargs, embed]"),
+    ],
+    ids=["object", "empty-list", "two", "string", "null", "number"],
+)
+def test_a_body_that_is_not_args_kwargs_embed_is_poison_in_one_log_line(
+    idle_fleet: Fleet, raw: bytes, problem: str
+) -> None:
+    fleet = idle_fleet
+    task_id = str(uuid.uuid4())
+    pid, logged = fleet.worker.pid, len(fleet.worker.log_text())
+    fleet.publish_raw(raw, headers_for("test.call", task_id))
+
+    entry = fleet.wait_dead_letter(task_id)
+    fleet.assert_message_gone()
+    assert len(fleet.dead_letters(task_id)) == 1
+    assert (entry.failure_class, entry.reason) == ("poison", INVALID + problem)
+    assert fleet.worker.pid == pid
+    since = fleet.worker.log_text()[logged:]
+    assert "Traceback" not in since and "task_message_handler_failed" not in since
+
+
 def test_an_empty_item_on_the_queue_is_dead_lettered_as_poison_and_leaves_no_copy(
     idle_fleet: Fleet,
 ) -> None:
