@@ -7,8 +7,8 @@ loop on the main thread, so the file goes stale when the loop stops turning — 
 main process, SIGSTOP, a dead worker — and not merely when the process is gone. A
 broker outage also stops the loop while the worker reconnects: give the probe a
 failure window longer than the outages the worker should ride out (README, "Health and
-Kubernetes probes"). The file is left in place at shutdown: several test workers on
-one host may share the default path.
+Kubernetes probes"). The file is left in place at shutdown (the probe reads its age,
+and a stopped worker's file goes stale by itself).
 """
 
 from __future__ import annotations

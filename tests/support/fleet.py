@@ -7,12 +7,16 @@ conditions with bounded timeouts, never sleeps.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +33,16 @@ from celery import Celery
 from config.settings import BUSINESS_TASK_MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def _alive_dir() -> Path:
+    """This test run's directory of liveness files, removed when the run ends."""
+    path = Path(tempfile.mkdtemp(prefix="reliable-alive-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 T = TypeVar("T")
 
 
@@ -97,6 +111,9 @@ class Environment:
     def broker_prefix(self) -> str:
         return f"{self.name}:"
 
+    def _alive_file(self, program: str) -> str:
+        return str(_alive_dir() / f"{self.prefix.strip(':')}-{program}-alive")
+
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELIABLE_")}
         env.update(
@@ -120,6 +137,10 @@ class Environment:
                     }
                 ),
                 "PYTHONPATH": str(ROOT),
+                # Liveness files of this environment, not the machine-wide defaults a
+                # running service (or another test run) touches.
+                "RELIABLE_HEALTH__WORKER_FILE": self._alive_file("worker"),
+                "RELIABLE_HEALTH__BEAT_FILE": self._alive_file("beat"),
             }
         )
         if self.broker_url:
