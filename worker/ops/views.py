@@ -18,6 +18,7 @@ from reliability.dlq import DeadLetter
 from reliability.fingerprint import label
 from reliability.ratelimit import RateLimiter
 from reliability.runtime import Runtime
+from worker.ops.dlq_digest import digests_of
 
 
 def breakers(rt: Runtime) -> list[dict[str, Any]]:
@@ -87,23 +88,23 @@ def workers(rt: Runtime) -> list[dict[str, Any]]:
 
 
 def dlq_summary(rt: Runtime) -> dict[str, Any]:
-    """Totals by failure class and by error fingerprint, and the oldest entry's age."""
+    """Totals by failure class and by error fingerprint, and the oldest entry's age
+    (only entries this process has not seen yet are read: :mod:`worker.ops.dlq_digest`)."""
     by_class: Counter[str] = Counter()
     groups: dict[str, dict[str, Any]] = {}
     oldest = None
-    for entry in rt.dlq.iter():
+    for entry in digests_of(rt).read(rt):
         by_class[entry.failure_class] += 1
         key = entry.fingerprint
-        group = groups.setdefault(
-            key,
-            {
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
                 "fingerprint": key,
-                "label": label(entry.exception_type, entry.exception_message or entry.reason),
+                "label": label(entry.exception_type, entry.message),
                 "count": 0,
                 "tasks": Counter(),
                 "newest_id": entry.id,
-            },
-        )
+            }
         group["count"] += 1
         group["tasks"][entry.task_name] += 1
         oldest = min(oldest or entry.first_failure_at, entry.first_failure_at)
