@@ -267,3 +267,28 @@ def test_a_command_with_no_redis_url_uses_the_running_embedded_redis_and_leaves_
         assert embedded.is_running(data_dir) and len(servers_on(data_dir)) == 1
     finally:
         embedded.stop_embedded_redis(data_dir)
+
+
+def test_run_with_flower_but_no_flower_installed_is_a_usage_error(tmp_path: Path) -> None:
+    """Flower is an optional extra: without it, `reliable run --flower` says how to get it
+    (and starts nothing)."""
+    hide_flower = (
+        "import sys\n"
+        "sys.modules['flower'] = None  # as if not installed\n"
+        "from worker.cli import main\n"
+        "sys.exit(main(['run', '--flower']))\n"
+    )
+    data_dir = tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "-c", hide_flower],
+        cwd=ROOT,
+        env=no_url_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "reliable run: error: --flower needs Flower: pip install 'reliable-worker[flower]'"
+    )
+    assert not data_dir.exists()

@@ -17,6 +17,7 @@ Errors are one line on stderr (:mod:`worker.console`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import json
 import os
@@ -433,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         if args.max_deaths < 1 or args.window <= 0:
             parser.error("--max-deaths and --window must be positive")
+        if args.flower and importlib.util.find_spec("flower") is None:
+            parser.error("--flower needs Flower: pip install 'reliable-worker[flower]'")
         return run(
             args.concurrency,
             not args.no_beat,
