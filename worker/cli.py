@@ -17,8 +17,8 @@ Errors are one line on stderr (:mod:`worker.console`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
