@@ -133,6 +133,66 @@ class DeadLetter:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def read(cls, entry_id: str, raw: str | bytes) -> DeadLetter:
+        """The entry stored under ``entry_id``. An envelope that does not parse or has
+        fields of the wrong type (written by hand, by another program, or damaged) becomes
+        a stand-in, so one bad envelope never breaks a listing, a report or the
+        reprocessor: it is shown and can be purged, never redriven (it names no task).
+        The stand-in keeps the size, never the bytes (they may hold a secret)."""
+        try:
+            entry = cls.from_json(raw)
+            problem = _type_problem(entry)
+        except json.JSONDecodeError as exc:  # its text says where, never what
+            problem = f"not JSON ({exc.msg} at character {exc.pos})"
+        except Exception as exc:  # valid JSON of another shape: a list, a number, ...
+            problem = f"not a DLQ envelope ({type(exc).__name__})"
+        if problem is None:
+            entry.id = entry_id
+            return entry
+        return cls(
+            task_name="",
+            task_id="",
+            failure_class="poison",
+            reason=f"{UNREADABLE}: {problem}",
+            exception_type="UnreadableEnvelope",
+            exception_message=problem,
+            first_failure_at=0.0,
+            last_failure_at=0.0,
+            worker_host="",
+            raw_size=len(raw),
+            id=entry_id,
+        )
+
+
+UNREADABLE = "unreadable DLQ envelope"
+
+# The fields a reader relies on, and the types it relies on them having.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "task_name": str,
+    "task_id": str,
+    "failure_class": str,
+    "reason": str,
+    "args": list,
+    "kwargs": dict,
+    "attempts": int,
+    "first_failure_at": (int, float),
+    "last_failure_at": (int, float),
+    "redrive_count": int,
+    "headers": dict,
+    "routing": dict,
+    "masked_args": list,
+}
+
+
+def _type_problem(entry: DeadLetter) -> str | None:
+    """The first field whose value has a type readers do not expect (never the value)."""
+    for name, kind in _FIELD_TYPES.items():
+        value = getattr(entry, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"field {name!r} is a {type(value).__name__}"
+    return None
+
 
 @dataclass
 class Filter:
@@ -213,7 +273,7 @@ class DeadLetterQueue:
 
     def get(self, entry_id: str) -> DeadLetter | None:
         raw = self.store.call("dlq get", lambda c: c.hget(self.store.keys.dlq, entry_id))
-        return DeadLetter.from_json(raw) if raw else None
+        return DeadLetter.read(entry_id, raw) if raw else None
 
     def iter(
         self, where: Filter | None = None, *, newest_first: bool = True, batch: int = 500
@@ -225,9 +285,9 @@ class DeadLetterQueue:
             if not ids:
                 return
             raws = self.store.call("dlq list", self._raws(ids))
-            for raw in raws:
+            for entry_id, raw in zip(ids, raws, strict=True):
                 if raw:
-                    entry = DeadLetter.from_json(raw)
+                    entry = DeadLetter.read(entry_id, raw)
                     if where.matches(entry):
                         yield entry
             start += batch
@@ -253,7 +313,7 @@ class DeadLetterQueue:
         if where is None or where.everything:
             ids = self.store.call("dlq page", self._ids(offset, limit, True))
             raws = self.store.call("dlq page", self._raws(ids)) if ids else []
-            return [DeadLetter.from_json(raw) for raw in raws if raw]
+            return [DeadLetter.read(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
         out: list[DeadLetter] = []
         for index, entry in enumerate(self.iter(where)):
             if index >= offset + limit:

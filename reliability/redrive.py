@@ -174,6 +174,8 @@ def refusal(entry: DeadLetter | None, entry_id: str, max_redrives: int) -> str |
     """Why ``entry`` may not be redriven, or None when it may."""
     if entry is None:
         return f"no DLQ entry {entry_id}"
+    if not entry.task_name:
+        return f"entry {entry_id} names no task ({entry.reason}): purge it"
     if entry.masked_args:
         return (
             f"entry {entry_id} keeps {', '.join(entry.masked_args)} masked (secrets never reach"

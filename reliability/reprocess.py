@@ -184,7 +184,7 @@ class Reprocessor:
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             raws = self.store.call("dlq read", lambda c: c.hmget(keys.dlq, chunk))  # noqa: B023
-            yield [DeadLetter.from_json(raw) for raw in raws if raw]
+            yield [DeadLetter.read(i, raw) for i, raw in zip(chunk, raws, strict=True) if raw]
 
     def _decide(self, entry: DeadLetter, state: _Run) -> Decision:
         def verdict(action: Action, reason: str) -> Decision:

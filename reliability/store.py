@@ -126,6 +126,10 @@ class Store:
                     self._client = self._factory(
                         self.url,
                         decode_responses=True,
+                        # All we write is UTF-8; bytes another program wrote (a hand-made
+                        # DLQ entry, a tampered key) read as U+FFFD rather than failing
+                        # a whole listing with UnicodeDecodeError.
+                        encoding_errors="replace",
                         socket_timeout=self._socket_timeout,
                         socket_connect_timeout=self._socket_timeout,
                         health_check_interval=30,

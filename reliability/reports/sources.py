@@ -9,7 +9,6 @@ index (scored by the time an entry was added) by score.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -170,13 +169,9 @@ def _entries(store: Store, ids: list[Any]) -> Iterator[DeadLetter]:
     for offset in range(0, len(ids), DLQ_BATCH):
         batch = ids[offset : offset + DLQ_BATCH]
         raws = store.call("report dlq", functools.partial(_hmget, store.keys.dlq, batch))
-        for raw in raws:
-            if not raw:
-                continue
-            try:
-                yield DeadLetter.from_json(raw)
-            except (TypeError, ValueError, json.JSONDecodeError):
-                continue
+        for entry_id, raw in zip(batch, raws, strict=True):
+            if raw:
+                yield DeadLetter.read(entry_id, raw)  # an unreadable one as its stand-in
 
 
 def _xrange(key: str, low: str, high: str, client: Any) -> list[Any]:

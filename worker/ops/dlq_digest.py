@@ -52,7 +52,7 @@ class DlqDigests:
                 raws = rt.store.call("dlq summary", lambda c: list(c.hmget(keys.dlq, chunk)))  # noqa: B023
                 for entry_id, raw in zip(chunk, raws, strict=True):
                     if raw:
-                        self._known[entry_id] = _digest(DeadLetter.from_json(raw))
+                        self._known[entry_id] = _digest(DeadLetter.read(entry_id, raw))
             self._known = {i: self._known[i] for i in ids if i in self._known}
             return [self._known[i] for i in ids if i in self._known]
 

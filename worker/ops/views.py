@@ -107,7 +107,8 @@ def dlq_summary(rt: Runtime) -> dict[str, Any]:
             }
         group["count"] += 1
         group["tasks"][entry.task_name] += 1
-        oldest = min(oldest or entry.first_failure_at, entry.first_failure_at)
+        if entry.first_failure_at > 0:  # an unreadable envelope's stand-in has no time
+            oldest = min(oldest or entry.first_failure_at, entry.first_failure_at)
     ranked = sorted(groups.values(), key=lambda g: -int(g["count"]))
     for group in ranked:
         group["tasks"] = dict(group["tasks"].most_common(5))
