@@ -28,6 +28,8 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from reliability.processes import process_alive
+
 log = structlog.get_logger("reliability.metrics")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -37,24 +39,6 @@ _PID = re.compile(r"_(\d+)\.db$")
 
 def multiproc_dir() -> str | None:
     return os.environ.get(ENV) or None
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie — killed, not yet reaped — is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_dead(path: str | None = None) -> list[int]:

@@ -32,12 +32,8 @@ def worker(environment: Environment) -> Iterator[WorkerProcess]:
 
 @pytest.fixture
 def flower(environment: Environment, worker: WorkerProcess) -> Iterator[FlowerProcess]:
-    process = FlowerProcess(environment)
-    try:
-        process.wait_ready()
+    with FlowerProcess(environment) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_flower_lists_the_worker_and_task_states_with_secrets_masked(

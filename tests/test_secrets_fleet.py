@@ -60,12 +60,8 @@ def worker(environment: Environment) -> Iterator[WorkerProcess]:
 
 @pytest.fixture
 def flower(environment: Environment, worker: WorkerProcess) -> Iterator[FlowerProcess]:
-    process = FlowerProcess(environment)
-    try:
-        process.wait_ready()
+    with FlowerProcess(environment) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def _hits(text: str, values: tuple[str, ...]) -> list[str]:

@@ -32,6 +32,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from reliability.processes import process_alive
+
 # Unix socket paths are limited to ~107 bytes; longer ones move to the temp dir.
 MAX_SOCKET_PATH = 100
 START_TIMEOUT_SECONDS = 15.0
@@ -157,23 +159,6 @@ def ensure_embedded_redis(data_dir: str | os.PathLike[str]) -> str:
     return embedded_url(data_dir)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether the process runs; an exited one awaiting its reaper (a zombie) does not."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
 def stop_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
     """Shut the server down (AOF flushed) and wait for its process to end.
 
@@ -195,7 +180,7 @@ def stop_embedded_redis(data_dir: str | os.PathLike[str]) -> bool:
     except redis.exceptions.ConnectionError:
         pid = 0  # the shutdown closed the connection, or the server was already going
     deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    while (pid and _pid_alive(pid)) or _alive(socket):
+    while (pid and process_alive(pid)) or _alive(socket):
         if time.monotonic() > deadline:
             raise EmbeddedRedisError(f"embedded redis (pid {pid}) did not stop")
         time.sleep(0.05)

@@ -33,6 +33,7 @@ def default_base() -> str:
 
 
 def _alive(pid: int) -> bool:
+    # reliability.processes.process_alive, which this module may not import (see above).
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

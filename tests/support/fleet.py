@@ -409,6 +409,18 @@ class FlowerProcess:
 
         wait_until(up, 60, interval=0.2, message="flower serving its API")
 
+    def __enter__(self) -> FlowerProcess:
+        """Serving its API (stopped again if it never does)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
