@@ -345,7 +345,8 @@ def free_port() -> int:
 class OpsProcess(WorkerProcess):
     """``python -m worker.ops`` (the ops HTTP service) on a free port."""
 
-    ready_marker = "Application startup complete"
+    # uvicorn logs "Application startup complete" before it binds its socket.
+    ready_marker = "Uvicorn running on"
 
     def __init__(self, environment: Environment, **env: str) -> None:
         self.port = free_port()
