@@ -19,16 +19,19 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from config import load_settings
 from reliability.breaker import BreakerMode, CircuitBreaker
 from reliability.dlq import DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
 from tests.support.fleet import ROOT, Environment, OpsProcess, WorkerProcess, free_port, wait_until
+from worker.cli import RUN_METRICS_PORT, service_programs
 from worker.sandbox import SandboxProvider
 
 PROMTOOL = shutil.which("promtool")
@@ -308,3 +311,18 @@ def test_prometheus_client_is_imported_after_the_multiproc_dir_is_set(tmp_path: 
     directory, value_class = run.stdout.split()
     assert Path(directory).parent == tmp_path
     assert value_class == "MmapedValue"
+
+
+def test_reliable_runs_worker_serves_metrics_unless_told_otherwise() -> None:
+    """`reliable run` runs one worker on this host: its /metrics is on (9810) unless
+    RELIABLE_METRICS__PORT says otherwise (0 = off); beat and ops are not told."""
+
+    def envs(**metrics: Any) -> dict[str, dict[str, str]]:
+        settings = load_settings(environment="development", metrics=metrics)
+        programs = service_programs(settings, 1, with_beat=True, with_sandbox=False, with_ops=True)
+        return {p.name: p.env for p in programs}
+
+    assert RUN_METRICS_PORT == 9810
+    assert envs() == {"worker": {"RELIABLE_METRICS__PORT": "9810"}, "beat": {}, "ops": {}}
+    assert envs(port=0) == {"worker": {}, "beat": {}, "ops": {}}
+    assert envs(port=9999) == {"worker": {}, "beat": {}, "ops": {}}  # its own setting applies

@@ -68,6 +68,11 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+# Where `reliable run`'s worker serves /metrics when RELIABLE_METRICS__PORT is not set
+# (celery-exporter's is 9808, the ops service 8080).
+RUN_METRICS_PORT = 9810
+
+
 def service_programs(
     settings: Settings,
     concurrency: int | None,
@@ -92,7 +97,13 @@ def service_programs(
     worker = _python("celery", "-A", "worker.app", "worker", "-l", settings.log.level)
     if concurrency:
         worker += ["-c", str(concurrency)]
-    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT))
+    # One worker on this host: its metrics are on unless RELIABLE_METRICS__PORT says (0 = off).
+    metrics = (
+        {}
+        if "port" in settings.metrics.model_fields_set
+        else {"RELIABLE_METRICS__PORT": str(RUN_METRICS_PORT)}
+    )
+    programs.append(Program("worker", worker, cold_signal=signal.SIGQUIT, env=metrics))
     if with_beat:
         programs.append(
             Program(

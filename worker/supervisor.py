@@ -52,6 +52,7 @@ class Program:
     argv: list[str]
     cold_signal: int = signal.SIGKILL  # Celery workers: SIGQUIT (cold shutdown)
     stops_last: bool = False  # stopped only after the other programs exited
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
 
 
 @dataclass
@@ -178,7 +179,8 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         child.restart_at = None
         # Its own process group: the terminal's Ctrl-C reaches only the supervisor.
-        child.proc = subprocess.Popen(child.program.argv, env=self.env, process_group=0)
+        env = {**(os.environ if self.env is None else self.env), **child.program.env}
+        child.proc = subprocess.Popen(child.program.argv, env=env, process_group=0)
 
     def _stop_all(self) -> None:
         """Stop on the supervisor's own decision: as the first Ctrl-C would."""

@@ -141,6 +141,9 @@ class Environment:
                 # running service (or another test run) touches.
                 "RELIABLE_HEALTH__WORKER_FILE": self._alive_file("worker"),
                 "RELIABLE_HEALTH__BEAT_FILE": self._alive_file("beat"),
+                # No fixed metrics port (reliable run's default, 9810) in tests: a test
+                # that scrapes a worker gives it a free port.
+                "RELIABLE_METRICS__PORT": "0",
             }
         )
         if self.broker_url:
