@@ -289,7 +289,7 @@ def test_run_with_flower_but_no_flower_installed_is_a_usage_error(tmp_path: Path
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "reliable: error: --flower needs Flower: pip install 'reliable-worker[flower]'"
+        "reliable: error: --flower needs Flower: the flower extra (pip install -e '.[flower]')"
         " (see reliable --help)"
     )
     assert not data_dir.exists()

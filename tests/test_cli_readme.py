@@ -40,7 +40,8 @@ def readme_settings() -> dict[str, str]:
     for block in readme_blocks():
         for token in shlex.split(block, comments=True):
             name, sep, value = token.partition("=")
-            if sep and re.fullmatch(r"RELIABLE_[A-Z0-9_]+", name):
+            # A value the shell expands ("$TOKEN") is an example to type, not configuration.
+            if sep and re.fullmatch(r"RELIABLE_[A-Z0-9_]+", name) and "$" not in value:
                 settings[name] = value
     return settings
 

@@ -651,3 +651,22 @@ def test_at_the_exact_window_boundary_the_oldest_request_no_longer_counts(
 def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
     with pytest.MonkeyPatch.context() as patch:
         yield patch
+
+
+def test_seconds_until_available_counts_down_and_takes_nothing(store: Store) -> None:
+    """What Retry-After is made of: the wait for the next admission, on Redis time."""
+    sliding = RateLimiter(store, fresh("sliding", max_requests=2, window_seconds=10))
+    assert sliding.seconds_until_available() == 0.0
+    assert sliding.try_acquire() and sliding.try_acquire()
+    wait = sliding.seconds_until_available()
+    assert wait is not None and 9.0 < wait <= 10.0
+    assert sliding.available_tokens == 0.0  # asking took nothing, nor freed anything
+    gcra = RateLimiter(store, fresh("gcra", rate=1, burst=1))
+    assert gcra.try_acquire()
+    wait = gcra.seconds_until_available()
+    assert wait is not None and 0.0 < wait <= 1.0
+    places = RateLimiter(store, fresh("concurrency", limit=1, lease_seconds=30))
+    assert places.try_acquire(owner="holder")
+    assert places.seconds_until_available() is None  # frees on release, not on time
+    places.release("holder")
+    assert places.seconds_until_available() == 0.0

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import redis
 
-from tests.support.fleet import Environment, task_modules, wait_until
+from tests.support.fleet import ROOT, Environment, task_modules, wait_until
 from tests.support.lifecycle import ReliableRun, alive, no_url_env, servers_on
 from worker import embedded
 
@@ -175,3 +179,43 @@ def test_a_worker_that_refuses_its_configuration_stops_reliable_run_at_once(
     )
     assert "restarting" not in log
     assert alive(list(run.seen.values())) == []
+
+
+def test_ctrl_c_is_warm_when_the_pipe_it_logs_to_died_with_it(tmp_path: Path) -> None:
+    """`reliable run 2>&1 | tee log` and Ctrl-C: the terminal's SIGINT ends `tee` too, so
+    every line written after it meets a closed pipe. The shutdown stays warm (exit 0, the
+    embedded Redis stopped, nothing killed) instead of a crash that SIGKILLs the children."""
+    data_dir = tmp_path / "data"
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", "-c", "1"],
+        cwd=ROOT,
+        env=no_url_env(data_dir),
+        stdout=write_end,
+        stderr=write_end,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    seen: list[psutil.Process] = []
+    tee = os.fdopen(read_end, "rb", buffering=0)
+    try:
+        copied = b""
+        deadline = time.monotonic() + 90
+        while not (b" ready." in copied and b"ops_service_starting" in copied):
+            assert time.monotonic() < deadline, copied[-3000:].decode(errors="replace")
+            chunk = tee.read(65536)
+            assert chunk, copied[-3000:].decode(errors="replace")
+            copied += chunk
+        seen = psutil.Process(proc.pid).children(recursive=True) + servers_on(data_dir)
+        tee.close()  # tee is gone: every later write to the pipe fails
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        assert alive(seen) == [] and not embedded.is_running(data_dir)
+        assert len(seen) == 5  # worker, its pool child, beat, the ops service, redis-server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for process in alive(seen):
+            process.kill()
+        embedded.stop_embedded_redis(data_dir)

@@ -446,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_deaths < 1 or args.window <= 0:
             parser.error("--max-deaths and --window must be positive")
         if args.flower and importlib.util.find_spec("flower") is None:
-            parser.error("--flower needs Flower: pip install 'reliable-worker[flower]'")
+            parser.error("--flower needs Flower: the flower extra (pip install -e '.[flower]')")
         return run(
             args.concurrency,
             not args.no_beat,

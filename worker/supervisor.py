@@ -72,7 +72,10 @@ def _describe(code: int) -> str:
 
 
 def _say(message: str) -> None:
-    print(f"reliable run: {message}", file=sys.stderr, flush=True)
+    """One line on stderr. A terminal or pipe that is gone (``| tee`` dies with the same
+    Ctrl-C) must not turn a warm shutdown into a crash that kills every child."""
+    with contextlib.suppress(OSError):  # BrokenPipeError included
+        print(f"reliable run: {message}", file=sys.stderr, flush=True)
 
 
 class Supervisor:

@@ -38,6 +38,15 @@ local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
 return string.format('%.6f', rl_available(ARGV[2], KEYS[1], p1, p2))
 """,
 )
+_NEXT = scripts.compose(
+    "ratelimit",
+    body="""
+local p1, p2 = rl_params(KEYS[2], ARGV[3], ARGV[4])
+local t = rl_earliest(ARGV[2], KEYS[1], p1, p2, tonumber(ARGV[5]), now)
+if t == nil then return '-1' end
+return string.format('%.6f', t - now)
+""",
+)
 
 
 class RateLimiter:
@@ -164,6 +173,17 @@ class RateLimiter:
         return float(
             self.store.run(_AVAILABLE, self.keys, ["", self.limit.kind, p1, p2], "rate limit read")
         )
+
+    def seconds_until_available(self, tokens: int = 1) -> float | None:
+        """How long until ``tokens`` would be admitted, taking nothing (0: now; None: a
+        full concurrency limit, which frees on release, not on time). For Retry-After."""
+        p1, p2 = self.limit.params
+        wait = float(
+            self.store.run(
+                _NEXT, self.keys, ["", self.limit.kind, p1, p2, tokens], "rate limit read"
+            )
+        )
+        return None if wait < 0 else wait
 
     def set_rate(
         self,

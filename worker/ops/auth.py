@@ -40,8 +40,11 @@ class Auth:
     def _limiter(self, client: str) -> RateLimiter:
         return RateLimiter(self.store, self.limit, client)
 
-    def _headers(self, remaining: float) -> dict[str, str]:
-        reset = str(math.ceil(self.limit.window_seconds))
+    def _headers(self, remaining: float, reset_seconds: float | None = None) -> dict[str, str]:
+        """Seed 002's headers; the reset is when the oldest failure leaves the window (the
+        whole window when not known)."""
+        wait = self.limit.window_seconds if reset_seconds is None else reset_seconds
+        reset = str(max(1, math.ceil(wait)))
         return {
             "X-RateLimit-Limit": str(self.limit.max_requests),
             "X-RateLimit-Remaining": str(max(0, int(remaining))),
@@ -60,7 +63,7 @@ class Auth:
         limiter = self._limiter(client)
         remaining = limiter.available_tokens
         if remaining < 1:
-            headers = self._headers(0)
+            headers = self._headers(0, limiter.seconds_until_available())
             headers["Retry-After"] = headers["X-RateLimit-Reset"]
             raise HTTPException(429, "too many failed authentications; retry later", headers)
         if not self.tokens:
