@@ -124,9 +124,11 @@ def test_readiness_is_503_when_the_state_store_is_unreachable(env: Environment) 
         assert API_KEY not in response.text
 
 
-def test_detailed_health_and_the_guard_views(ops: OpsProcess) -> None:
+def test_detailed_health_and_the_guard_views(ops: OpsProcess, worker: WorkerProcess) -> None:
     body = get(ops, "/health/detailed").json()
     assert {"components", "workers", "circuit_breakers", "degradation", "dlq", "jobs"} <= set(body)
+    [row] = [w for w in body["workers"] if w["pid"] == worker.pid]
+    assert (row["node"].split("@")[0], row["alive"]) == (worker.name, True)  # its Celery node
     names = {b["name"] for b in get(ops, "/health/circuit-breakers").json()["breakers"]}
     assert {"payment", "notification"} <= names
     assert get(ops, "/health/degradation").json()["level"] == "NORMAL"

@@ -58,7 +58,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
     def setup_logging(**_: Any) -> None:
         configure_logging(settings.log.level, settings.log.json_output, runtime.masker)
 
-    def on_worker_init(**_: Any) -> None:
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
         # Main process, before consuming: refuse names the settings do not define, then
         # start the embedded Redis if none is configured (stopped at exit if started here).
         preflight.refuse_broken_configuration(app.tasks, runtime)
@@ -77,6 +77,7 @@ def connect(app: Celery, settings: Settings, runtime: Runtime) -> None:
         heartbeat = Heartbeat(
             runtime.store,
             LeaseKeeper(runtime.store, running_deliveries),
+            name=str(getattr(sender, "hostname", "") or ""),  # the Celery node name
             interval=settings.worker.heartbeat_interval_seconds,
             ttl=settings.worker.heartbeat_ttl_seconds,
         )
