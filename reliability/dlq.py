@@ -24,7 +24,7 @@ import structlog
 
 from reliability import metrics
 from reliability.errors import RedriveRefused
-from reliability.fingerprint import fingerprint
+from reliability.fingerprint import fingerprint, label
 from reliability.redrive import DEFAULT_CLAIM_SECONDS, Redrives, redriven, refusal
 from reliability.republish import Publisher, republish
 from reliability.scripts import FRAGMENTS, script
@@ -121,8 +121,26 @@ class DeadLetter:
 
     @property
     def fingerprint(self) -> str:
-        """The failure's kind (:mod:`reliability.fingerprint`): exception type + message."""
-        return fingerprint(self.exception_type, self.exception_message or self.reason)
+        """The failure's kind (:mod:`reliability.fingerprint`): exception type (else the
+        failure class: a poison message raised nothing) + message (else the reason)."""
+        return fingerprint(*self.kind_and_text())
+
+    @property
+    def label(self) -> str:
+        """The text the fingerprint stands for, for people."""
+        return label(*self.kind_and_text())
+
+    def masked_label(self, mask: Callable[[str], str]) -> str:
+        """:attr:`label` with secrets masked: the text is masked before the label
+        normalises it, since digits becoming ``<n>`` would hide a secret from the masker
+        without hiding it from a reader."""
+        kind, text = self.kind_and_text()
+        return mask(label(kind, mask(text)))
+
+    def kind_and_text(self) -> tuple[str, str]:
+        """What the fingerprint is made of: the exception type, else the failure class (a
+        poison message raised nothing); the exception message, else the reason."""
+        return self.exception_type or self.failure_class, self.exception_message or self.reason
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)

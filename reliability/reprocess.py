@@ -34,7 +34,6 @@ from reliability.breaker import BreakerRegistry
 from reliability.breaker.config import BreakerMode
 from reliability.dlq import DeadLetter, DeadLetterQueue, FailureClass
 from reliability.errors import RedriveRefused
-from reliability.fingerprint import label
 from reliability.gates import TaskGates
 from reliability.ratelimit.headroom import headroom
 from reliability.redrive import DEFAULT_CLAIM_SECONDS, refusal
@@ -258,8 +257,7 @@ class Reprocessor:
 
     def _label(self, entry: DeadLetter) -> str:
         """The failure's kind for people: its fingerprint's text, masked."""
-        error = self.masker.text(entry.exception_message or entry.reason)
-        return self.masker.text(label(entry.exception_type, error))
+        return entry.masked_label(self.masker.text)
 
     def _alert(self, held: list[tuple[DeadLetter, Decision]], dry_run: bool) -> int:
         """Alert once per held entry, fleet-wide (a marker per entry, set in one pipeline

@@ -15,6 +15,7 @@ import pytest
 from reliability.dlq import DeadLetter, DeadLetterQueue, Filter
 from reliability.ledger import Ledger
 from reliability.redrive import refusal
+from reliability.security import Masker
 from reliability.store import Store
 from tests.support.fleet import delete_prefix
 from worker.ops import views
@@ -40,7 +41,7 @@ def entry(failure_class: str, message: str, task: str = "payments.charge") -> De
 
 def test_the_summary_follows_additions_removals_and_purges(store: Store) -> None:
     dlq, ledger = DeadLetterQueue(store), Ledger(store)
-    rt: Any = SimpleNamespace(store=store)
+    rt: Any = SimpleNamespace(store=store, masker=Masker())
     first = [entry("transient", "answered 503"), entry("transient", "answered 502")]
     for e in first:
         dlq.add(e, ledger)
@@ -113,7 +114,7 @@ def test_an_unreadable_envelope_is_a_stand_in_that_is_shown_and_purged_never_red
     assert bad.reason == f"unreadable DLQ envelope: {problem}"
     assert [e.id for e in dlq.iter()] == [good.id, "bad"]
     assert [e.id for e in dlq.page(offset=1, limit=5)] == ["bad"]
-    summary = views.dlq_summary(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    summary = views.dlq_summary(SimpleNamespace(store=store, masker=Masker()))  # type: ignore[arg-type]
     assert (summary["total"], summary["by_class"]) == (2, {"transient": 1, "poison": 1})
     assert summary["oldest_age_seconds"] < 60  # the good entry's age, not the stand-in's
     assert "sk_1" not in json.dumps(summary) + bad.to_json()

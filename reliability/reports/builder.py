@@ -28,7 +28,6 @@ from reliability.analytics import (
     RetryWindowTracker,
     Spike,
 )
-from reliability.fingerprint import fingerprint, label
 from reliability.reports.breakers import BreakerStats, breaker_stats
 from reliability.reports.period import Period, iso
 from reliability.reports.sources import (
@@ -259,14 +258,12 @@ def _dlq(everything: Totals, view: DlqView, now: float) -> dict[str, Any]:
 def _fingerprints(view: DlqView, top: int) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for entry in view.in_period:
-        kind = entry.exception_type or entry.failure_class
-        text = entry.exception_message or entry.reason
-        key = fingerprint(kind, text)
+        key = entry.fingerprint
         group = groups.setdefault(
             key,
             {
                 "fingerprint": key,
-                "label": label(kind, text),
+                "label": entry.label,
                 "count": 0,
                 "tasks": set(),
                 "failure_classes": set(),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from reliability.dlq import DeadLetter
 from reliability.runtime import Runtime
+from reliability.security import Masker
 
 BATCH = 1000
 
@@ -28,8 +29,7 @@ class Digest:
     fingerprint: str
     task_name: str
     first_failure_at: float
-    exception_type: str | None
-    message: str
+    label: str
 
 
 class DlqDigests:
@@ -52,20 +52,19 @@ class DlqDigests:
                 raws = rt.store.call("dlq summary", lambda c: list(c.hmget(keys.dlq, chunk)))  # noqa: B023
                 for entry_id, raw in zip(chunk, raws, strict=True):
                     if raw:
-                        self._known[entry_id] = _digest(DeadLetter.read(entry_id, raw))
+                        self._known[entry_id] = _digest(DeadLetter.read(entry_id, raw), rt.masker)
             self._known = {i: self._known[i] for i in ids if i in self._known}
             return [self._known[i] for i in ids if i in self._known]
 
 
-def _digest(entry: DeadLetter) -> Digest:
+def _digest(entry: DeadLetter, masker: Masker) -> Digest:
     return Digest(
         id=entry.id,
         failure_class=entry.failure_class,
         fingerprint=entry.fingerprint,
         task_name=entry.task_name,
         first_failure_at=entry.first_failure_at,
-        exception_type=entry.exception_type,
-        message=entry.exception_message or entry.reason,
+        label=entry.masked_label(masker.text),
     )
 
 

@@ -15,7 +15,6 @@ from typing import Any
 from reliability.breaker.monitor import BreakerMonitor
 from reliability.degradation import DegradationState
 from reliability.dlq import DeadLetter
-from reliability.fingerprint import label
 from reliability.ratelimit import RateLimiter
 from reliability.runtime import Runtime
 from worker.ops.dlq_digest import digests_of
@@ -100,7 +99,7 @@ def dlq_summary(rt: Runtime) -> dict[str, Any]:
         if group is None:
             group = groups[key] = {
                 "fingerprint": key,
-                "label": label(entry.exception_type, entry.message),
+                "label": entry.label,
                 "count": 0,
                 "tasks": Counter(),
                 "newest_id": entry.id,
