@@ -326,3 +326,23 @@ def test_reliable_runs_worker_serves_metrics_unless_told_otherwise() -> None:
     assert envs() == {"worker": {"RELIABLE_METRICS__PORT": "9810"}, "beat": {}, "ops": {}}
     assert envs(port=0) == {"worker": {}, "beat": {}, "ops": {}}
     assert envs(port=9999) == {"worker": {}, "beat": {}, "ops": {}}  # its own setting applies
+
+
+def test_an_unusable_multiproc_dir_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    """A broken setting, as every other: one line naming it, exit 78 (no traceback)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "RELIABLE_METRICS__MULTIPROC_DIR": str(blocker / "metrics")}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "limits", "list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr.splitlines() == [
+        "invalid configuration:",
+        f"  RELIABLE_METRICS__MULTIPROC_DIR: cannot use '{blocker / 'metrics'}' (Not a directory)",
+    ]

@@ -43,6 +43,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# sysexits.h EX_CONFIG: a broken setting; a supervisor (``reliable run``) does not restart on
+# it. Here because this module runs first and imports nothing of the project.
+EX_CONFIG = 78
+
+
 def prepare(pid: int | None = None) -> str | None:
     """Set and wipe this process's multiprocess directory; its path (None when this
     service's metric families exist already: this process then stays single-process)."""
@@ -51,13 +56,22 @@ def prepare(pid: int | None = None) -> str | None:
     imported = "prometheus_client" in sys.modules
     pid = os.getpid() if pid is None else pid
     base = os.environ.get(BASE_ENV) or default_base()
-    os.makedirs(base, exist_ok=True)
-    for name in os.listdir(base):
-        if name.isdigit() and int(name) != pid and not _alive(int(name)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     path = os.path.join(base, str(pid))
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
+    try:
+        os.makedirs(base, exist_ok=True)
+        for name in os.listdir(base):
+            if name.isdigit() and int(name) != pid and not _alive(int(name)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    except OSError as exc:
+        # A broken setting refuses to start in one line, as every other one does (exit 78,
+        # EX_CONFIG: `reliable run` does not restart on it).
+        reason = exc.strerror or type(exc).__name__
+        print(
+            f"invalid configuration:\n  {BASE_ENV}: cannot use {base!r} ({reason})", file=sys.stderr
+        )
+        raise SystemExit(EX_CONFIG) from None
     os.environ[ENV] = path
     if imported:
         # Celery's CLI loads its command plugins before the -A module, and Flower's

@@ -29,9 +29,7 @@ from config import Environment, Settings
 from reliability.pipeline import GUARDS
 from reliability.runtime import Runtime
 from reliability.task import ReliableTask
-
-# sysexits.h EX_CONFIG: a supervisor (``reliable run``) does not restart on it.
-EX_CONFIG = 78
+from worker.multiproc import EX_CONFIG
 
 
 def _known(names: Any) -> str:
