@@ -69,19 +69,15 @@ def total(text: str, family: str, **labels: str) -> float:
     )
 
 
+# The module's environment and sandbox are conftest's shared ones (own prefix, cleaned).
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProvider]:
-    with SandboxProvider().start() as provider:
-        yield provider
+def sandbox(shared_sandbox: SandboxProvider) -> SandboxProvider:
+    return shared_sandbox
 
 
 @pytest.fixture(scope="module")
-def environment(redis_url: str, sandbox: SandboxProvider) -> Iterator[Environment]:
-    from tests.support.fleet import delete_prefix
-
-    env = Environment(redis_url=redis_url, sandbox_url=sandbox.url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
+def environment(shared_env: Environment) -> Environment:
+    return shared_env
 
 
 @pytest.fixture(scope="module")
