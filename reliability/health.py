@@ -90,15 +90,22 @@ class ComponentHealth:
 
     @classmethod
     def from_json(cls, name: str, text: str) -> ComponentHealth:
-        data = json.loads(text)
-        return cls(
-            name=name,
-            status=Status(data["status"]),
-            latency_ms=float(data["latency_ms"]),
-            checked_at=float(data["checked_at"]),
-            error=data.get("error"),
-            detail=str(data.get("detail") or ""),
-        )
+        """A stored result; one that does not parse (written by hand or damaged) reads as
+        unhealthy, checked never — as a component nothing has checked lately does."""
+        try:
+            data = json.loads(text)
+            return cls(
+                name=name,
+                status=Status(data["status"]),
+                latency_ms=float(data["latency_ms"]),
+                checked_at=float(data["checked_at"]),
+                error=None if data.get("error") is None else str(data["error"]),
+                detail=str(data.get("detail") or ""),
+            )
+        except Exception as exc:  # any JSON shape: a list, a number, a missing field, ...
+            return cls(
+                name, Status.UNHEALTHY, 0.0, 0.0, f"unreadable stored result ({type(exc).__name__})"
+            )
 
 
 class HealthChecker:

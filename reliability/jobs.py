@@ -62,6 +62,20 @@ class JobRun:
         data = json.loads(text)
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
+    @classmethod
+    def read(cls, text: str) -> JobRun | None:
+        """A stored run, or None (logged) for one that does not parse — written by hand or
+        damaged: one bad record must not fail `reliable jobs` or the health endpoints."""
+        try:
+            run = cls.from_json(text)
+        except Exception as exc:  # any JSON shape: a list, a number, ...
+            log.warning("job_run_unreadable", error=type(exc).__name__)
+            return None
+        if not isinstance(run.job, str) or not isinstance(run.finished_at, int | float):
+            log.warning("job_run_unreadable", error="fields of the wrong type")
+            return None
+        return run
+
 
 class Jobs:
     """Claims slots and records runs (see the module docstring)."""
@@ -157,8 +171,8 @@ class Jobs:
             for entry_id, fields in batch:
                 if entry_id == last_id:
                     continue
-                run = JobRun.from_json(fields["run"])
-                if job is None or run.job == job:
+                run = JobRun.read(fields.get("run", ""))
+                if run is not None and (job is None or run.job == job):
                     found.append(run)
             if len(batch) < 500:
                 break
@@ -168,7 +182,8 @@ class Jobs:
     def latest(self) -> dict[str, JobRun]:
         """The last run of every job that ran."""
         raw = cast("dict[str, str]", self.store.call("job last", lambda c: c.hgetall(self.last)))
-        return {name: JobRun.from_json(text) for name, text in sorted(raw.items())}
+        runs = {name: JobRun.read(text) for name, text in sorted(raw.items())}
+        return {name: run for name, run in runs.items() if run is not None}
 
 
 def _newest(stream: str, top: str, client: Any) -> Any:

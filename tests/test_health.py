@@ -407,3 +407,18 @@ def test_not_ready_when_redis_is_unreachable(environment: Environment) -> None:
         assert body["components"][name]["status"] == "unhealthy"
         assert "Connection refused" in body["components"][name]["message"]
     assert "s3cret-pw" not in down.stdout + down.stderr
+
+
+def test_a_stored_result_that_does_not_parse_reads_unhealthy(bare_store: Store) -> None:
+    """Written by hand or damaged: the board still answers, the component unhealthy."""
+    board = HealthBoard(bare_store)
+    bare_store.call(
+        "test", lambda c: c.hset(board.key, mapping={"redis": "not json", "beat": "[]"})
+    )
+    latest = board.latest()
+    assert {n: (r.status, r.checked_at) for n, r in latest.items()} == {
+        "beat": (Status.UNHEALTHY, 0.0),
+        "redis": (Status.UNHEALTHY, 0.0),
+    }
+    assert latest["redis"].error == "unreadable stored result (JSONDecodeError)"
+    assert latest["beat"].error == "unreadable stored result (TypeError)"

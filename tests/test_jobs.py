@@ -72,3 +72,14 @@ def test_a_job_result_is_masked_in_the_ledger(jobs: Jobs) -> None:
     assert run is not None
     stored = jobs.runs("report")[0].result
     assert stored == {"note": "token ***", "password": "***"}
+
+
+def test_a_stored_run_that_does_not_parse_is_left_out_not_an_error(jobs: Jobs) -> None:
+    """Written by hand or damaged: `reliable jobs` and the health endpoints still answer."""
+    jobs.run_once("good-job", 60, lambda: {"n": 1}, now=120.0)
+    store = jobs.store
+    store.call("test", lambda c: c.hset(jobs.last, mapping={"bad": "not json", "odd": "[1]"}))
+    store.call("test", lambda c: c.xadd(jobs.stream, {"run": "{"}))
+    store.call("test", lambda c: c.xadd(jobs.stream, {"other": "x"}))
+    assert list(jobs.latest()) == ["good-job"]
+    assert [run.job for run in jobs.runs(count=10)] == ["good-job"]
