@@ -119,7 +119,7 @@ def main() -> int:
     print(f"  retries scheduled          : {retries}")
     print(f"  dead-lettered              : {final['dead_lettered']}")
     for d in dead:
-        print(f"    - {d['task_name']} [{d['failure_class']}] {d['reason'][:90]}")
+        print(f"    - {d['task_name']} [{d['failure_class']}] {d['reason']}")
     print(f"  not yet settled            : {len(ids) - sum(final.values())}")
     http.post("/faults", json={"error_rate": 0.0})
 
