@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns
+from reliability.patterns import MASK, SENSITIVE_KEY, mask_patterns, sensitive_key
 from reliability.sensitive import NO_SENSITIVE_ARGS, SensitiveArgs, delivery_values, literal_forms
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class Masker:
             budget -= 1
             if budget < 0:
                 parent[slot] = ELLIPSIS
-            elif name and isinstance(node, str | bytes) and node and SENSITIVE_KEY.search(name):
+            elif name and isinstance(node, str | bytes) and node and sensitive_key(name):
                 parent[slot] = MASK
             elif isinstance(node, str):
                 cut = len(node) > max_chars
@@ -191,7 +191,7 @@ class Masker:
         """
         for key, value in event_dict.items():
             if isinstance(value, str | bytes):
-                if value and SENSITIVE_KEY.search(key):
+                if value and sensitive_key(key):
                     event_dict[key] = MASK
             elif isinstance(value, Mapping | list | tuple):
                 event_dict[key] = self._copy(value, key, mask_text=False)
@@ -216,7 +216,7 @@ class Masker:
                 and name
                 and isinstance(node, str | bytes)
                 and node
-                and SENSITIVE_KEY.search(name)
+                and sensitive_key(name)
             ):
                 parent[slot] = MASK
             elif isinstance(node, str):

@@ -10,6 +10,8 @@ import hashlib
 import inspect
 import json
 import logging
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,13 @@ from reliability.errors import ConfigurationError, IdempotencyConflict, RedriveR
 from reliability.idempotency import derive_key, fingerprint
 from reliability.idempotency_store import IdempotencyStore
 from reliability.logs import configure_logging
-from reliability.patterns import luhn_valid, mask_patterns
+from reliability.patterns import (
+    SENSITIVE_KEY,
+    luhn_valid,
+    mask_patterns,
+    may_hold_sensitive_word,
+    sensitive_key,
+)
 from reliability.ratelimit import RateLimit, RateLimiter, admission_args, limit_keys
 from reliability.reprs import ReliableAMQP, masked_reprs
 from reliability.security import MASK, Masker, key_token
@@ -166,6 +174,63 @@ def test_key_value_masking_keeps_rendered_json_valid_and_other_pairs_readable() 
         "Bearer tokens expire",
     ):
         assert mask_patterns(kept) == kept
+
+
+def test_the_sensitive_word_check_folds_every_character_re_equates_with_a_letter() -> None:
+    """The pair masker skips a text in which no key word can be (``key`` stands for
+    api_key and private_key). Case-insensitive matching equates a few non-ASCII
+    characters with ASCII letters that ``str.lower`` keeps apart (dotless i, long s,
+    Kelvin sign): over every code point, a word spelt with any of them is still found."""
+    words = ("pass", "secret", "token", "key", "authorization", "credential", "cvv", "cvc")
+    letters = sorted(set("".join(words)))
+    either = re.compile("(?i)[" + "".join(letters) + "]")
+    spellings = 0
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if char.isascii() or not either.fullmatch(char):
+            continue
+        for letter in (x for x in letters if re.fullmatch("(?i)" + x, char)):
+            for word in (w for w in words if letter in w):
+                assert may_hold_sensitive_word(word.replace(letter, char)), (char, word)
+                spellings += 1
+    assert spellings >= 3
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("pa\u017fs=hunter2 next", "pa\u017fs=*** next"),
+        ("author\u0131zation: abc", "author\u0131zation: ***"),
+        ("AUTHOR\u0130ZATION: abc", "AUTHOR\u0130ZATION: ***"),
+        ("to\u212aen=abc", "to\u212aen=***"),
+        ("PaSs: abc", "PaSs: ***"),
+    ],
+)
+def test_keys_spelt_with_characters_re_equates_with_ascii_letters_are_still_masked(
+    text: str, masked: str
+) -> None:
+    assert mask_patterns(text) == masked
+
+
+def test_texts_without_a_sensitive_word_skip_the_pair_scan_unchanged() -> None:
+    line = json.dumps({"event": "Task x[4b7c] succeeded in 0.01s: None", "at": "02:20:00"})
+    assert not may_hold_sensitive_word(line)
+    assert mask_patterns(line) == line
+    assert may_hold_sensitive_word('{"idempotency_key": 1}')
+
+
+def test_the_cached_sensitive_key_verdict_is_the_regex_s() -> None:
+    for name in (
+        "password",
+        "task_id",
+        "x-API-key",
+        "pa\u017fs",
+        "a" * 200 + "token",
+        "",
+        "kwargs",
+    ):
+        for _ in range(2):  # the second call is a cache hit (or, past 64 characters, none)
+            assert sensitive_key(name) == (SENSITIVE_KEY.search(name) is not None)
 
 
 @pytest.mark.parametrize(
