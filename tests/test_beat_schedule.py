@@ -91,3 +91,19 @@ def test_a_job_sent_twice_for_one_slot_does_its_work_once(env: Environment) -> N
     assert [(r["job"], r["slot"], r["result"]) for r in json.loads(shown.stdout)] == [
         ("dlq-cleanup", 42, {"purged": 0})
     ]
+
+
+def test_an_active_beat_polls_health_and_evaluates_degradation_at_once(env: Environment) -> None:
+    """Not one interval (here an hour) after it starts: the dashboard and the degradation
+    level have something to show within seconds. Once per slot, as every job."""
+    env.extra["RELIABLE_MAINTENANCE__HEALTH_POLL_SECONDS"] = "3600"
+    jobs = Jobs(Store(env.redis_url, env.prefix))
+    with WorkerProcess(env, concurrency=1, pool="solo"), BeatProcess(env):
+
+        def ran() -> dict[str, int] | None:
+            counts = Counter(run.job for run in jobs.runs(count=100))
+            wanted = ("health-poll", "degradation-evaluate")
+            return dict(counts) if all(counts[job] for job in wanted) else None
+
+        counts = wait_until(ran, 30, message="health-poll and degradation-evaluate ran")
+    assert (counts["health-poll"], counts["degradation-evaluate"]) == (1, 1)

@@ -51,6 +51,10 @@ JOBS: tuple[Job, ...] = (
 )
 
 
+# Sent once when a beat becomes active (Scheduler._send_start_jobs).
+START_JOBS = ("health-poll", "degradation-evaluate")
+
+
 def job_named(name: str) -> Job:
     for job in JOBS:
         if job.name == name:
@@ -111,13 +115,29 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]
             touch(self._beat_file)
             threading.Thread(target=self._standby, name="beat-standby", daemon=True).start()
 
+    def _send_start_jobs(self) -> None:
+        """Once this beat is the active one: the jobs an operator reads first (health, the
+        degradation level) now, not one interval later. Each job runs once per schedule
+        slot, so the scheduled send in the same slot does nothing twice."""
+        for name in START_JOBS:
+            task = job_named(name).task
+            try:
+                self.app.send_task(task)
+            except Exception as exc:  # the broker away: the schedule sends it later anyway
+                log.warning("beat_start_job_not_sent", job=name, error=str(exc))
+            else:
+                log.info("beat_start_job_sent", job=name)
+
     def _standby(self) -> None:
         while not self._ticking.wait(STANDBY_TOUCH_SECONDS):
             touch(self._beat_file)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        first = not self._ticking.is_set()
         delay: float = super().tick(*args, **kwargs)
         self._ticking.set()
+        if first:
+            self._send_start_jobs()
         if self._beat_file:
             touch(self._beat_file)
         try:
