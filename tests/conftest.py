@@ -86,6 +86,14 @@ def bare_store(redis_url: str) -> Iterator[Store]:
     delete_prefix(redis_url, prefix)
 
 
+@pytest.fixture
+def second_store(bare_store: Store) -> Iterator[Store]:
+    """Another connection to the same prefix, as another host or process would have."""
+    other = Store(bare_store.url, bare_store.keys.prefix)
+    yield other
+    other.close()
+
+
 # Module-scoped environment for test files that share one worker across their tests: the
 # file defines a module-scoped ``worker(shared_env)`` fixture with its own settings.
 @pytest.fixture(scope="module")

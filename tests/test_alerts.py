@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -75,14 +74,6 @@ def hooks_with(*recorders: Recorder) -> AlertHooks:
 @pytest.fixture
 def breaker(bare_store: Store) -> CircuitBreaker:
     return CircuitBreaker("payments-api", bare_store, QUICK)
-
-
-@pytest.fixture
-def second_store(bare_store: Store) -> Iterator[Store]:
-    """Another connection to the same prefix, as another host would have."""
-    other = Store(bare_store.url, bare_store.keys.prefix)
-    yield other
-    other.close()
 
 
 def test_two_consumers_polling_concurrently_deliver_each_transition_exactly_once(

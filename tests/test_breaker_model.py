@@ -14,7 +14,6 @@ import asyncio
 import math
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,14 +434,6 @@ QUICK = BreakerConfig(
 @pytest.fixture
 def breaker(bare_store: Store) -> CircuitBreaker:
     return CircuitBreaker("svc", bare_store, QUICK)
-
-
-@pytest.fixture
-def second_store(bare_store: Store) -> Iterator[Store]:
-    """Another connection to the same prefix, as another process would have."""
-    other = Store(bare_store.url, bare_store.keys.prefix)
-    yield other
-    other.close()
 
 
 def events(breaker: CircuitBreaker) -> list[tuple[str, str, str]]:

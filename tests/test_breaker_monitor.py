@@ -85,14 +85,6 @@ def breaker(bare_store: Store) -> CircuitBreaker:
     return CircuitBreaker("payments-api", bare_store, QUICK)
 
 
-@pytest.fixture
-def second_store(bare_store: Store) -> Iterator[Store]:
-    """Another connection to the same prefix, as another host would have."""
-    other = Store(bare_store.url, bare_store.keys.prefix)
-    yield other
-    other.close()
-
-
 def test_a_breaker_held_open_past_the_threshold_alerts_once_per_episode(
     bare_store: Store, breaker: CircuitBreaker
 ) -> None:
