@@ -87,6 +87,14 @@ def bare_store(redis_url: str) -> Iterator[Store]:
 
 
 @pytest.fixture
+def cli_env(redis_url: str) -> Iterator[Environment]:
+    """A test environment (own prefix, cleaned) for ``reliable`` commands (tests/support/cli)."""
+    env = Environment(redis_url=redis_url)
+    yield env
+    delete_prefix(redis_url, env.prefix)
+
+
+@pytest.fixture
 def second_store(bare_store: Store) -> Iterator[Store]:
     """Another connection to the same prefix, as another host or process would have."""
     other = Store(bare_store.url, bare_store.keys.prefix)

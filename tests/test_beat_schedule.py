@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -20,14 +18,8 @@ from celery import Celery
 
 from reliability.jobs import Jobs
 from reliability.store import Store
-from tests.support.fleet import (
-    ROOT,
-    BeatProcess,
-    Environment,
-    WorkerProcess,
-    delete_prefix,
-    wait_until,
-)
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import BeatProcess, Environment, WorkerProcess, delete_prefix, wait_until
 
 SETTINGS = {
     "RELIABLE_MAINTENANCE__DLQ_CLEANUP_SECONDS": "1",
@@ -79,14 +71,7 @@ def test_a_job_sent_twice_for_one_slot_does_its_work_once(env: Environment) -> N
     assert [r for r in replies if r["ran"]] == [
         {"ran": True, "slot": 42, "status": "ok", "purged": 0}
     ]
-    shown = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "jobs", "--job", "dlq-cleanup", "--json"],
-        cwd=ROOT,
-        env=env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = run_cli(env, "jobs", "--job", "dlq-cleanup", "--json")
     assert shown.returncode == 0, shown.stderr
     assert [(r["job"], r["slot"], r["result"]) for r in json.loads(shown.stdout)] == [
         ("dlq-cleanup", 42, {"purged": 0})

@@ -7,8 +7,6 @@ Redis; monitors read the same keys. The last test runs the beat job in a real wo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +27,8 @@ from reliability.breaker.monitor import (
 from reliability.errors import TransientError
 from reliability.jobs import Jobs
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import Environment, WorkerProcess, delete_prefix, wait_until
 from worker.sandbox import SandboxProvider
 
 START = 1_000_000.0
@@ -323,14 +322,7 @@ def test_the_beat_job_snapshots_every_breaker_and_alerts_once(
         "open",
         0.5,
     )
-    shown = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "monitor", "--json"],
-        cwd=ROOT,
-        env=job_env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = run_cli(job_env, "monitor", "--json")
     assert shown.returncode == 0, shown.stderr
     states = {s["breaker"]: (s["state"], s["failure_count"]) for s in json.loads(shown.stdout)}
     assert states["payment"] == ("open", 5)

@@ -10,14 +10,14 @@ import contextlib
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reliability.breaker import BreakerConfig, CircuitBreaker, CircuitBreakerError
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, delete_prefix
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import ROOT, Environment
 from tests.support.lifecycle import no_url_env, servers_on
 from tests.support.redis_server import free_port
 from worker import embedded
@@ -26,21 +26,7 @@ ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 def reliable(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-@pytest.fixture
-def cli_env(redis_url: str) -> Iterator[Environment]:
-    env = Environment(redis_url=redis_url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
+    return run_cli(env, *args)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, pattern: str) -> None:

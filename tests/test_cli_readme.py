@@ -13,7 +13,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from reliability.dlq import DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
+from tests.support.cli import reliable as run_cli
 from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
 
 README = ROOT / "README.md"
@@ -56,15 +56,7 @@ def readme_commands() -> list[list[str]]:
 
 
 def reliable(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        cwd=ROOT,
-        env=env,
-        input="yes\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, *args, stdin="yes\n")
 
 
 # Output each command must show, beyond the checks every command gets.

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-from collections.abc import Iterator
 
 import pytest
 
 from reliability.degradation import DegradationState, Level
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, delete_prefix
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import Environment
 from worker.degradation_cli import main
 
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -46,22 +45,8 @@ def test_bad_arguments_are_one_line_and_exit_2(
     assert re.search(rf"^reliable degradation( set)?: error: .*{pattern}", err)
 
 
-@pytest.fixture
-def cli_env(redis_url: str) -> Iterator[Environment]:
-    env = Environment(redis_url=redis_url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
-
-
 def reliable(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "degradation", *args],
-        cwd=ROOT,
-        env=env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, "degradation", *args)
 
 
 def test_set_show_clear(cli_env: Environment) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -15,7 +14,8 @@ from typing import Any
 from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.ledger import Ledger
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, WorkerProcess, wait_until
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import Environment, WorkerProcess, wait_until
 from worker.sandbox import SandboxProvider
 
 SETTINGS = {
@@ -97,14 +97,7 @@ def test_a_dlq_of_failed_charges_is_drained_once_the_provider_recovers(
 
 
 def reliable(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "dlq", *args],
-        cwd=ROOT,
-        env=env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, "dlq", *args)
 
 
 def test_the_cli_reprocesses_dry_runs_and_filters_by_fingerprint(

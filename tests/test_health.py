@@ -34,6 +34,7 @@ from reliability.probes import BeatPulse, beat_probe, http_probe, workers_probe
 from reliability.runtime import Runtime
 from reliability.security import Masker
 from reliability.store import Store
+from tests.support.cli import reliable as run_cli
 from tests.support.fleet import ROOT, BeatProcess, Environment, WorkerProcess, wait_until
 from worker.health import checks
 from worker.sandbox import SandboxProvider
@@ -383,14 +384,7 @@ def free_port() -> int:
 
 
 def health_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "health", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, "health", *args)
 
 
 def test_not_ready_when_redis_is_unreachable(environment: Environment) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +27,8 @@ from reliability.ledger import Ledger
 from reliability.reports import Period, ReportConfig, ReportStore, build_report, render
 from reliability.reports.totals import percentile
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, WorkerProcess, delete_prefix, wait_until
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import Environment, WorkerProcess, delete_prefix, wait_until
 from worker.sandbox import SandboxProvider
 
 CHARGES = 20
@@ -175,13 +174,6 @@ def test_the_report_of_a_scripted_hour_equals_the_provider_and_the_ledger(
         if r["task"] == TASK and job_period.holds_ms(int(str(r["id"]).split("-")[0]))
     )
     assert stored["tasks"][TASK]["outcomes"] == dict(sorted(in_hour.items()))
-    shown = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "report", "--json"],
-        cwd=ROOT,
-        env=env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = run_cli(env, "report", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == stored

@@ -12,8 +12,6 @@ import itertools
 import json
 import re
 import subprocess
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,7 +33,8 @@ from reliability.reports.breakers import breaker_stats
 from reliability.reports.sources import Transition
 from reliability.reports.totals import percentile, slo_burn
 from reliability.store import Store
-from tests.support.fleet import ROOT, Environment, delete_prefix
+from tests.support.cli import reliable as run_cli
+from tests.support.fleet import Environment
 from worker.schedule import beat_schedule
 
 S = 1_699_999_200.0  # an hour boundary (UTC)
@@ -310,22 +309,8 @@ def test_period_alignment() -> None:
         Period("hour", S, S)
 
 
-@pytest.fixture
-def cli_env(redis_url: str) -> Iterator[Environment]:
-    env = Environment(redis_url=redis_url)
-    yield env
-    delete_prefix(redis_url, env.prefix)
-
-
 def reliable(env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        cwd=ROOT,
-        env=env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(env, *args)
 
 
 def test_reliable_report_prints_the_latest_as_markdown_or_json(
