@@ -20,9 +20,9 @@ from celery import Celery
 
 from reliability.store import Store
 from tests.support.fleet import Environment, delete_prefix
+from tests.support.needs import IN_CI, missing
 from worker.sandbox import SandboxProvider
 
-IN_CI = bool(os.environ.get("CI"))
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -40,7 +40,7 @@ def redis_url() -> Iterator[str]:
         yield url
         return
     if IN_CI:
-        pytest.fail(f"Redis is required in CI and does not answer at {url}")
+        missing(f"Redis does not answer at {url}")
     from worker import embedded
 
     data_dir = os.path.join(tempfile.gettempdir(), "reliable-test-redis")
@@ -54,9 +54,7 @@ def rabbitmq_url() -> str:
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
-        if IN_CI:
-            pytest.fail("RabbitMQ is required in CI and does not answer on 127.0.0.1:5672")
-        pytest.skip("RabbitMQ is not running on this machine")
+        missing("RabbitMQ does not answer on 127.0.0.1:5672")
     return RABBITMQ_URL
 
 

@@ -35,6 +35,7 @@ from reliability.reports.period import Period
 from reliability.reports.storage import ReportStore
 from reliability.store import Store
 from tests.support.fleet import Environment, OpsProcess, WorkerProcess, delete_prefix, wait_until
+from tests.support.needs import missing
 from worker.sandbox import SandboxProvider
 
 CHROMIUM = "/usr/bin/chromium"
@@ -65,10 +66,7 @@ WAIT_MS = 20_000
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if shutil.which(CHROMIUM) is None:
-        message = f"{CHROMIUM} is missing (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{CHROMIUM} is missing (apt-get install chromium)")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield launched

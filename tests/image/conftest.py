@@ -8,28 +8,20 @@ pyproject.toml): they build an image.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.image.containers import TAG, Containers, build_image, docker_answers, free_port
 from tests.support.fleet import Environment, delete_prefix
-
-IN_CI = bool(os.environ.get("CI"))
-
-
-def _missing(what: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{what} (CI)")
-    pytest.skip(what)
+from tests.support.needs import missing
 
 
 @pytest.fixture(scope="session")
 def image() -> str:
     """The Dockerfile built as :data:`TAG` (layers cached by Docker between runs)."""
     if not docker_answers():
-        _missing("no Docker daemon answers: run `make test-image` (it starts one)")
+        missing("no Docker daemon answers: run `make test-image` (it starts one)")
     seconds = build_image()
     print(f"\nimage {TAG} built in {seconds:.1f} s")
     return TAG
@@ -39,7 +31,7 @@ def image() -> str:
 def tcp_redis_url(redis_url: str) -> str:
     """Containers on the host's network reach Redis over TCP, not an embedded socket."""
     if not redis_url.startswith("redis://"):
-        _missing(f"the image tests need Redis on TCP (127.0.0.1:6379), not {redis_url}")
+        missing(f"the image tests need Redis on TCP (127.0.0.1:6379), not {redis_url}")
     return redis_url
 
 

@@ -16,9 +16,10 @@ import pytest
 import redis
 import yaml
 
-from tests.image.conftest import IN_CI, container_env
+from tests.image.conftest import container_env
 from tests.image.containers import ROOT, TAG, docker
 from tests.support.fleet import Environment, wait_until
+from tests.support.needs import missing
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROFILES = ("metrics",)  # every optional service too
@@ -28,9 +29,7 @@ def compose(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     """``docker-compose <args>`` on the repository's file, the image under test as
     ``RELIABLE_IMAGE``; a failure raises with its output."""
     if shutil.which("docker-compose") is None:
-        if IN_CI:
-            pytest.fail("docker-compose is missing (apt-get install docker-compose)")
-        pytest.skip("docker-compose is missing (apt-get install docker-compose)")
+        missing("docker-compose is missing (apt-get install docker-compose)")
     variables = {**os.environ, "RELIABLE_IMAGE": TAG, **(env or {})}
     done = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE_FILE), *args],
