@@ -71,8 +71,7 @@ def breaker_action(request: Request, who: Who, name: Name, action: BreakerAction
         breaker.set_mode(MODES[action])
     ops.audit.record(who, f"breaker.{action}", name)
     # The same view as the list (a forced-open breaker reads "open" in both).
-    [view] = [b for b in views.breakers(ops.runtime) if b["name"] == name]
-    return view
+    return views.breaker(ops.runtime, breaker)
 
 
 # -- DLQ --------------------------------------------------------------------------------

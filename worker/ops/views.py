@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from reliability.breaker import CircuitBreaker
 from reliability.breaker.monitor import BreakerMonitor
 from reliability.degradation import DegradationState
 from reliability.dlq import DeadLetter
@@ -21,22 +22,32 @@ from worker.ops.dlq_digest import digests_of
 
 
 def breakers(rt: Runtime) -> list[dict[str, Any]]:
-    """Each breaker's state and mode, consecutive failures, and its window's failure and
-    slow-call rates (read as the breaker monitor reads them, without recording anything)."""
-    out = []
-    monitor = BreakerMonitor(rt.store, [])
-    moment = rt.store.now()
-    for breaker in rt.breakers:
-        snap = breaker.snapshot()
-        window = monitor.snapshot(breaker, moment)
-        snap["failure_count"] = breaker.failure_count
-        snap["failure_rate"] = window.failure_rate
-        snap["slow_call_rate"] = window.slow_call_rate
-        snap["window_calls"] = window.window_calls
-        if snap["mode"] == "forced_open":
-            snap["state"] = "open"
-        out.append(snap)
-    return out
+    """Every breaker as :func:`breaker` shows it."""
+    monitor, moment = BreakerMonitor(rt.store, []), rt.store.now()
+    return [breaker(rt, b, monitor, moment) for b in rt.breakers]
+
+
+def breaker(
+    rt: Runtime,
+    found: CircuitBreaker,
+    monitor: BreakerMonitor | None = None,
+    moment: float | None = None,
+) -> dict[str, Any]:
+    """A breaker's state and mode, consecutive failures, and its window's failure and
+    slow-call rates: the breaker monitor's reading (two reads, nothing recorded). A
+    forced-open breaker reads "open", as the fleet treats it."""
+    monitor = monitor or BreakerMonitor(rt.store, [])
+    seen = monitor.snapshot(found, rt.store.now() if moment is None else moment)
+    return {
+        "name": seen.breaker,
+        "state": "open" if seen.mode == "forced_open" else seen.state,
+        "mode": seen.mode,
+        "open_until": seen.open_until,
+        "failure_count": seen.failure_count,
+        "failure_rate": seen.failure_rate,
+        "slow_call_rate": seen.slow_call_rate,
+        "window_calls": seen.window_calls,
+    }
 
 
 def limits(rt: Runtime) -> list[dict[str, Any]]:
