@@ -302,17 +302,22 @@ class DeadLetterQueue:
             ids = self.store.call("dlq list", self._ids(start, batch, newest_first))
             if not ids:
                 return
-            raws = self.store.call("dlq list", self._raws(ids))
-            for entry_id, raw in zip(ids, raws, strict=True):
-                if raw:
-                    entry = DeadLetter.read(entry_id, raw)
-                    if where.matches(entry):
-                        yield entry
+            yield from (entry for entry in self.read(ids) if where.matches(entry))
             start += batch
+
+    def ids(self, *, newest_first: bool = True) -> list[str]:
+        """Every entry's id, in one read of the index: a fixed list to walk while entries
+        are removed (a paged read would shift)."""
+        return list(self.store.call("dlq ids", self._ids(0, 0, newest_first)))
+
+    def read(self, ids: list[str]) -> list[DeadLetter]:
+        """The entries of ``ids`` in order, in one read (ids removed meanwhile left out)."""
+        raws = self.store.call("dlq read", self._raws(ids)) if ids else []
+        return [DeadLetter.read(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
 
     # Replies are text: the store's client decodes responses.
     def _ids(self, start: int, batch: int, newest_first: bool) -> Read[list[Any]]:
-        """One batch of entry ids from the index, from position ``start``."""
+        """One batch of entry ids from the index, from position ``start`` (batch 0: all)."""
         index = self.store.keys.dlq_index
         return lambda c: list(c.zrange(index, start, start + batch - 1, desc=newest_first))
 
@@ -329,9 +334,7 @@ class DeadLetterQueue:
         ``limit`` ids, whatever the offset); with one, entries are scanned in batches up
         to the page's end."""
         if where is None or where.everything:
-            ids = self.store.call("dlq page", self._ids(offset, limit, True))
-            raws = self.store.call("dlq page", self._raws(ids)) if ids else []
-            return [DeadLetter.read(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
+            return self.read(self.store.call("dlq page", self._ids(offset, limit, True)))
         out: list[DeadLetter] = []
         for index, entry in enumerate(self.iter(where)):
             if index >= offset + limit:

@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from reliability.degradation import DegradationState
+from reliability.dlq_digest import digests_of
 from reliability.errors import BackendUnavailable
 from reliability.metrics import PREFIX
 from reliability.ratelimit import RateLimiter
@@ -120,6 +121,7 @@ class FleetCollector(Collector):
         now = time.monotonic()
         if self._dlq is not None and now - self._dlq[0] < self.dlq_cache_seconds:
             return self._dlq[1]
-        found = dict(Counter(entry.failure_class for entry in self.rt.dlq.iter()))
+        # The digests parse only entries not seen before (reliability.dlq_digest).
+        found = dict(Counter(d.failure_class for d in digests_of(self.rt).read(self.rt)))
         self._dlq = (now, found)
         return found

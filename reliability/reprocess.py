@@ -178,12 +178,9 @@ class Reprocessor:
     def _entries(self, batch: int = 500) -> Iterator[list[DeadLetter]]:
         """Every entry, oldest failure first, by batch: the ids first (redrives remove
         entries while the run goes on, which would shift a paged read)."""
-        keys = self.store.keys
-        ids: list[Any] = self.store.call("dlq ids", lambda c: list(c.zrange(keys.dlq_index, 0, -1)))
+        ids = self.dlq.ids(newest_first=False)
         for start in range(0, len(ids), batch):
-            chunk = ids[start : start + batch]
-            raws = self.store.call("dlq read", lambda c: c.hmget(keys.dlq, chunk))  # noqa: B023
-            yield [DeadLetter.read(i, raw) for i, raw in zip(chunk, raws, strict=True) if raw]
+            yield self.dlq.read(ids[start : start + batch])
 
     def _decide(self, entry: DeadLetter, state: _Run) -> Decision:
         def verdict(action: Action, reason: str) -> Decision:

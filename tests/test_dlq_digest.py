@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from reliability.dlq import DeadLetter, DeadLetterQueue, Filter
+from reliability.dlq_digest import digests_of
 from reliability.ledger import Ledger
 from reliability.redrive import refusal
 from reliability.security import Masker
 from reliability.store import Store
 from tests.support.fleet import delete_prefix
 from worker.ops import views
-from worker.ops.dlq_digest import digests_of
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def entry(failure_class: str, message: str, task: str = "payments.charge") -> De
 
 def test_the_summary_follows_additions_removals_and_purges(store: Store) -> None:
     dlq, ledger = DeadLetterQueue(store), Ledger(store)
-    rt: Any = SimpleNamespace(store=store, masker=Masker())
+    rt: Any = SimpleNamespace(store=store, masker=Masker(), dlq=DeadLetterQueue(store))
     first = [entry("transient", "answered 503"), entry("transient", "answered 502")]
     for e in first:
         dlq.add(e, ledger)
@@ -114,7 +114,9 @@ def test_an_unreadable_envelope_is_a_stand_in_that_is_shown_and_purged_never_red
     assert bad.reason == f"unreadable DLQ envelope: {problem}"
     assert [e.id for e in dlq.iter()] == [good.id, "bad"]
     assert [e.id for e in dlq.page(offset=1, limit=5)] == ["bad"]
-    summary = views.dlq_summary(SimpleNamespace(store=store, masker=Masker()))  # type: ignore[arg-type]
+    summary = views.dlq_summary(
+        SimpleNamespace(store=store, masker=Masker(), dlq=DeadLetterQueue(store))
+    )  # type: ignore[arg-type]
     assert (summary["total"], summary["by_class"]) == (2, {"transient": 1, "poison": 1})
     assert summary["oldest_age_seconds"] < 60  # the good entry's age, not the stand-in's
     assert "sk_1" not in json.dumps(summary) + bad.to_json()

@@ -16,9 +16,9 @@ from reliability.breaker import CircuitBreaker
 from reliability.breaker.monitor import BreakerMonitor
 from reliability.degradation import DegradationState
 from reliability.dlq import DeadLetter
+from reliability.dlq_digest import digests_of
 from reliability.ratelimit import RateLimiter
 from reliability.runtime import Runtime
-from worker.ops.dlq_digest import digests_of
 
 
 def breakers(rt: Runtime) -> list[dict[str, Any]]:
@@ -99,7 +99,7 @@ def workers(rt: Runtime) -> list[dict[str, Any]]:
 
 def dlq_summary(rt: Runtime) -> dict[str, Any]:
     """Totals by failure class and by error fingerprint, and the oldest entry's age
-    (only entries this process has not seen yet are read: :mod:`worker.ops.dlq_digest`)."""
+    (only entries this process has not seen yet are read: :mod:`reliability.dlq_digest`)."""
     by_class: Counter[str] = Counter()
     groups: dict[str, dict[str, Any]] = {}
     oldest = None

@@ -1,4 +1,4 @@
-"""What the DLQ summary needs of each entry, kept per ops process and read incrementally.
+"""What the DLQ summary needs of each entry, kept per process and read incrementally.
 
 The dashboard asks for the DLQ's totals and fingerprint groups every few seconds, and a
 DLQ may hold up to ``max_entries`` (100,000) entries: parsing every envelope each time
@@ -41,18 +41,12 @@ class DlqDigests:
         self._lock = threading.Lock()
 
     def read(self, rt: Runtime) -> list[Digest]:
-        keys = rt.store.keys
         with self._lock:
-            ids: list[str] = rt.store.call(
-                "dlq summary", lambda c: list(c.zrange(keys.dlq_index, 0, -1, desc=True))
-            )
+            ids = rt.dlq.ids()
             missing = [i for i in ids if i not in self._known]
             for start in range(0, len(missing), BATCH):
-                chunk = missing[start : start + BATCH]
-                raws = rt.store.call("dlq summary", lambda c: list(c.hmget(keys.dlq, chunk)))  # noqa: B023
-                for entry_id, raw in zip(chunk, raws, strict=True):
-                    if raw:
-                        self._known[entry_id] = _digest(DeadLetter.read(entry_id, raw), rt.masker)
+                for entry in rt.dlq.read(missing[start : start + BATCH]):
+                    self._known[entry.id] = _digest(entry, rt.masker)
             self._known = {i: self._known[i] for i in ids if i in self._known}
             return [self._known[i] for i in ids if i in self._known]
 
