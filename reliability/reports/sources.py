@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reliability.breaker.config import EVENTS_STREAM
-from reliability.dlq import DeadLetter
+from reliability.dlq import DeadLetter, DeadLetterQueue
 from reliability.store import Store
 
 BATCH = 10_000
@@ -165,21 +165,15 @@ def dlq_view(store: Store, start: float, end: float) -> DlqView:
 
 
 def _entries(store: Store, ids: list[Any]) -> Iterator[DeadLetter]:
-    """The envelopes of ``ids`` in order, read in batches (removed ones skipped)."""
+    """The entries of ``ids`` in order, read in batches (removed ones skipped, an
+    unreadable one as its stand-in)."""
+    dlq = DeadLetterQueue(store)
     for offset in range(0, len(ids), DLQ_BATCH):
-        batch = ids[offset : offset + DLQ_BATCH]
-        raws = store.call("report dlq", functools.partial(_hmget, store.keys.dlq, batch))
-        for entry_id, raw in zip(batch, raws, strict=True):
-            if raw:
-                yield DeadLetter.read(entry_id, raw)  # an unreadable one as its stand-in
+        yield from dlq.read(ids[offset : offset + DLQ_BATCH])
 
 
 def _xrange(key: str, low: str, high: str, client: Any) -> list[Any]:
     return list(client.xrange(key, min=low, max=high, count=BATCH) or ())
-
-
-def _hmget(key: str, fields: list[Any], client: Any) -> list[Any]:
-    return list(client.hmget(key, fields))
 
 
 def _head(key: str, client: Any) -> tuple[list[Any], int]:
