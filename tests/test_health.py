@@ -255,7 +255,8 @@ def test_a_poll_with_everything_up_is_healthy_and_stopped_processes_go_stale(
             assert component.error is None and 0 < component.latency_ms < 3000
             assert started <= component.checked_at <= time.time()
         assert board.history(1, component="workers")[0].detail == "1 alive"
-        runs = jobs.runs("health-poll")
+        # The job records its run just after it stores the poll: wait for the record too.
+        runs = wait_until(lambda: jobs.runs("health-poll"), 10, message="the poll's run recorded")
         assert runs and all(run.status == "ok" for run in runs)
         worker_file, beat_file = tmp_path / "w-alive", tmp_path / "beat-alive"
         assert probe_passes(worker_file) and probe_passes(beat_file)
